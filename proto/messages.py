@@ -1,0 +1,218 @@
+"""The wire contract: one msgspec Struct per message.
+
+Wire evolution rule: only add fields, always with defaults. Times are in seconds; absolute times are
+Unix epoch seconds (``*_at``), durations end in ``_s``. IDs are strings.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """One chat message."""
+
+    role: str
+    content: str
+
+
+# ---------------------------------------------------------------------------------------------
+# client -> scheduler (JSON, hand-publishable)
+# ---------------------------------------------------------------------------------------------
+class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A call submission, published as JSON on ``<root>.call.submit``.
+
+    ``program_id`` is required; everything else has a default. Either ``messages`` (chat, goes
+    through the model's chat template) or ``prompt`` (raw text) must be given.
+    """
+
+    program_id: str = ""
+    call_id: str = ""
+    messages: list[Message] = []
+    prompt: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    # None: the client does not say (ATLAS uses its one-scalar approximation); []: a root call;
+    # [ids]: the calls of the same program this call depends on (exact critical path).
+    parents: list[str] | None = None
+    stream: bool = True
+    reply_to: str = ""
+    submitted_at: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# engine -> caller (on the reply subject; JSON; tagged by "type")
+# ---------------------------------------------------------------------------------------------
+class CallChunk(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="chunk"):
+    """Tokens produced for one call in one engine step (or a few)."""
+
+    call_id: str
+    seq: int
+    text: str
+    token_ids: list[int] = []
+
+
+class CallFinal(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="final"):
+    """The last message of a successful call."""
+
+    call_id: str
+    program_id: str
+    text: str
+    finish_reason: Literal["stop", "length", "abort"]
+    prompt_tokens: int
+    output_tokens: int
+    engine_id: str
+    priority: float = 0.0
+    queue_wait_s: float = 0.0
+    service_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    preemptions: int = 0
+
+
+class CallError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
+    """The last message of a failed call: a stable ``code`` and a sentence for people."""
+
+    call_id: str
+    code: str
+    message: str
+    program_id: str = ""
+
+
+CallReply = CallChunk | CallFinal | CallError
+
+
+class ErrorCode:
+    """Stable error codes sent in :class:`CallError`."""
+
+    BAD_JSON = "bad_json"
+    BAD_FIELD = "bad_field"
+    MISSING_PROGRAM_ID = "missing_program_id"
+    BAD_MAX_TOKENS = "bad_max_tokens"
+    EMPTY_MESSAGES = "empty_messages"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    NO_ENGINE = "no_engine"
+    ABORTED = "aborted"
+    INTERNAL = "internal"
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduler -> engine
+# ---------------------------------------------------------------------------------------------
+class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated call with its program-level priority, routed to one engine."""
+
+    call_id: str
+    program_id: str
+    reply_to: str
+    messages: list[Message] = []
+    prompt: str | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    ignore_eos: bool = False
+    parents: list[str] | None = None
+    stream: bool = True
+    priority: float = 0.0
+    policy: str = "plas"
+    submitted_at: float = 0.0
+    stamped_at: float = 0.0
+    scheduler_id: str = ""
+    # Tokens already streamed to the caller by an earlier attempt (resume after an engine died).
+    resume_token_ids: list[int] = []
+    attempt: int = 0
+
+
+class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
+    call_id: str
+    reason: str = "client"
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+# ---------------------------------------------------------------------------------------------
+class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
+    call_id: str
+    program_id: str
+    engine_id: str
+    priority: float
+    parents: list[str] | None = None
+    dispatched_at: float = 0.0
+
+
+class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
+    """Published by the engine when a call finishes (successfully, aborted or failed)."""
+
+    call_id: str
+    program_id: str
+    engine_id: str
+    service_s: float
+    queue_wait_s: float
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str
+    priority: float = 0.0
+    parents: list[str] | None = None
+    preemptions: int = 0
+    swap_bytes: int = 0
+    swap_s: float = 0.0
+    recomputed_tokens: int = 0
+    completed_at: float = 0.0
+
+
+class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    engine_id: str
+    backend: str
+    model: str
+    state: Literal["up", "draining", "down"] = "up"
+    running: int = 0
+    waiting: int = 0
+    swapped: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_free: int = 0
+    kv_tokens_queued: int = 0
+    swap_pool_used_bytes: int = 0
+    max_context: int = 0
+    interval_s: float = 1.0
+    sent_at: float = 0.0
+
+
+class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
+    """The tracker's figures for one program, published after every update."""
+
+    program_id: str
+    service_s: float
+    critical_path_s: float = 0.0
+    waiting_s: float = 0.0
+    calls_completed: int = 0
+    # The call whose completion caused this update and its critical-path finish
+    # (its priority + its own service), for exact ATLAS stamps of its children.
+    call_id: str = ""
+    call_path_s: float = 0.0
+    ended: bool = False
+    updated_at: float = 0.0
+
+
+class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
+    program_id: str = ""
+
+
+class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):
+    """One row of the tracker's process table (reply to program end and table requests)."""
+
+    program_id: str
+    service_s: float
+    critical_path_s: float
+    waiting_s: float
+    calls_completed: int
+    active_calls: int
+    engines: list[str]
+    first_seen_at: float
+    last_activity_at: float
+    ended: bool = False
+
+
+class ProgramTable(msgspec.Struct, frozen=True, kw_only=True):
+    programs: list[ProgramSummary]

@@ -1,0 +1,82 @@
+"""Every NATS subject name Autellix uses is built here, and nowhere else.
+
+All subjects live under one root (default ``autellix``) so that several deployments, or the tests,
+can share a broker without seeing each other's traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "autellix"
+
+#: Queue group the schedulers join on the submission subject (one scheduler takes each call).
+SCHEDULER_QUEUE = "schedulers"
+#: Queue group the trackers join on the completion subject.
+TRACKER_QUEUE = "trackers"
+
+
+def _check_token(name: str, what: str) -> str:
+    if not name or any(c in name for c in " .*>\t\r\n"):
+        raise ValueError(f"{what} {name!r} is not a valid NATS subject token (no spaces, dots, * or >)")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject names for one deployment root."""
+
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        for part in self.root.split("."):
+            _check_token(part, "subject root part")
+
+    # -- clients -> schedulers ------------------------------------------------------------------
+    @property
+    def call_submit(self) -> str:
+        """JSON call requests; the reply subject (or ``reply_to``) receives the stream."""
+        return f"{self.root}.call.submit"
+
+    @property
+    def call_abort(self) -> str:
+        """JSON ``{"call_id": ...}``: every engine drops the call if it holds it."""
+        return f"{self.root}.call.abort"
+
+    # -- clients -> tracker ---------------------------------------------------------------------
+    @property
+    def program_end(self) -> str:
+        """JSON ``{"program_id": ...}`` request; the tracker replies with the program's final figures."""
+        return f"{self.root}.program.end"
+
+    @property
+    def tracker_table(self) -> str:
+        """Request/reply: the tracker's process table as JSON."""
+        return f"{self.root}.tracker.table"
+
+    # -- tracker -> schedulers ------------------------------------------------------------------
+    @property
+    def program_service(self) -> str:
+        """The tracker publishes each program's updated service figures here."""
+        return f"{self.root}.tracker.service"
+
+    # -- schedulers -> engines ------------------------------------------------------------------
+    def engine_calls(self, engine_id: str) -> str:
+        """Priority-stamped calls for one engine."""
+        return f"{self.root}.engine.{_check_token(engine_id, 'engine id')}.calls"
+
+    # -- engines -> everyone --------------------------------------------------------------------
+    @property
+    def engine_heartbeat(self) -> str:
+        return f"{self.root}.engine.heartbeat"
+
+    # -- events ---------------------------------------------------------------------------------
+    @property
+    def call_dispatched(self) -> str:
+        """Schedulers announce each stamped call they routed (the tracker counts active calls)."""
+        return f"{self.root}.events.call.dispatched"
+
+    @property
+    def call_completed(self) -> str:
+        """Engines publish one event per finished call (service time, token counts, engine id)."""
+        return f"{self.root}.events.call.completed"
