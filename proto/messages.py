@@ -95,6 +95,7 @@ class ErrorCode:
     EMPTY_MESSAGES = "empty_messages"
     PROMPT_TOO_LONG = "prompt_too_long"
     NO_ENGINE = "no_engine"
+    ENGINE_STOPPED = "engine_stopped"
     ABORTED = "aborted"
     INTERNAL = "internal"
 

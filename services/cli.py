@@ -1,0 +1,334 @@
+"""The `autellix` command line: up, tracker, scheduler, engine, call, demo, sim."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from typing import Any
+
+import nats.errors
+import uvloop
+
+from autellix.engine.factory import BACKENDS
+from autellix.proto import DEFAULT_ROOT
+
+from .logs import configure_logging
+from .nats_conn import DEFAULT_NATS_URL
+
+POLICIES = ("fcfs", "mlfq", "plas", "atlas")
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coro)
+
+
+# -- shared flags -------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser, nats_default: str | None = DEFAULT_NATS_URL) -> None:
+    p.add_argument("--nats", default=None, help=f"NATS URL (env AUTELLIX_NATS; default {nats_default})")
+    p.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    p.add_argument("--log-level", default=None, help="debug|info|warning|error (env AUTELLIX_LOG_LEVEL; default info)")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="model backend (env AUTELLIX_BACKEND; default hf)")
+    p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
+    p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
+    p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
+    p.add_argument(
+        "--sim-time-scale",
+        type=float,
+        default=None,
+        help="sim backend: factor on modelled step times, 0 = instant (env AUTELLIX_SIM_TIME_SCALE; default 1)",
+    )
+
+
+def _env_url(args: argparse.Namespace) -> str:
+    return args.nats or os.environ.get("AUTELLIX_NATS", DEFAULT_NATS_URL)
+
+
+def _env_root(args: argparse.Namespace) -> str:
+    return args.root or os.environ.get("AUTELLIX_ROOT", DEFAULT_ROOT)
+
+
+def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
+    from .tracker.config import TrackerConfig
+
+    cfg = TrackerConfig.from_env()
+    cfg = replace(cfg, nats_url=url, root=_env_root(args))
+    if getattr(args, "program_ttl", None) is not None:
+        cfg = replace(cfg, idle_ttl_s=args.program_ttl)
+    return cfg
+
+
+def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
+    from .scheduler.config import SchedulerConfig
+
+    cfg = SchedulerConfig.from_env()
+    cfg = replace(cfg, nats_url=url, root=_env_root(args))
+    if getattr(args, "policy", None):
+        cfg = replace(cfg, policy=args.policy)
+    if getattr(args, "max_tokens_ceiling", None) is not None:
+        cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
+    return cfg
+
+
+def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = None):  # type: ignore[no-untyped-def]
+    from .engine.config import EngineConfig
+
+    cfg = EngineConfig.from_env()
+    spec = cfg.backend
+    if args.backend:
+        spec = replace(spec, name=args.backend)
+    if args.model:
+        spec = replace(spec, model=args.model)
+    if args.max_batch is not None:
+        spec = replace(spec, max_batch=args.max_batch)
+    if args.kv_tokens is not None:
+        spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
+    if args.sim_time_scale is not None:
+        spec = replace(spec, sim_time_scale=args.sim_time_scale)
+    cfg = replace(cfg, nats_url=url, root=_env_root(args), backend=spec)
+    if engine_id or getattr(args, "engine_id", None):
+        cfg = replace(cfg, engine_id=engine_id or args.engine_id)
+    return cfg
+
+
+# -- one service --------------------------------------------------------------------------------
+def cmd_service(args: argparse.Namespace) -> int:
+    from .lifecycle import run_until_signal
+
+    url = _env_url(args)
+    service: Any
+    if args.command == "tracker":
+        from .tracker.service import TrackerService
+
+        service = TrackerService(_tracker_config(args, url))
+    elif args.command == "scheduler":
+        from .scheduler.service import SchedulerService
+
+        service = SchedulerService(_scheduler_config(args, url))
+    else:
+        from .engine.service import EngineService
+
+        service = EngineService(_engine_config(args, url))
+
+    async def main() -> int:
+        await run_until_signal([service])
+        return 0
+
+    return _run(main())
+
+
+# -- everything on one machine ------------------------------------------------------------------
+def cmd_up(args: argparse.Namespace) -> int:
+    from .embedded_nats import EmbeddedNats, NatsServerError
+    from .engine.service import EngineService
+    from .lifecycle import install_signal_handlers, stop_all
+    from .scheduler.service import SchedulerService
+    from .tracker.service import TrackerService
+
+    if args.engines < 1:
+        print("autellix up: --engines must be at least 1", file=sys.stderr)
+        return 2
+    broker: EmbeddedNats | None = None
+    url = args.nats
+    if url is None:
+        broker = EmbeddedNats(host=args.host, port=args.port)
+        try:
+            url = broker.start()
+        except NatsServerError as exc:
+            print(f"autellix up: could not start nats-server: {exc}", file=sys.stderr)
+            if args.port:
+                print(f"  (is port {args.port} taken? try --port 0 for a free one)", file=sys.stderr)
+            return 1
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        tracker = TrackerService(_tracker_config(args, url))
+        scheduler = SchedulerService(_scheduler_config(args, url))
+        engines = [EngineService(_engine_config(args, url)) for _ in range(args.engines)]
+        started: list[Any] = []
+        try:
+            for service in [tracker, scheduler, *engines]:
+                starting = asyncio.create_task(service.start())
+                waiter = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if starting not in done:
+                    starting.cancel()
+                    return 130
+                starting.result()
+                started.append(service)
+            models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
+            print(
+                f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "
+                f"{len(engines)} engine(s) [{', '.join(models)}] | root {tracker.config.root} | Ctrl-C to stop",
+                flush=True,
+            )
+            if args.demo:
+                from .client import Client
+                from .demo import run_demo
+
+                async with await Client.connect(url, root=tracker.config.root) as client:
+                    await run_demo(client)
+                return 0
+            await stop.wait()
+            return 0
+        finally:
+            order = [s for s in [scheduler, *engines, tracker] if s in started]
+            await stop_all(order)
+
+    try:
+        return _run(main())
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+# -- client commands ----------------------------------------------------------------------------
+async def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .client import Client
+
+    url = _env_url(args)
+    try:
+        return await asyncio.wait_for(Client.connect(url, root=_env_root(args), timeout_s=args.timeout), 10)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise SystemExit(
+            f"cannot reach NATS at {url} ({exc or type(exc).__name__}): is `autellix up` running?"
+        ) from None
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    from .client import CallFailed
+
+    async def main() -> int:
+        client = await _client(args)
+        try:
+            program = client.program(args.program_id)
+            messages = [] if args.raw else [{"role": "user", "content": args.prompt}]
+            if args.system and not args.raw:
+                messages.insert(0, {"role": "system", "content": args.system})
+            stream = program.stream(
+                messages or None,
+                prompt=args.prompt if args.raw else None,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+            )
+            try:
+                async for text in stream:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            except CallFailed as exc:
+                print(f"\nerror ({exc.code}): {exc.message}", file=sys.stderr)
+                return 1
+            r = stream.result
+            assert r is not None
+            print()
+            print(
+                f"[{r.output_tokens} tokens, {r.finish_reason}, ttft {r.ttft_s * 1000:.0f} ms, "
+                f"{r.latency_s:.2f} s, engine {r.engine_id}]",
+                file=sys.stderr,
+            )
+            if args.program_id is None:
+                await program.end()
+            return 0
+        finally:
+            await client.close()
+
+    return _run(main())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .client import CallFailed
+    from .demo import run_demo
+
+    async def main() -> int:
+        client = await _client(args)
+        try:
+            await run_demo(client, max_tokens=args.max_tokens)
+            return 0
+        except CallFailed as exc:
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    return _run(main())
+
+
+# -- the parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autellix", description="Program-level scheduling for LLM agents over NATS.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start NATS, tracker, scheduler and engines on this machine")
+    _add_common(up, nats_default="an embedded nats-server")
+    _add_engine_flags(up)
+    up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
+    up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
+    up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
+    up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
+    up.set_defaults(func=cmd_up)
+
+    tracker = sub.add_parser("tracker", help="run the program-tracker service")
+    _add_common(tracker)
+    tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
+    tracker.set_defaults(func=cmd_service)
+
+    scheduler = sub.add_parser("scheduler", help="run a scheduler service")
+    _add_common(scheduler)
+    scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
+    scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
+    scheduler.set_defaults(func=cmd_service)
+
+    engine = sub.add_parser("engine", help="run an engine service")
+    _add_common(engine)
+    _add_engine_flags(engine)
+    engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
+    engine.set_defaults(func=cmd_service)
+
+    call = sub.add_parser("call", help="send one call and stream the answer")
+    _add_common(call)
+    call.add_argument("prompt")
+    call.add_argument("--max-tokens", type=int, default=128)
+    call.add_argument("--temperature", type=float, default=0.0)
+    call.add_argument("--system", default=None, help="a system message before the prompt")
+    call.add_argument("--raw", action="store_true", help="send the prompt as raw text, not through the chat template")
+    call.add_argument("--program-id", default=None, help="join an existing program (default: a new one)")
+    call.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
+    call.set_defaults(func=cmd_call)
+
+    demo = sub.add_parser("demo", help="run a small agent program against the mesh")
+    _add_common(demo)
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from autellix.sim.cli import register as register_sim
+    except ImportError:
+        pass
+    else:
+        register_sim(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        configure_logging(getattr(args, "log_level", None))
+    except ValueError as exc:
+        print(f"autellix: {exc}", file=sys.stderr)
+        return 2
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The Python client: an agent program in a few lines.
+
+    async with await Client.connect("nats://127.0.0.1:4222") as client:
+        async with client.program() as p:
+            plan = await p.call("Plan a trip to Paris in three steps.", max_tokens=64)
+            a, b = await asyncio.gather(
+                p.call(f"Expand step 1 of: {plan.text}", parents=[plan.call_id]),
+                p.call(f"Expand step 2 of: {plan.text}", parents=[plan.call_id]),
+            )
+            async for text in p.stream("Summarise.", parents=[a.call_id, b.call_id]):
+                print(text, end="")
+
+A program id is made for you (or pass your own); leaving the ``async with`` ends the program at the
+tracker. Calls in one program may run in parallel; ``parents`` names the calls a call depends on.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+from autellix.proto import (
+    DEFAULT_ROOT,
+    CallAbort,
+    CallChunk,
+    CallError,
+    CallFinal,
+    CallRequest,
+    Message,
+    ProgramEnd,
+    ProgramTable,
+    Subjects,
+    decode,
+    decode_reply,
+    encode,
+)
+
+from .nats_conn import DEFAULT_NATS_URL, connect
+
+MessagesLike = str | Sequence[dict[str, str]] | Sequence[Message]
+
+
+class CallFailed(Exception):
+    """A call ended with an error message from the mesh (or no answer in time)."""
+
+    def __init__(self, call_id: str, code: str, message: str) -> None:
+        super().__init__(f"call {call_id} failed ({code}): {message}")
+        self.call_id = call_id
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    call_id: str
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    engine_id: str
+    #: measured by the client, from submission
+    ttft_s: float
+    latency_s: float
+    final: CallFinal
+
+
+def _messages(messages: MessagesLike | None) -> list[Message]:
+    if messages is None:
+        return []
+    if isinstance(messages, str):
+        return [Message(role="user", content=messages)]
+    return [m if isinstance(m, Message) else Message(role=m["role"], content=m["content"]) for m in messages]
+
+
+class CallStream:
+    """An async iterator over a call's text as it is generated; ``result`` once it ends."""
+
+    def __init__(self, client: Client, request: CallRequest, timeout_s: float) -> None:
+        self._client = client
+        self.request = request
+        self.call_id = request.call_id
+        self._timeout_s = timeout_s
+        self._sub: Subscription | None = None
+        self._started = 0.0
+        self._first_at: float | None = None
+        self.token_ids: list[int] = []
+        self.result: CallResult | None = None
+
+    async def _open(self) -> None:
+        nc = self._client.nc
+        inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(inbox)
+        self._started = time.perf_counter()
+        request = msgspec.structs.replace(self.request, reply_to=inbox, submitted_at=time.time())
+        await nc.publish(self._client.subjects.call_submit, encode(request))
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.result is not None:
+            raise StopAsyncIteration
+        if self._sub is None:
+            await self._open()
+        assert self._sub is not None
+        while True:
+            try:
+                msg = await self._sub.next_msg(timeout=self._timeout_s)
+            except nats.errors.TimeoutError:
+                await self.aclose()
+                raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s") from None
+            reply = decode_reply(msg.data)
+            if isinstance(reply, CallChunk):
+                if self._first_at is None:
+                    self._first_at = time.perf_counter()
+                self.token_ids.extend(reply.token_ids)
+                if reply.text:
+                    return reply.text
+                continue
+            await self._sub.unsubscribe()
+            self._sub = None
+            if isinstance(reply, CallError):
+                self.result = None
+                raise CallFailed(reply.call_id or self.call_id, reply.code, reply.message)
+            assert isinstance(reply, CallFinal)
+            now = time.perf_counter()
+            first = self._first_at if self._first_at is not None else now
+            self.result = CallResult(
+                call_id=reply.call_id,
+                text=reply.text,
+                finish_reason=reply.finish_reason,
+                prompt_tokens=reply.prompt_tokens,
+                output_tokens=reply.output_tokens,
+                engine_id=reply.engine_id,
+                ttft_s=first - self._started,
+                latency_s=now - self._started,
+                final=reply,
+            )
+            raise StopAsyncIteration
+
+    async def collect(self) -> CallResult:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def aclose(self) -> None:
+        """Stop reading; if the call has not ended, ask the engines to abort it."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+            if self.result is None and not self._client.nc.is_closed:
+                await self._client.nc.publish(self._client.subjects.call_abort, encode(CallAbort(call_id=self.call_id)))
+
+    async def __aenter__(self) -> CallStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Program:
+    """One agent program: a session whose calls share a program id (and so a priority)."""
+
+    def __init__(self, client: Client, program_id: str | None = None) -> None:
+        self.client = client
+        self.program_id = program_id or f"prog-{uuid.uuid4().hex}"
+
+    def stream(
+        self,
+        messages: MessagesLike | None = None,
+        *,
+        prompt: str | None = None,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        parents: Sequence[str] | None = None,
+        call_id: str | None = None,
+        ignore_eos: bool = False,
+        timeout_s: float | None = None,
+    ) -> CallStream:
+        request = CallRequest(
+            program_id=self.program_id,
+            call_id=call_id or f"call-{uuid.uuid4().hex}",
+            messages=_messages(messages),
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            ignore_eos=ignore_eos,
+            parents=list(parents) if parents is not None else None,
+        )
+        return CallStream(self.client, request, timeout_s or self.client.timeout_s)
+
+    async def call(self, messages: MessagesLike | None = None, **kwargs: Any) -> CallResult:
+        """Make a call and wait for its whole answer. Raises :class:`CallFailed` on an error."""
+        async with self.stream(messages, **kwargs) as stream:
+            return await stream.collect()
+
+    async def end(self) -> dict[str, Any]:
+        return await self.client.end_program(self.program_id)
+
+    async def __aenter__(self) -> Program:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.client.nc.is_closed:
+            try:
+                await self.end()
+            except nats.errors.Error:
+                pass  # no tracker to tell: it forgets the program after its idle TTL anyway
+
+
+class Client:
+    def __init__(self, nc: NATS, root: str = DEFAULT_ROOT, timeout_s: float = 300.0, owns_connection: bool = False):
+        self.nc = nc
+        self.subjects = Subjects(root)
+        self.timeout_s = timeout_s
+        self._owns = owns_connection
+
+    @classmethod
+    async def connect(cls, url: str = DEFAULT_NATS_URL, root: str = DEFAULT_ROOT, timeout_s: float = 300.0) -> Client:
+        return cls(await connect(url, "autellix-client"), root=root, timeout_s=timeout_s, owns_connection=True)
+
+    def program(self, program_id: str | None = None) -> Program:
+        return Program(self, program_id)
+
+    async def end_program(self, program_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
+        """Tell the tracker the program is over; returns its reply (``ok`` and the final figures)."""
+        msg = await self.nc.request(self.subjects.program_end, encode(ProgramEnd(program_id=program_id)), timeout_s)
+        reply: dict[str, Any] = msgspec.json.decode(msg.data)
+        return reply
+
+    async def table(self, timeout_s: float = 5.0) -> ProgramTable:
+        msg = await self.nc.request(self.subjects.tracker_table, b"{}", timeout_s)
+        return decode(msg.data, ProgramTable)
+
+    async def close(self) -> None:
+        if self._owns and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

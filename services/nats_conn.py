@@ -1,0 +1,37 @@
+"""One way to connect to NATS: reconnect forever, log connection changes."""
+
+from __future__ import annotations
+
+from nats.aio.client import Client as NATS
+
+from .logs import get_logger
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+async def connect(url: str, name: str) -> NATS:
+    log = get_logger(name)
+    nc = NATS()
+
+    async def disconnected() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats disconnected", url=url)
+
+    async def reconnected() -> None:
+        log.info("nats reconnected", url=url)
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc) or type(exc).__name__)
+
+    await nc.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+    )
+    return nc

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from autellix.proto import DEFAULT_ROOT
+from autellix.services.nats_conn import DEFAULT_NATS_URL
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    nats_url: str = DEFAULT_NATS_URL
+    root: str = DEFAULT_ROOT
+    #: fcfs | mlfq | plas | atlas
+    policy: str = "plas"
+    #: largest max_tokens a call may ask for
+    max_tokens_ceiling: int = 4096
+    #: how long a call waits for a live engine before it fails with ``no_engine``
+    no_engine_wait_s: float = 30.0
+
+    @classmethod
+    def from_env(cls) -> SchedulerConfig:
+        env = os.environ
+        d = cls()
+        return cls(
+            nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
+            root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
+            policy=env.get("AUTELLIX_POLICY", d.policy),
+            max_tokens_ceiling=int(env.get("AUTELLIX_MAX_TOKENS_CEILING", d.max_tokens_ceiling)),
+            no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
+        )

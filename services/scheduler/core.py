@@ -1,0 +1,183 @@
+"""The scheduler's pure core: validate submissions, stamp priorities, pick an engine.
+
+Synchronous and clock-free (``now`` is passed in). It keeps the latest figures the tracker
+published for each program and the latest heartbeat of each engine.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+
+from autellix.policy.program_account import ProgramAccount, priority_for
+from autellix.proto import (
+    CallError,
+    CallRequest,
+    EngineHeartbeat,
+    ErrorCode,
+    ProgramService,
+    StampedCall,
+    decode,
+)
+
+POLICIES = ("fcfs", "mlfq", "plas", "atlas")
+
+
+class RejectedCall(Exception):
+    """A submission that cannot be served; carries the error to send back."""
+
+    def __init__(self, error: CallError, reply_to: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.reply_to = reply_to
+
+
+@dataclass(slots=True)
+class EngineView:
+    heartbeat: EngineHeartbeat
+    received_at: float
+    #: KV tokens routed here since the last heartbeat (the heartbeat does not count them yet)
+    pending_tokens: int = 0
+
+    def load_tokens(self) -> int:
+        hb = self.heartbeat
+        return hb.kv_tokens_used + hb.kv_tokens_queued + self.pending_tokens
+
+
+def _estimate_prompt_tokens(request: CallRequest) -> int:
+    """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
+    chars = len(request.prompt or "") + sum(len(m.content) + 8 for m in request.messages)
+    return max(1, chars // 4)
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        policy: str = "plas",
+        max_tokens_ceiling: int = 4096,
+        engine_timeout_factor: float = 3.0,
+        scheduler_id: str = "",
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
+        self.policy = policy
+        self.max_tokens_ceiling = max_tokens_ceiling
+        self.engine_timeout_factor = engine_timeout_factor
+        self.scheduler_id = scheduler_id or f"sched-{uuid.uuid4().hex[:8]}"
+        self.programs: dict[str, ProgramAccount] = {}
+        self.engines: dict[str, EngineView] = {}
+
+    # -- inputs from the tracker and engines ----------------------------------------------------
+    def on_program_service(self, update: ProgramService) -> None:
+        if update.ended:
+            self.programs.pop(update.program_id, None)
+            return
+        account = self.programs.get(update.program_id)
+        if account is None:
+            account = self.programs[update.program_id] = ProgramAccount(update.program_id)
+        account.service_s = update.service_s
+        account.critical_path_s = update.critical_path_s
+        account.calls_completed = update.calls_completed
+        if update.call_id:
+            account.call_path_s[update.call_id] = update.call_path_s
+
+    def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
+        if hb.state == "down":
+            self.engines.pop(hb.engine_id, None)
+            return
+        self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+
+    def live_engines(self, now: float) -> list[EngineView]:
+        live = []
+        for view in self.engines.values():
+            hb = view.heartbeat
+            fresh = now - view.received_at <= self.engine_timeout_factor * max(hb.interval_s, 0.05)
+            if fresh and hb.state == "up":
+                live.append(view)
+        return live
+
+    # -- a submission ---------------------------------------------------------------------------
+    def parse(self, data: bytes, reply: str) -> CallRequest:
+        """Decode and validate a submission; raises :class:`RejectedCall` with the error to send."""
+        try:
+            request = decode(data, CallRequest)
+        except msgspec.ValidationError as exc:
+            call_id, reply_to = _salvage_ids(data)
+            raise RejectedCall(
+                CallError(call_id=call_id, code=ErrorCode.BAD_FIELD, message=f"invalid call request: {exc}"),
+                reply_to or reply,
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise RejectedCall(
+                CallError(call_id="", code=ErrorCode.BAD_JSON, message=f"the request is not valid JSON: {exc}"),
+                reply,
+            ) from None
+        reply_to = request.reply_to or reply
+        call_id = request.call_id or uuid.uuid4().hex
+
+        def reject(code: str, message: str) -> RejectedCall:
+            return RejectedCall(
+                CallError(call_id=call_id, code=code, message=message, program_id=request.program_id),
+                reply_to,
+            )
+
+        if not request.program_id:
+            raise reject(ErrorCode.MISSING_PROGRAM_ID, "program_id is required: name the program this call belongs to")
+        if request.max_tokens <= 0:
+            raise reject(ErrorCode.BAD_MAX_TOKENS, f"max_tokens must be at least 1, got {request.max_tokens}")
+        if request.max_tokens > self.max_tokens_ceiling:
+            raise reject(
+                ErrorCode.BAD_MAX_TOKENS,
+                f"max_tokens is {request.max_tokens}, above this deployment's ceiling of {self.max_tokens_ceiling}",
+            )
+        if not request.messages and not request.prompt:
+            raise reject(ErrorCode.EMPTY_MESSAGES, "the call has no messages and no prompt: give at least one")
+        if request.temperature < 0:
+            raise reject(ErrorCode.BAD_FIELD, f"temperature must be >= 0, got {request.temperature}")
+        if request.call_id:
+            return request
+        return msgspec.structs.replace(request, call_id=call_id)
+
+    def stamp(self, request: CallRequest, reply_to: str, now: float) -> StampedCall:
+        account = self.programs.get(request.program_id)
+        return StampedCall(
+            call_id=request.call_id,
+            program_id=request.program_id,
+            reply_to=reply_to,
+            messages=request.messages,
+            prompt=request.prompt,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            ignore_eos=request.ignore_eos,
+            parents=request.parents,
+            stream=request.stream,
+            priority=priority_for(self.policy, account, request.parents),
+            policy=self.policy,
+            submitted_at=request.submitted_at or now,
+            stamped_at=now,
+            scheduler_id=self.scheduler_id,
+        )
+
+    def route(self, request: CallRequest, now: float) -> str | None:
+        """Least-loaded live engine by KV tokens held and queued; None when no engine is live."""
+        live = self.live_engines(now)
+        if not live:
+            return None
+        best = min(live, key=lambda v: (v.load_tokens(), v.heartbeat.engine_id))
+        best.pending_tokens += _estimate_prompt_tokens(request) + request.max_tokens
+        return best.heartbeat.engine_id
+
+
+def _salvage_ids(data: bytes) -> tuple[str, str]:
+    """call_id and reply_to from a request that failed validation, when they are readable."""
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return "", ""
+    if not isinstance(raw, dict):
+        return "", ""
+    call_id = raw.get("call_id")
+    reply_to = raw.get("reply_to")
+    return (call_id if isinstance(call_id, str) else ""), (reply_to if isinstance(reply_to, str) else "")

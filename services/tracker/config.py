@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from autellix.proto import DEFAULT_ROOT
+from autellix.services.nats_conn import DEFAULT_NATS_URL
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    nats_url: str = DEFAULT_NATS_URL
+    root: str = DEFAULT_ROOT
+    #: programs idle this long (no active call) are forgotten
+    idle_ttl_s: float = 600.0
+    gc_interval_s: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> TrackerConfig:
+        env = os.environ
+        d = cls()
+        return cls(
+            nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
+            root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
+            idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
+            gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
+        )

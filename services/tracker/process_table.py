@@ -1,0 +1,113 @@
+"""The program-tracker's process table. Pure and synchronous: ``now`` is always passed in.
+
+One entry per program: attained service (PLAS), critical path (ATLAS), waiting time, engines used,
+active calls, first and last activity. Updated from call-dispatched and call-completed events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autellix.policy.program_account import ProgramAccount
+from autellix.proto import CallCompleted, CallDispatched, ProgramService, ProgramSummary
+
+
+@dataclass(slots=True)
+class ProgramEntry:
+    account: ProgramAccount
+    first_seen_at: float
+    last_activity_at: float
+    waiting_s: float = 0.0
+    engines: set[str] = field(default_factory=set)
+    active_calls: set[str] = field(default_factory=set)
+
+    def summary(self, ended: bool = False) -> ProgramSummary:
+        a = self.account
+        return ProgramSummary(
+            program_id=a.program_id,
+            service_s=a.service_s,
+            critical_path_s=a.critical_path_s,
+            waiting_s=self.waiting_s,
+            calls_completed=a.calls_completed,
+            active_calls=len(self.active_calls),
+            engines=sorted(self.engines),
+            first_seen_at=self.first_seen_at,
+            last_activity_at=self.last_activity_at,
+            ended=ended,
+        )
+
+
+class ProcessTable:
+    def __init__(self, idle_ttl_s: float = 600.0) -> None:
+        if idle_ttl_s <= 0:
+            raise ValueError(f"idle TTL must be > 0 seconds, got {idle_ttl_s}")
+        self.idle_ttl_s = idle_ttl_s
+        self._programs: dict[str, ProgramEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def get(self, program_id: str) -> ProgramEntry | None:
+        return self._programs.get(program_id)
+
+    def _entry(self, program_id: str, now: float) -> ProgramEntry:
+        entry = self._programs.get(program_id)
+        if entry is None:
+            entry = ProgramEntry(ProgramAccount(program_id), first_seen_at=now, last_activity_at=now)
+            self._programs[program_id] = entry
+        return entry
+
+    def on_dispatched(self, event: CallDispatched, now: float) -> None:
+        entry = self._entry(event.program_id, now)
+        entry.active_calls.add(event.call_id)
+        entry.engines.add(event.engine_id)
+        entry.last_activity_at = now
+
+    def on_completed(self, event: CallCompleted, now: float) -> ProgramService:
+        entry = self._entry(event.program_id, now)
+        entry.active_calls.discard(event.call_id)
+        entry.engines.add(event.engine_id)
+        entry.waiting_s += event.queue_wait_s
+        entry.last_activity_at = now
+        path = entry.account.complete(event.call_id, event.parents, event.service_s)
+        return self._service(entry, now, call_id=event.call_id, call_path_s=path)
+
+    def _service(
+        self, entry: ProgramEntry, now: float, call_id: str = "", call_path_s: float = 0.0, ended: bool = False
+    ) -> ProgramService:
+        a = entry.account
+        return ProgramService(
+            program_id=a.program_id,
+            service_s=a.service_s,
+            critical_path_s=a.critical_path_s,
+            waiting_s=entry.waiting_s,
+            calls_completed=a.calls_completed,
+            call_id=call_id,
+            call_path_s=call_path_s,
+            ended=ended,
+            updated_at=now,
+        )
+
+    def end(self, program_id: str, now: float) -> tuple[ProgramSummary, ProgramService] | None:
+        """Remove a program; returns its final row and the ``ended`` update to publish."""
+        entry = self._programs.pop(program_id, None)
+        if entry is None:
+            return None
+        return entry.summary(ended=True), self._service(entry, now, ended=True)
+
+    def expire(self, now: float) -> list[ProgramService]:
+        """Forget programs idle for longer than the TTL with no active call."""
+        expired = [
+            pid
+            for pid, e in self._programs.items()
+            if not e.active_calls and now - e.last_activity_at > self.idle_ttl_s
+        ]
+        out = []
+        for pid in expired:
+            ended = self.end(pid, now)
+            if ended is not None:
+                out.append(ended[1])
+        return out
+
+    def summaries(self) -> list[ProgramSummary]:
+        return [e.summary() for e in self._programs.values()]

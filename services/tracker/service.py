@@ -1,0 +1,114 @@
+"""The program-tracker service: a thin NATS shell around :class:`ProcessTable`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from autellix.proto import (
+    TRACKER_QUEUE,
+    CallCompleted,
+    CallDispatched,
+    ProgramEnd,
+    ProgramTable,
+    Subjects,
+    decode,
+    encode,
+)
+from autellix.services.logs import get_logger
+from autellix.services.nats_conn import connect
+
+from .config import TrackerConfig
+from .process_table import ProcessTable
+
+
+class TrackerService:
+    name = "tracker"
+
+    def __init__(self, config: TrackerConfig) -> None:
+        self.config = config
+        self.subjects = Subjects(config.root)
+        self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s)
+        self.log = get_logger("tracker")
+        self._nc: NATS | None = None
+        self._gc_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.log.info("starting", config=dataclasses.asdict(self.config))
+        nc = self._nc = await connect(self.config.nats_url, "autellix-tracker")
+        s = self.subjects
+        await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+        await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
+        await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
+        await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
+        await nc.flush()
+        self._gc_task = asyncio.create_task(self._gc_loop())
+        self.log.info("ready", root=self.config.root)
+
+    async def stop(self) -> None:
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc_task
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+        self.log.info("stopped", programs=len(self.table))
+
+    async def _publish(self, subject: str, message: msgspec.Struct) -> None:
+        assert self._nc is not None
+        await self._nc.publish(subject, encode(message))
+
+    async def _on_dispatched(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, CallDispatched)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad call-dispatched event dropped", error=str(exc))
+            return
+        self.table.on_dispatched(event, time.time())
+
+    async def _on_completed(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, CallCompleted)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad call-completed event dropped", error=str(exc))
+            return
+        update = self.table.on_completed(event, time.time())
+        self.log.debug(
+            "program service updated",
+            program_id=event.program_id,
+            call_id=event.call_id,
+            service_s=round(update.service_s, 6),
+            critical_path_s=round(update.critical_path_s, 6),
+        )
+        await self._publish(self.subjects.program_service, update)
+
+    async def _on_end(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data, ProgramEnd)
+        except msgspec.MsgspecError as exc:
+            await msg.respond(msgspec.json.encode({"ok": False, "error": f"bad request: {exc}"}))
+            return
+        ended = self.table.end(request.program_id, time.time())
+        if ended is None:
+            await msg.respond(msgspec.json.encode({"ok": False, "error": f"unknown program {request.program_id!r}"}))
+            return
+        summary, update = ended
+        self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
+        await self._publish(self.subjects.program_service, update)
+        await msg.respond(msgspec.json.encode({"ok": True, "program": summary}))
+
+    async def _on_table(self, msg: Msg) -> None:
+        await msg.respond(encode(ProgramTable(programs=self.table.summaries())))
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.gc_interval_s)
+            for update in self.table.expire(time.time()):
+                self.log.info("idle program forgotten", program_id=update.program_id)
+                await self._publish(self.subjects.program_service, update)
