@@ -1,0 +1,79 @@
+"""Helpers to run an in-process mesh (tracker, scheduler, engines) in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from autellix.engine.factory import BackendSpec
+from autellix.services.client import Client
+from autellix.services.engine.config import EngineConfig
+from autellix.services.engine.service import EngineService
+from autellix.services.lifecycle import stop_all
+from autellix.services.scheduler.config import SchedulerConfig
+from autellix.services.scheduler.service import SchedulerService
+from autellix.services.tracker.config import TrackerConfig
+from autellix.services.tracker.service import TrackerService
+
+
+@dataclass
+class Mesh:
+    url: str
+    root: str
+    tracker: TrackerService
+    scheduler: SchedulerService
+    engines: list[EngineService]
+    client: Client
+    extra: list[object] = field(default_factory=list)
+
+
+async def start_mesh(
+    url: str,
+    root: str,
+    engines: int = 1,
+    backend: BackendSpec | None = None,
+    policy: str = "plas",
+    heartbeat_s: float = 0.2,
+    no_engine_wait_s: float = 5.0,
+    max_batched_tokens: int = 2048,
+) -> Mesh:
+    spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
+    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2))
+    scheduler = SchedulerService(
+        SchedulerConfig(
+            nats_url=url, root=root, policy=policy, max_tokens_ceiling=512, no_engine_wait_s=no_engine_wait_s
+        )
+    )
+    engine_services = [
+        EngineService(
+            EngineConfig(
+                nats_url=url,
+                root=root,
+                engine_id=f"e{i}-{root}",
+                backend=spec,
+                heartbeat_s=heartbeat_s,
+                drain_timeout_s=5.0,
+                max_batched_tokens=max_batched_tokens,
+            )
+        )
+        for i in range(engines)
+    ]
+    for service in [tracker, scheduler, *engine_services]:
+        await service.start()
+    client = await Client.connect(url, root=root, timeout_s=60)
+    await wait_for_engines(scheduler, engines)
+    return Mesh(url, root, tracker, scheduler, engine_services, client)
+
+
+async def wait_for_engines(scheduler: SchedulerService, n: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(scheduler.core.live_engines(time.time())) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scheduler saw {len(scheduler.core.engines)} engines, wanted {n}")
+        await asyncio.sleep(0.02)
+
+
+async def stop_mesh(mesh: Mesh) -> None:
+    await mesh.client.close()
+    await stop_all([mesh.scheduler, *mesh.engines, mesh.tracker])
