@@ -149,7 +149,7 @@ class EngineCore:
 
     @property
     def idle(self) -> bool:
-        return not self._running and not self._waiting
+        return not self._calls
 
     def load(self) -> CoreLoad:
         queued = sum(

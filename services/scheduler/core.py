@@ -103,16 +103,17 @@ class SchedulerCore:
         """Decode and validate a submission; raises :class:`RejectedCall` with the error to send."""
         try:
             request = decode(data, CallRequest)
-        except msgspec.ValidationError as exc:
-            call_id, reply_to = _salvage_ids(data)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+            raw = _raw_json(data)
+            if raw is None:
+                raise RejectedCall(
+                    CallError(call_id="", code=ErrorCode.BAD_JSON, message=f"the request is not valid JSON: {exc}"),
+                    reply,
+                ) from None
+            call_id, reply_to = _salvage_ids(raw)
             raise RejectedCall(
                 CallError(call_id=call_id, code=ErrorCode.BAD_FIELD, message=f"invalid call request: {exc}"),
                 reply_to or reply,
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise RejectedCall(
-                CallError(call_id="", code=ErrorCode.BAD_JSON, message=f"the request is not valid JSON: {exc}"),
-                reply,
             ) from None
         reply_to = request.reply_to or reply
         call_id = request.call_id or uuid.uuid4().hex
@@ -170,12 +171,16 @@ class SchedulerCore:
         return best.heartbeat.engine_id
 
 
-def _salvage_ids(data: bytes) -> tuple[str, str]:
-    """call_id and reply_to from a request that failed validation, when they are readable."""
+def _raw_json(data: bytes) -> object | None:
+    """The request as untyped JSON; None when it is not JSON at all."""
     try:
-        raw = msgspec.json.decode(data)
+        return msgspec.json.decode(data)
     except msgspec.DecodeError:
-        return "", ""
+        return None
+
+
+def _salvage_ids(raw: object) -> tuple[str, str]:
+    """call_id and reply_to from a request that failed validation, when they are readable."""
     if not isinstance(raw, dict):
         return "", ""
     call_id = raw.get("call_id")

@@ -1,0 +1,206 @@
+"""Unit tests of the pure cores behind the services: process table, scheduler, engine core."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent
+from autellix.engine.sim_backend import SimBackend
+from autellix.proto import CallCompleted, CallDispatched, EngineHeartbeat, ProgramService, Subjects
+from autellix.services.scheduler.core import RejectedCall, SchedulerCore
+from autellix.services.tracker.process_table import ProcessTable
+
+
+def completed(program: str, call: str, service: float, parents: list[str] | None = None, wait: float = 0.0):
+    return CallCompleted(
+        call_id=call,
+        program_id=program,
+        engine_id="e1",
+        service_s=service,
+        queue_wait_s=wait,
+        prompt_tokens=1,
+        output_tokens=1,
+        finish_reason="stop",
+        parents=parents,
+    )
+
+
+# -- proto -------------------------------------------------------------------------------------
+def test_subjects_are_built_under_one_root() -> None:
+    s = Subjects("acme.prod")
+    assert s.call_submit == "acme.prod.call.submit"
+    assert s.engine_calls("e-1") == "acme.prod.engine.e-1.calls"
+    with pytest.raises(ValueError):
+        s.engine_calls("bad.id")
+    with pytest.raises(ValueError):
+        Subjects("has space")
+
+
+# -- tracker -----------------------------------------------------------------------------------
+def test_process_table_plas_and_atlas_arithmetic() -> None:
+    t = ProcessTable(idle_ttl_s=10)
+    t.on_dispatched(CallDispatched(call_id="a", program_id="p", engine_id="e1", priority=0), now=0)
+    assert t.get("p").active_calls == {"a"}  # type: ignore[union-attr]
+    up = t.on_completed(completed("p", "a", 2.0, parents=[], wait=0.5), now=1)
+    assert (up.service_s, up.critical_path_s, up.call_path_s) == (2.0, 2.0, 2.0)
+    # two children of a in parallel, then a join
+    t.on_completed(completed("p", "b", 3.0, parents=["a"]), now=2)
+    t.on_completed(completed("p", "c", 1.0, parents=["a"]), now=3)
+    up = t.on_completed(completed("p", "d", 1.0, parents=["b", "c"]), now=4)
+    assert up.service_s == pytest.approx(7.0)  # PLAS: everything
+    assert up.call_path_s == pytest.approx(6.0)  # ATLAS: a(2) + b(3) + d(1)
+    assert up.critical_path_s == pytest.approx(6.0)
+    entry = t.get("p")
+    assert entry is not None and entry.waiting_s == 0.5 and not entry.active_calls
+
+
+def test_process_table_forgets_idle_programs_and_ends_on_request() -> None:
+    t = ProcessTable(idle_ttl_s=10)
+    t.on_completed(completed("idle", "a", 1.0), now=0)
+    t.on_dispatched(CallDispatched(call_id="x", program_id="busy", engine_id="e", priority=0), now=0)
+    assert t.expire(now=5) == []
+    gone = t.expire(now=11)
+    assert [g.program_id for g in gone] == ["idle"] and gone[0].ended
+    assert t.get("busy") is not None  # an active call keeps it alive
+    summary, update = t.end("busy", now=12)  # type: ignore[misc]
+    assert summary.program_id == "busy" and update.ended
+    assert t.end("busy", now=13) is None
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=30))
+def test_attained_service_is_monotone(services: list[float]) -> None:
+    t = ProcessTable()
+    last = 0.0
+    for i, s in enumerate(services):
+        up = t.on_completed(completed("p", f"c{i}", s), now=i)
+        assert up.service_s >= last
+        last = up.service_s
+
+
+# -- scheduler ---------------------------------------------------------------------------------
+def heartbeat(engine: str, used: int = 0, state: str = "up") -> EngineHeartbeat:
+    return EngineHeartbeat(engine_id=engine, backend="sim", model="m", kv_tokens_used=used, state=state, interval_s=1)  # type: ignore[arg-type]
+
+
+def test_scheduler_stamps_follow_tracker_figures() -> None:
+    core = SchedulerCore(policy="plas")
+    req = core.parse(b'{"program_id": "old", "prompt": "hi"}', "inbox")
+    assert core.stamp(req, "inbox", now=0).priority == 0.0
+    core.on_program_service(ProgramService(program_id="old", service_s=4.5, critical_path_s=2.0))
+    old = core.stamp(req, "inbox", now=1)
+    fresh = core.stamp(core.parse(b'{"program_id": "new", "prompt": "hi"}', "inbox"), "inbox", now=1)
+    assert old.priority == 4.5 > fresh.priority == 0.0
+    core.on_program_service(ProgramService(program_id="old", service_s=4.5, ended=True))
+    assert core.stamp(req, "inbox", now=2).priority == 0.0
+
+
+def test_scheduler_atlas_stamps_use_parent_paths() -> None:
+    core = SchedulerCore(policy="atlas")
+    core.on_program_service(ProgramService(program_id="p", service_s=5, critical_path_s=4, call_id="a", call_path_s=3))
+    child = core.parse(b'{"program_id": "p", "prompt": "x", "parents": ["a"]}', "r")
+    unknown = core.parse(b'{"program_id": "p", "prompt": "x"}', "r")
+    root = core.parse(b'{"program_id": "p", "prompt": "x", "parents": []}', "r")
+    assert core.stamp(child, "r", 0).priority == 3
+    assert core.stamp(unknown, "r", 0).priority == 4  # the one-scalar approximation
+    assert core.stamp(root, "r", 0).priority == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"[", "bad_json"),
+        (b"[1, 2]", "bad_field"),
+        (b'{"program_id": "p", "prompt": "x", "temperature": -1}', "bad_field"),
+        (b'{"prompt": "x"}', "missing_program_id"),
+        (b'{"program_id": "p", "prompt": "x", "max_tokens": 201}', "bad_max_tokens"),
+        (b'{"program_id": "p", "prompt": ""}', "empty_messages"),
+    ],
+)
+def test_scheduler_rejects_bad_input(payload: bytes, code: str) -> None:
+    core = SchedulerCore(max_tokens_ceiling=200)
+    with pytest.raises(RejectedCall) as info:
+        core.parse(payload, "inbox")
+    assert info.value.error.code == code
+    assert info.value.reply_to == "inbox"
+
+
+def test_rejection_keeps_the_callers_ids_when_readable() -> None:
+    core = SchedulerCore()
+    with pytest.raises(RejectedCall) as info:
+        core.parse(b'{"program_id": "p", "call_id": "mine", "reply_to": "there", "max_tokens": "x"}', "inbox")
+    assert (info.value.error.call_id, info.value.reply_to) == ("mine", "there")
+
+
+def test_scheduler_routes_to_least_loaded_live_engine() -> None:
+    core = SchedulerCore()
+    req = core.parse(b'{"program_id": "p", "prompt": "hello", "max_tokens": 100}', "r")
+    assert core.route(req, now=0) is None
+    core.on_heartbeat(heartbeat("busy", used=5000), now=0)
+    core.on_heartbeat(heartbeat("idle", used=0), now=0)
+    core.on_heartbeat(heartbeat("leaving", used=0, state="draining"), now=0)
+    assert core.route(req, now=0.5) == "idle"
+    # routed load (about 101 tokens a call) counts until the next heartbeat
+    chosen = [core.route(req, now=0.5) for _ in range(60)]
+    assert chosen[:45] == ["idle"] * 45 and "busy" in chosen
+    # stale heartbeats: engine presumed dead
+    assert core.route(req, now=10) is None
+
+
+# -- engine core -------------------------------------------------------------------------------
+def run_to_end(core: EngineCore, backend: SimBackend, now: float = 0.0) -> list[tuple[float, object]]:
+    events: list[tuple[float, object]] = []
+    while not core.idle:
+        batch = core.schedule(now)
+        assert batch is not None
+        out = backend.run(batch)
+        events += [(now, e) for e in core.update(batch, out, now)]
+        now += 1
+    return events
+
+
+def test_engine_core_admits_in_priority_order_within_limits() -> None:
+    backend = SimBackend(time_scale=0)
+    core = EngineCore(backend, CoreConfig(max_batch=2, max_batched_tokens=64, kv_capacity_tokens=1000))
+    core.add(CallSpec("low", "p1", [1] * 5, 4, priority=9.0), 0)
+    core.add(CallSpec("high", "p2", [1] * 5, 4, priority=0.0), 0)
+    core.add(CallSpec("mid", "p3", [1] * 5, 4, priority=1.0), 0)
+    events = run_to_end(core, backend)
+    finish_order = [e.call_id for _, e in events if isinstance(e, FinishEvent)]
+    assert finish_order[:2] == ["high", "mid"] and finish_order[2] == "low"
+    tokens = {cid: sum(1 for _, e in events if isinstance(e, TokenEvent) and e.call_id == cid) for cid in finish_order}
+    assert tokens == {"high": 4, "mid": 4, "low": 4}
+
+
+def test_engine_core_respects_kv_capacity_and_chunks_prefill() -> None:
+    backend = SimBackend(time_scale=0)
+    core = EngineCore(backend, CoreConfig(max_batch=8, max_batched_tokens=16, kv_capacity_tokens=100))
+    core.add(CallSpec("a", "p", [1] * 40, 20), 0)
+    core.add(CallSpec("b", "p", [1] * 40, 20), 0)  # 60 + 60 > 100: waits for a
+    batch = core.schedule(0)
+    assert batch is not None and [w.seq_id for w in batch.work] == ["a"] and batch.num_tokens == 16
+    assert core.load().running == 1 and core.load().waiting == 1
+    events = run_to_end(core, backend)
+    assert [e.call_id for _, e in events if isinstance(e, FinishEvent)] == ["a", "b"]
+    assert core.load().kv_tokens_free == 100
+
+
+def test_engine_core_abort_frees_everything() -> None:
+    backend = SimBackend(time_scale=0)
+    core = EngineCore(backend, CoreConfig(max_batch=1))
+    core.add(CallSpec("run", "p", [1, 2], 50), 0)
+    core.add(CallSpec("wait", "p", [1, 2], 50), 0)
+    batch = core.schedule(0)
+    assert batch is not None
+    core.update(batch, backend.run(batch), 0)
+    assert isinstance(core.abort("run"), FinishEvent) and isinstance(core.abort("wait"), FinishEvent)
+    assert core.abort("run") is None
+    assert core.idle and core.schedule(1) is None and backend.kv_tokens_used() == 0
+
+
+def test_engine_core_validates_context() -> None:
+    core = EngineCore(SimBackend(time_scale=0), CoreConfig(kv_capacity_tokens=1000))
+    assert core.validate(10, 10) is None
+    assert "KV capacity" in (core.validate(900, 200) or "")
+    assert "context" in (core.validate(200_000, 1) or "")
