@@ -9,7 +9,9 @@ from .logs import get_logger
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, fail_fast: bool = False) -> NATS:
+    """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
+    connection gives up after a few tries. Once connected, both reconnect forever."""
     log = get_logger(name)
     nc = NATS()
 
@@ -21,12 +23,13 @@ async def connect(url: str, name: str) -> NATS:
         log.info("nats reconnected", url=url)
 
     async def error(exc: Exception) -> None:
-        log.warning("nats error", error=str(exc) or type(exc).__name__)
+        if nc.is_connected or nc.is_reconnecting or not fail_fast:
+            log.warning("nats error", error=str(exc) or type(exc).__name__)
 
     await nc.connect(
         url,
         name=name,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=2 if fail_fast else -1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
         allow_reconnect=True,
@@ -34,4 +37,5 @@ async def connect(url: str, name: str) -> NATS:
         reconnected_cb=reconnected,
         error_cb=error,
     )
+    nc.options["max_reconnect_attempts"] = -1  # nats-py reads this on every reconnect
     return nc
