@@ -229,7 +229,9 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str = DEFAULT_NATS_URL, root: str = DEFAULT_ROOT, timeout_s: float = 300.0) -> Client:
-        return cls(await connect(url, "autellix-client", fail_fast=True), root=root, timeout_s=timeout_s, owns_connection=True)
+        return cls(
+            await connect(url, "autellix-client", fail_fast=True), root=root, timeout_s=timeout_s, owns_connection=True
+        )
 
     def program(self, program_id: str | None = None) -> Program:
         return Program(self, program_id)
