@@ -1,24 +1,42 @@
-"""The engine's batching core: which calls run in each step, and what their results mean.
+"""The engine's batching core: which calls run in each step, which are preempted, and what the
+results mean.
 
 Pure and synchronous (no NATS, no asyncio, no clocks: ``now`` is passed in). The engine service
-calls ``schedule`` -> runs the returned :class:`StepBatch` on the backend in a worker thread ->
-``update``, and adds or aborts calls between steps. Tests and benchmarks drive it the same way.
+calls :meth:`EngineCore.schedule` -> runs the returned :class:`StepPlan` on the backend with
+:func:`execute_plan` in a worker thread -> :meth:`EngineCore.update`, and adds or aborts calls
+between steps. Tests, benchmarks and the simulator-agreement checks drive it the same way.
 
-Continuous batching: calls join the running batch as soon as a slot and KV room are free and leave
-it the step they finish. Waiting calls are admitted in priority order (lower stamped priority first,
-then arrival). Prompts are prefilled in chunks within a per-step token budget.
+- **Queues.** Every call on the engine (waiting, running or swapped) sits in the policy's call queue
+  (:func:`autellix.policy.variants.make_queue`): multi-level queues for ``mlfq``/``plas``/``atlas``,
+  one FCFS level for ``fcfs``. A call enters at the level its stamped priority says; the service it
+  receives here is charged to it after each step, demoting it through the levels; the beta rule
+  promotes starved calls. Boundaries follow the observed distribution of call service.
+- **Continuous batching.** Calls join the running batch when a slot and KV room are free and leave
+  it the step they finish. Prompts are prefilled in chunks within a per-step token budget.
+- **Preemption.** Every ``schedule_every`` steps (a *scheduling point*) a preemptive policy
+  recomputes the running set top-down in queue order; a running call that no longer fits is
+  displaced by the waiting calls above it. On any step, KV pressure (running calls growing past the
+  KV capacity) preempts the lowest running call. A displaced call's KV is swapped to the backend's
+  CPU pool, or dropped and recomputed later when that is cheaper by the engine's own running
+  estimates, or when the pool is full. Either way it resumes exactly where it stopped.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
 
-from .backend import ModelBackend, SeqWork, StepBatch, StepOutput
+from autellix.policy.calibration import ServiceCalibrator
+from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
+from autellix.policy.variants import CallQueue, make_queue, policy_spec
+
+from .backend import ModelBackend, SeqWork, StepBatch, StepOutput, SwapStats
 from .detokenizer import IncrementalDetokenizer
+
+PreemptMode = Literal["auto", "swap", "recompute"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +44,32 @@ class CoreConfig:
     max_batch: int = 32
     #: tokens per step across the batch (decode tokens + prefill chunks)
     max_batched_tokens: int = 2048
-    #: KV tokens the engine may hold (a call reserves prompt + max_tokens on admission)
+    #: KV tokens resident at once (running calls); swapped calls live in the backend's CPU pool
     kv_capacity_tokens: int = 65_536
+    #: queue discipline: fcfs | mlfq | plas | atlas (the priorities come stamped by the schedulers)
+    policy: str = "plas"
+    #: N: a scheduling point (full re-plan with preemption) every N steps
+    schedule_every: int = 4
+    #: how a displaced call gives up its KV: by the cheaper estimate, or always one way
+    preempt_mode: PreemptMode = "auto"
+    mlfq: MLFQConfig = field(default_factory=MLFQConfig)
+    #: recalibrate queue boundaries from observed call service every this many finished calls
+    calibrate_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_batched_tokens < 1 or self.kv_capacity_tokens < 1:
+            raise ValueError("max_batch, max_batched_tokens and kv_capacity_tokens must be >= 1")
+        if self.schedule_every < 1:
+            raise ValueError(f"schedule_every must be >= 1, got {self.schedule_every}")
+        if self.preempt_mode not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preempt_mode must be auto, swap or recompute, got {self.preempt_mode!r}")
+        policy_spec(self.policy)  # raises on an unknown name
 
 
 class CallPhase(Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # not started, or preempted with its KV dropped (kv_len == 0)
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted, KV in the CPU pool
     FINISHED = "finished"
 
 
@@ -48,6 +85,11 @@ class CallSpec:
     temperature: float = 0.0
     ignore_eos: bool = False
     seed: int | None = None
+    #: the program's figures when the call was stamped (for the anti-starvation rule)
+    program_wait_s: float = 0.0
+    program_service_s: float = 0.0
+    #: tokens generated by an earlier attempt elsewhere: the call resumes after them
+    resume_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -57,11 +99,16 @@ class CallState:
     seq: int
     phase: CallPhase = CallPhase.WAITING
     output_ids: list[int] = field(default_factory=list)
-    kv_len: int = 0  # tokens already in the backend's KV for this call
-    reserved: int = 0
-    admitted_at: float | None = None
+    kv_len: int = 0  # tokens of this call in the backend's KV (resident or swapped)
+    first_admitted_at: float | None = None
+    waiting_since: float | None = None
+    queue_wait_s: float = 0.0
     first_token_at: float | None = None
     service_s: float = 0.0
+    preemptions: int = 0
+    swap_bytes: int = 0
+    swap_s: float = 0.0
+    recomputed_tokens: int = 0
     emitted_chars: int = 0
     detok: IncrementalDetokenizer | None = None
 
@@ -70,8 +117,8 @@ class CallState:
         return self.spec.prompt_ids + self.output_ids
 
     @property
-    def queue_wait_s(self) -> float:
-        return 0.0 if self.admitted_at is None else self.admitted_at - self.arrived_at
+    def context_len(self) -> int:
+        return len(self.spec.prompt_ids) + len(self.output_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,27 +136,107 @@ class FinishEvent:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    call_id: str
+    mode: Literal["swap", "recompute"]
+    #: "displaced by <call id>" or "kv pressure"
+    reason: str
+    kv_tokens: int
+
+
 CoreEvent = TokenEvent | FinishEvent
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """One step: KV moves first (swap out, drop, swap in), then the forward pass."""
+
+    batch: StepBatch
+    swap_out: list[str] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)
+    swap_in: list[str] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StepResult:
+    output: StepOutput
+    swaps: dict[str, SwapStats] = field(default_factory=dict)
+    #: swap-outs the backend refused (pool full): their KV was dropped instead
+    swap_failed: list[str] = field(default_factory=list)
+
+
+def execute_plan(backend: ModelBackend, plan: StepPlan) -> StepResult:
+    """Run a plan on the backend. Called from the engine's worker thread."""
+    swaps: dict[str, SwapStats] = {}
+    failed: list[str] = []
+    for call_id in plan.swap_out:
+        try:
+            swaps[call_id] = backend.swap_out(call_id)
+        except MemoryError:  # the CPU pool is full after all: recompute instead
+            backend.drop(call_id)
+            failed.append(call_id)
+    for call_id in plan.drop:
+        backend.drop(call_id)
+    for call_id in plan.swap_in:
+        swaps[call_id] = backend.swap_in(call_id)
+    output = backend.run(plan.batch) if plan.batch.work else StepOutput(next_tokens={}, elapsed_s=0.0)
+    return StepResult(output=output, swaps=swaps, swap_failed=failed)
 
 
 @dataclass(frozen=True, slots=True)
 class CoreLoad:
     running: int
     waiting: int
+    swapped: int
     kv_tokens_used: int
     kv_tokens_free: int
     kv_tokens_queued: int
+    swap_pool_used_bytes: int
+
+
+class _CostEstimates:
+    """Running estimates of what a swap and a recompute cost, from this engine's own steps."""
+
+    def __init__(self, backend: ModelBackend) -> None:
+        self.kv_bytes_per_token = max(1, backend.kv_bytes_per_token())
+        self.swap_s_per_byte = 1e-10  # 10 GB/s until measured
+        self.prefill_s_per_token = 1e-4  # 10k tokens/s until measured
+
+    def observe_swap(self, stats: SwapStats) -> None:
+        if stats.bytes > 0:
+            self.swap_s_per_byte = 0.8 * self.swap_s_per_byte + 0.2 * (stats.elapsed_s / stats.bytes)
+
+    def observe_prefill(self, tokens: int, elapsed_s: float) -> None:
+        if tokens >= 64:  # short steps are dominated by per-step overhead
+            self.prefill_s_per_token = 0.8 * self.prefill_s_per_token + 0.2 * (elapsed_s / tokens)
+
+    def recompute_is_cheaper(self, tokens: int) -> bool:
+        swap = 2 * tokens * self.kv_bytes_per_token * self.swap_s_per_byte  # out and back in
+        return tokens * self.prefill_s_per_token < swap
 
 
 class EngineCore:
     def __init__(self, backend: ModelBackend, config: CoreConfig | None = None) -> None:
         self.backend = backend
         self.config = config or CoreConfig()
+        cap = getattr(backend, "kv_tokens_capacity", None)
+        self.kv_capacity = (
+            min(self.config.kv_capacity_tokens, cap()) if callable(cap) else self.config.kv_capacity_tokens
+        )
+        spec = policy_spec(self.config.policy)
+        self.preemptive = spec.preemptive
+        self.calibrated = spec.calibrated
+        self.queue: CallQueue = make_queue(self.config.policy, self.config.mlfq)
+        self.calibrator = ServiceCalibrator(self.config.mlfq.calibration_percentile)
+        self.costs = _CostEstimates(backend)
         self._calls: dict[str, CallState] = {}
-        self._waiting: list[tuple[float, int, str]] = []  # heap of (priority, seq, call_id)
         self._running: list[str] = []
         self._seq = itertools.count()
-        self._reserved = 0
+        self._steps_since_plan = self.config.schedule_every  # first step is a scheduling point
+        self.finished = 0
+        self.total_preemptions = 0
 
     # -- admission ---------------------------------------------------------------------------
     def validate(self, prompt_len: int, max_tokens: int) -> str | None:
@@ -120,10 +247,10 @@ class EngineCore:
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
                 f"{prompt_len + max_tokens}, beyond the model's context of {ctx} tokens"
             )
-        if prompt_len + max_tokens > self.config.kv_capacity_tokens:
+        if prompt_len + max_tokens > self.kv_capacity:
             return (
                 f"the call needs {prompt_len + max_tokens} KV tokens, more than this engine's "
-                f"KV capacity of {self.config.kv_capacity_tokens}"
+                f"KV capacity of {self.kv_capacity}"
             )
         return None
 
@@ -132,82 +259,204 @@ class EngineCore:
             raise ValueError(f"call {spec.call_id!r} is already on this engine")
         if not spec.prompt_ids:
             raise ValueError("a call needs at least one prompt token")
-        state = CallState(spec=spec, arrived_at=now, seq=next(self._seq))
+        state = CallState(spec=spec, arrived_at=now, seq=next(self._seq), waiting_since=now)
+        state.output_ids = list(spec.resume_ids)
         state.detok = IncrementalDetokenizer(self.backend.decode)
+        if state.output_ids:
+            state.detok.push(state.output_ids)  # already streamed by the earlier attempt
         self._calls[spec.call_id] = state
-        heapq.heappush(self._waiting, (spec.priority, state.seq, spec.call_id))
+        self.queue.add(
+            spec.call_id,
+            spec.priority,
+            now,
+            program_wait_s=spec.program_wait_s,
+            program_service_s=spec.program_service_s,
+        )
 
     def abort(self, call_id: str) -> FinishEvent | None:
-        """Drop a call wherever it is; frees its KV now. None if the call is not here."""
+        """Drop a call wherever it is; frees its KV now. None if the call is not here.
+
+        Call only between steps (never while a plan executes)."""
         state = self._calls.get(call_id)
-        if state is None or state.phase is CallPhase.FINISHED:
+        if state is None:
             return None
-        return self._finish(state, "abort")
+        return self._finish(state, "abort", now=None)
 
     def has(self, call_id: str) -> bool:
         return call_id in self._calls
+
+    def get(self, call_id: str) -> CallState | None:
+        return self._calls.get(call_id)
 
     @property
     def idle(self) -> bool:
         return not self._calls
 
+    def call_ids(self) -> Sequence[str]:
+        return list(self._calls)
+
+    def running_ids(self) -> Sequence[str]:
+        return list(self._running)
+
     def load(self) -> CoreLoad:
-        queued = sum(
-            len(self._calls[cid].spec.prompt_ids) + self._calls[cid].spec.max_tokens
-            for _, _, cid in self._waiting
-            if cid in self._calls
-        )
-        used = sum(self._calls[cid].kv_len for cid in self._running)
+        waiting = swapped = queued = 0
+        for state in self._calls.values():
+            if state.phase is CallPhase.WAITING:
+                waiting += 1
+                queued += state.context_len + state.spec.max_tokens - len(state.output_ids)
+            elif state.phase is CallPhase.SWAPPED:
+                swapped += 1
+                queued += state.context_len
+        used = sum(self._calls[c].kv_len for c in self._running)
+        pool = getattr(self.backend, "swap_pool_bytes_used", None)
         return CoreLoad(
             running=len(self._running),
-            waiting=len(self._waiting),
+            waiting=waiting,
+            swapped=swapped,
             kv_tokens_used=used,
-            kv_tokens_free=self.config.kv_capacity_tokens - self._reserved,
+            kv_tokens_free=max(0, self.kv_capacity - used),
             kv_tokens_queued=queued,
+            swap_pool_used_bytes=pool() if callable(pool) else 0,
         )
 
-    # -- the step ----------------------------------------------------------------------------
-    def _admit(self, now: float) -> None:
-        cfg = self.config
-        while self._waiting and len(self._running) < cfg.max_batch:
-            _, _, call_id = self._waiting[0]
-            state = self._calls.get(call_id)
-            if state is None or state.phase is not CallPhase.WAITING:
-                heapq.heappop(self._waiting)  # aborted while waiting
-                continue
-            need = len(state.spec.prompt_ids) + state.spec.max_tokens
-            if self._reserved + need > cfg.kv_capacity_tokens:
-                break  # strict priority order: do not let a smaller, lower-priority call jump it
-            heapq.heappop(self._waiting)
-            state.phase = CallPhase.RUNNING
-            state.admitted_at = now
-            state.reserved = need
-            self._reserved += need
-            self._running.append(call_id)
+    # -- the plan ----------------------------------------------------------------------------
+    def _need(self, state: CallState) -> int:
+        """KV tokens the call holds after its next step."""
+        return state.context_len + 1
 
-    def schedule(self, now: float) -> StepBatch | None:
-        """Admit what fits and build the next step; None when there is nothing to run."""
-        self._admit(now)
+    def schedule(self, now: float) -> StepPlan | None:
+        """Decide the next step: preemptions, admissions and the batch. None when idle."""
+        if not self._calls:
+            return None
+        promoted = self.queue.promote_starved(now)
+        self._steps_since_plan += 1
+        point = self._steps_since_plan >= self.config.schedule_every or bool(promoted)
+        plan = StepPlan(batch=StepBatch(work=[]))
+        if point and self.preemptive:
+            self._steps_since_plan = 0
+            self._replan(plan, now)
+        else:
+            self._relieve_kv_pressure(plan, now)
+            self._fill(plan, now)
+        plan.batch = self._build_batch()
+        if not plan.batch.work and not (plan.swap_out or plan.drop or plan.swap_in):
+            return None
+        return plan
+
+    def _replan(self, plan: StepPlan, now: float) -> None:
+        """A scheduling point: the running set becomes the top of the queue order that fits."""
+        desired: list[str] = []
+        used = 0
+        for call_id in list(self.queue.order()):
+            if len(desired) >= self.config.max_batch:
+                break
+            need = self._need(self._calls[call_id])
+            if used + need <= self.kv_capacity:
+                desired.append(call_id)
+                used += need
+        keep = set(desired)
+        displacers = [c for c in desired if self._calls[c].phase is not CallPhase.RUNNING]
+        for i, call_id in enumerate(c for c in reversed(self._running) if c not in keep):
+            by = displacers[i] if i < len(displacers) else "a higher-priority call"
+            self._preempt(plan, call_id, f"displaced by {by}", now)
+        for call_id in displacers:
+            self._admit(plan, call_id, now)
+
+    def _relieve_kv_pressure(self, plan: StepPlan, now: float) -> None:
+        used = sum(self._need(self._calls[c]) for c in self._running)
+        if used <= self.kv_capacity:
+            return
+        order = {c: i for i, c in enumerate(self.queue.order())}
+        for call_id in sorted(self._running, key=lambda c: order[c], reverse=True):
+            if used <= self.kv_capacity or len(self._running) == 1:
+                break
+            used -= self._need(self._calls[call_id])
+            self._preempt(plan, call_id, "kv pressure", now)
+
+    def _fill(self, plan: StepPlan, now: float) -> None:
+        """Admit waiting or swapped calls into free slots and KV room, in queue order.
+
+        Preemptive policies skip a call that does not fit and try the next (the next scheduling
+        point puts order right); FCFS stops at the first that does not fit, as vLLM does."""
+        used = sum(self._need(self._calls[c]) for c in self._running)
+        for call_id in list(self.queue.order_waiting()):
+            if len(self._running) >= self.config.max_batch:
+                return
+            need = self._need(self._calls[call_id])
+            if used + need > self.kv_capacity:
+                if self.preemptive:
+                    continue
+                return
+            used += need
+            self._admit(plan, call_id, now)
+
+    def _admit(self, plan: StepPlan, call_id: str, now: float) -> None:
+        state = self._calls[call_id]
+        if state.phase is CallPhase.SWAPPED:
+            plan.swap_in.append(call_id)
+        if state.waiting_since is not None:
+            state.queue_wait_s += now - state.waiting_since
+            state.waiting_since = None
+        if state.first_admitted_at is None:
+            state.first_admitted_at = now
+        state.phase = CallPhase.RUNNING
+        self._running.append(call_id)
+        self.queue.started(call_id, now)
+
+    def _preempt(self, plan: StepPlan, call_id: str, reason: str, now: float) -> None:
+        state = self._calls[call_id]
+        self._running.remove(call_id)
+        self.queue.stopped(call_id, now)
+        state.waiting_since = now
+        state.preemptions += 1
+        self.total_preemptions += 1
+        tokens = state.kv_len
+        if tokens == 0:
+            state.phase = CallPhase.WAITING
+            return
+        mode = self.config.preempt_mode
+        recompute = mode == "recompute" or (mode == "auto" and self.costs.recompute_is_cheaper(tokens))
+        if not recompute and not self._swap_room(plan, tokens):
+            recompute = True
+        if recompute:
+            plan.drop.append(call_id)
+            state.recomputed_tokens += tokens
+            state.kv_len = 0
+            state.phase = CallPhase.WAITING
+        else:
+            plan.swap_out.append(call_id)
+            state.phase = CallPhase.SWAPPED
+        plan.preemptions.append(Preemption(call_id, "recompute" if recompute else "swap", reason, tokens))
+
+    def _swap_room(self, plan: StepPlan, tokens: int) -> bool:
+        capacity = getattr(self.backend, "swap_pool_capacity_bytes", None)
+        if capacity is None:
+            return True
+        pool = getattr(self.backend, "swap_pool_bytes_used", None)
+        used = pool() if callable(pool) else 0
+        per = self.costs.kv_bytes_per_token
+        planned = sum(self._calls[c].kv_len for c in plan.swap_out) * per
+        return used + planned + tokens * per <= int(capacity)
+
+    def _build_batch(self) -> StepBatch:
         budget = self.config.max_batched_tokens
         work: list[SeqWork] = []
-        # decode tokens first (one each), then prefill chunks with the rest of the budget
         prefilling: list[CallState] = []
-        for call_id in self._running:
+        for call_id in self._running:  # decode tokens first, one each
             state = self._calls[call_id]
-            ids_len = len(state.spec.prompt_ids) + len(state.output_ids)
-            if state.kv_len == ids_len - 1 and state.output_ids:
+            if state.output_ids and state.kv_len == state.context_len - 1:
                 work.append(self._work(state, state.output_ids[-1:], sample=True))
                 budget -= 1
             else:
                 prefilling.append(state)
-        for state in prefilling:
+        for state in prefilling:  # then prefill chunks with what is left
             if budget <= 0:
                 break
             pending = state.all_ids[state.kv_len :]
             chunk = pending[:budget]
             work.append(self._work(state, chunk, sample=len(chunk) == len(pending)))
             budget -= len(chunk)
-        return StepBatch(work=work) if work else None
+        return StepBatch(work=work)
 
     def _work(self, state: CallState, token_ids: list[int], sample: bool) -> SeqWork:
         spec = state.spec
@@ -220,16 +469,34 @@ class EngineCore:
             seed=spec.seed,
         )
 
-    def update(self, batch: StepBatch, output: StepOutput, now: float) -> list[CoreEvent]:
+    # -- results -----------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult, now: float) -> list[CoreEvent]:
         """Apply a step's results; returns token and finish events in batch order."""
+        for call_id, stats in result.swaps.items():
+            self.costs.observe_swap(stats)
+            state = self._calls.get(call_id)
+            if state is not None:
+                state.swap_bytes += stats.bytes
+                state.swap_s += stats.elapsed_s
+        for call_id in result.swap_failed:
+            state = self._calls.get(call_id)
+            if state is not None and state.phase is CallPhase.SWAPPED:
+                state.recomputed_tokens += state.kv_len
+                state.kv_len = 0
+                state.phase = CallPhase.WAITING
+        output = result.output
         events: list[CoreEvent] = []
         eos = self.backend.eos_token_ids
-        for work in batch.work:
+        prefill_tokens = 0
+        for work in plan.batch.work:
             state = self._calls.get(work.seq_id)
             if state is None or state.phase is not CallPhase.RUNNING:
-                continue  # aborted while the step ran
+                continue
+            if len(work.token_ids) > 1 or not state.output_ids:
+                prefill_tokens += len(work.token_ids)
             state.kv_len = work.start_pos + len(work.token_ids)
             state.service_s += output.elapsed_s
+            self.queue.charge(work.seq_id, output.elapsed_s)
             token = output.next_tokens.get(work.seq_id)
             if token is None:
                 continue
@@ -244,22 +511,35 @@ class EngineCore:
                 state.emitted_chars += len(text)
                 events.append(TokenEvent(work.seq_id, [token], text))
             if stop:
-                events.append(self._finish(state, "stop"))
+                events.append(self._finish(state, "stop", now))
             elif len(state.output_ids) >= state.spec.max_tokens:
-                events.append(self._finish(state, "length"))
+                events.append(self._finish(state, "length", now))
+        if prefill_tokens:
+            self.costs.observe_prefill(prefill_tokens, output.elapsed_s)
         return events
 
-    def _finish(self, state: CallState, reason: str) -> FinishEvent:
+    def _finish(self, state: CallState, reason: str, now: float | None) -> FinishEvent:
         call_id = state.spec.call_id
         if state.phase is CallPhase.RUNNING:
             self._running.remove(call_id)
-            self._reserved -= state.reserved
-            state.reserved = 0
-            self.backend.release(call_id)
+        if state.waiting_since is not None and now is not None:
+            state.queue_wait_s += now - state.waiting_since
+            state.waiting_since = None
+        self.backend.release(call_id)
         state.phase = CallPhase.FINISHED
         del self._calls[call_id]
+        self.queue.remove(call_id)
+        if reason != "abort":
+            self._observe_service(state.service_s)
         text = self.backend.decode(state.output_ids)
         return FinishEvent(call_id=call_id, finish_reason=reason, state=state, text=text)
 
-    def call_ids(self) -> Sequence[str]:
-        return list(self._calls)
+    def _observe_service(self, service_s: float) -> None:
+        self.finished += 1
+        self.calibrator.observe(service_s)
+        if not (self.calibrated and isinstance(self.queue, MultiLevelQueues)):
+            return
+        if self.finished % self.config.calibrate_every == 0:
+            boundaries = self.calibrator.boundaries(self.config.mlfq.num_levels, self.config.mlfq.growth)
+            if boundaries is not None:
+                self.queue.set_boundaries(boundaries)

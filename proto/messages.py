@@ -71,6 +71,9 @@ class CallFinal(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     ttft_s: float = 0.0
     total_s: float = 0.0
     preemptions: int = 0
+    swap_bytes: int = 0
+    swap_s: float = 0.0
+    recomputed_tokens: int = 0
 
 
 class CallError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
@@ -124,6 +127,9 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     # Tokens already streamed to the caller by an earlier attempt (resume after an engine died).
     resume_token_ids: list[int] = []
     attempt: int = 0
+    # The program's figures when stamped, for the engine's anti-starvation rule.
+    program_service_s: float = 0.0
+    program_wait_s: float = 0.0
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):

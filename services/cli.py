@@ -39,6 +39,18 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
     p.add_argument(
+        "--schedule-every",
+        type=int,
+        default=None,
+        help="engine: a scheduling point (preemption) every N steps (env AUTELLIX_SCHEDULE_EVERY; default 4)",
+    )
+    p.add_argument(
+        "--preempt-mode",
+        choices=("auto", "swap", "recompute"),
+        default=None,
+        help="engine: how a displaced call gives up its KV (env AUTELLIX_PREEMPT_MODE; default auto)",
+    )
+    p.add_argument(
         "--sim-time-scale",
         type=float,
         default=None,
@@ -92,6 +104,12 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
     if args.sim_time_scale is not None:
         spec = replace(spec, sim_time_scale=args.sim_time_scale)
     cfg = replace(cfg, nats_url=url, root=_env_root(args), backend=spec)
+    if getattr(args, "policy", None):
+        cfg = replace(cfg, policy=args.policy)
+    if args.schedule_every is not None:
+        cfg = replace(cfg, schedule_every=args.schedule_every)
+    if args.preempt_mode is not None:
+        cfg = replace(cfg, preempt_mode=args.preempt_mode)
     if engine_id or getattr(args, "engine_id", None):
         cfg = replace(cfg, engine_id=engine_id or args.engine_id)
     return cfg
@@ -291,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(engine)
     _add_engine_flags(engine)
     engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
+    engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
     engine.set_defaults(func=cmd_service)
 
     call = sub.add_parser("call", help="send one call and stream the answer")

@@ -24,6 +24,15 @@ def nats_url() -> Iterator[str]:
         yield server.url
 
 
+@pytest.fixture(scope="session")
+def hf_backend():  # type: ignore[no-untyped-def]
+    """The real SmolLM2-135M behind the `hf` backend, loaded once per session."""
+    from autellix.engine.hf_backend import HFBackend
+    from autellix.engine.model_store import resolve_model
+
+    return HFBackend(resolve_model(None), max_batch=16, kv_capacity_tokens=16_384, swap_pool_bytes=256 << 20)
+
+
 @pytest.fixture
 def root() -> str:
     return f"t{uuid.uuid4().hex[:12]}"

@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from autellix.engine.backend import ModelBackend
 from autellix.engine.factory import BackendSpec
 from autellix.services.client import Client
 from autellix.services.engine.config import EngineConfig
@@ -37,6 +38,7 @@ async def start_mesh(
     heartbeat_s: float = 0.2,
     no_engine_wait_s: float = 5.0,
     max_batched_tokens: int = 2048,
+    backend_instance: ModelBackend | None = None,
 ) -> Mesh:
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
     tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2))
@@ -55,7 +57,9 @@ async def start_mesh(
                 heartbeat_s=heartbeat_s,
                 drain_timeout_s=5.0,
                 max_batched_tokens=max_batched_tokens,
-            )
+                policy=policy,
+            ),
+            backend=backend_instance,
         )
         for i in range(engines)
     ]

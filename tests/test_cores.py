@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent, execute_plan
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallCompleted, CallDispatched, EngineHeartbeat, ProgramService, Subjects
 from autellix.services.scheduler.core import RejectedCall, SchedulerCore
@@ -152,10 +152,9 @@ def test_scheduler_routes_to_least_loaded_live_engine() -> None:
 def run_to_end(core: EngineCore, backend: SimBackend, now: float = 0.0) -> list[tuple[float, object]]:
     events: list[tuple[float, object]] = []
     while not core.idle:
-        batch = core.schedule(now)
-        assert batch is not None
-        out = backend.run(batch)
-        events += [(now, e) for e in core.update(batch, out, now)]
+        plan = core.schedule(now)
+        assert plan is not None
+        events += [(now, e) for e in core.update(plan, execute_plan(backend, plan), now)]
         now += 1
     return events
 
@@ -163,9 +162,9 @@ def run_to_end(core: EngineCore, backend: SimBackend, now: float = 0.0) -> list[
 def test_engine_core_admits_in_priority_order_within_limits() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(max_batch=2, max_batched_tokens=64, kv_capacity_tokens=1000))
-    core.add(CallSpec("low", "p1", [1] * 5, 4, priority=9.0), 0)
+    core.add(CallSpec("low", "p1", [1] * 5, 4, priority=9.0, program_service_s=9.0), 0)
     core.add(CallSpec("high", "p2", [1] * 5, 4, priority=0.0), 0)
-    core.add(CallSpec("mid", "p3", [1] * 5, 4, priority=1.0), 0)
+    core.add(CallSpec("mid", "p3", [1] * 5, 4, priority=1.0, program_service_s=1.0), 0)
     events = run_to_end(core, backend)
     finish_order = [e.call_id for _, e in events if isinstance(e, FinishEvent)]
     assert finish_order[:2] == ["high", "mid"] and finish_order[2] == "low"
@@ -177,13 +176,23 @@ def test_engine_core_respects_kv_capacity_and_chunks_prefill() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(max_batch=8, max_batched_tokens=16, kv_capacity_tokens=100))
     core.add(CallSpec("a", "p", [1] * 40, 20), 0)
-    core.add(CallSpec("b", "p", [1] * 40, 20), 0)  # 60 + 60 > 100: waits for a
-    batch = core.schedule(0)
-    assert batch is not None and [w.seq_id for w in batch.work] == ["a"] and batch.num_tokens == 16
-    assert core.load().running == 1 and core.load().waiting == 1
-    events = run_to_end(core, backend)
-    assert [e.call_id for _, e in events if isinstance(e, FinishEvent)] == ["a", "b"]
-    assert core.load().kv_tokens_free == 100
+    core.add(CallSpec("b", "p", [1] * 40, 20, priority=1.0, program_service_s=1.0), 0)
+    plan = core.schedule(0)
+    assert plan is not None and [w.seq_id for w in plan.batch.work] == ["a"] and plan.batch.num_tokens == 16
+    now, preempted, outputs = 0.0, [], {"a": 0, "b": 0}
+    while not core.idle:
+        assert plan is not None
+        preempted += [p.call_id for p in plan.preemptions]
+        resident = sum(w.start_pos + len(w.token_ids) for w in plan.batch.work)
+        assert resident <= 100, "running KV beyond the budget"
+        for e in core.update(plan, execute_plan(backend, plan), now):
+            if isinstance(e, TokenEvent):
+                outputs[e.call_id] += 1
+        now += 1
+        plan = core.schedule(now)
+    assert preempted == ["b"]  # the two outgrow 100 KV tokens together: the lower one yields
+    assert outputs == {"a": 20, "b": 20}
+    assert core.load().kv_tokens_used == 0 and backend.kv_tokens_used() == 0
 
 
 def test_engine_core_abort_frees_everything() -> None:
@@ -191,9 +200,9 @@ def test_engine_core_abort_frees_everything() -> None:
     core = EngineCore(backend, CoreConfig(max_batch=1))
     core.add(CallSpec("run", "p", [1, 2], 50), 0)
     core.add(CallSpec("wait", "p", [1, 2], 50), 0)
-    batch = core.schedule(0)
-    assert batch is not None
-    core.update(batch, backend.run(batch), 0)
+    plan = core.schedule(0)
+    assert plan is not None
+    core.update(plan, execute_plan(backend, plan), 0)
     assert isinstance(core.abort("run"), FinishEvent) and isinstance(core.abort("wait"), FinishEvent)
     assert core.abort("run") is None
     assert core.idle and core.schedule(1) is None and backend.kv_tokens_used() == 0

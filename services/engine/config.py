@@ -24,6 +24,12 @@ class EngineConfig:
     heartbeat_s: float = 1.0
     #: on SIGTERM, how long running calls may take to finish before they are failed
     drain_timeout_s: float = 30.0
+    #: local queue discipline: fcfs | mlfq | plas | atlas (match the schedulers' policy)
+    policy: str = "plas"
+    #: a scheduling point (re-plan with preemption) every N steps
+    schedule_every: int = 4
+    #: auto | swap | recompute
+    preempt_mode: str = "auto"
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -46,4 +52,7 @@ class EngineConfig:
             max_batched_tokens=int(env.get("AUTELLIX_MAX_BATCHED_TOKENS", d.max_batched_tokens)),
             heartbeat_s=float(env.get("AUTELLIX_HEARTBEAT_S", d.heartbeat_s)),
             drain_timeout_s=float(env.get("AUTELLIX_DRAIN_TIMEOUT_S", d.drain_timeout_s)),
+            policy=env.get("AUTELLIX_POLICY", d.policy),
+            schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
+            preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
         )

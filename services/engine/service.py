@@ -20,7 +20,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from autellix.engine.backend import ModelBackend
-from autellix.engine.core import CallSpec, CoreConfig, CoreEvent, EngineCore, FinishEvent, TokenEvent
+from autellix.engine.core import (
+    CallSpec,
+    CoreConfig,
+    CoreEvent,
+    EngineCore,
+    FinishEvent,
+    TokenEvent,
+    execute_plan,
+)
 from autellix.engine.factory import make_backend
 from autellix.proto import (
     CallAbort,
@@ -85,6 +93,9 @@ class EngineService:
                 max_batch=cfg.backend.max_batch,
                 max_batched_tokens=cfg.max_batched_tokens,
                 kv_capacity_tokens=cfg.backend.kv_capacity_tokens,
+                policy=cfg.policy,
+                schedule_every=cfg.schedule_every,
+                preempt_mode=cfg.preempt_mode,  # type: ignore[arg-type]
             ),
         )
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}")
@@ -162,6 +173,9 @@ class EngineService:
                 priority=call.priority,
                 temperature=call.temperature,
                 ignore_eos=call.ignore_eos,
+                program_wait_s=call.program_wait_s,
+                program_service_s=call.program_service_s,
+                resume_ids=list(call.resume_token_ids),
             )
             self.core.add(spec, time.time())
             self._inflight[call.call_id] = InFlight(call)
@@ -196,25 +210,30 @@ class EngineService:
         assert self.core is not None and self.backend is not None
         loop = asyncio.get_running_loop()
         while not self._stopping:
-            batch = self.core.schedule(time.time())
-            if batch is None:
+            plan = self.core.schedule(time.time())
+            if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            for p in plan.preemptions:
+                self.log.info(
+                    "call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens
+                )
             self._stepping = True
             try:
-                output = await loop.run_in_executor(self._executor, self.backend.run, batch)
+                result = await loop.run_in_executor(self._executor, execute_plan, self.backend, plan)
             except Exception:
                 self.log.exception("model step failed; failing the calls in it")
                 self._stepping = False
-                for work in batch.work:
-                    event = self.core.abort(work.seq_id)
+                touched = [w.seq_id for w in plan.batch.work] + plan.swap_out + plan.swap_in + plan.drop
+                for call_id in dict.fromkeys(touched):
+                    event = self.core.abort(call_id)
                     if event is not None:
-                        await self._fail(work.seq_id, ErrorCode.INTERNAL, "the engine failed while running the call")
+                        await self._fail(call_id, ErrorCode.INTERNAL, "the engine failed while running the call")
                         await self._completed(event)
                 continue
             self._stepping = False
-            await self._publish_events(self.core.update(batch, output, time.time()))
+            await self._publish_events(self.core.update(plan, result, time.time()))
             await self._apply_aborts()
             await asyncio.sleep(0)  # let submissions and heartbeats in between steps
 
@@ -257,6 +276,10 @@ class EngineService:
             service_s=state.service_s,
             ttft_s=ttft,
             total_s=now - state.arrived_at,
+            preemptions=state.preemptions,
+            swap_bytes=state.swap_bytes,
+            swap_s=state.swap_s,
+            recomputed_tokens=state.recomputed_tokens,
         )
         await self._nc.publish(call.reply_to, encode(final))
         await self._completed(event)
@@ -281,6 +304,10 @@ class EngineService:
             finish_reason=event.finish_reason,
             priority=call.priority,
             parents=call.parents,
+            preemptions=state.preemptions,
+            swap_bytes=state.swap_bytes,
+            swap_s=state.swap_s,
+            recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
         await self._nc.publish(self.subjects.call_completed, encode(done))
@@ -294,6 +321,7 @@ class EngineService:
             queue_wait_s=round(done.queue_wait_s, 4),
             service_s=round(done.service_s, 4),
             priority=round(call.priority, 4),
+            preemptions=state.preemptions,
         )
 
     async def _error(self, call: StampedCall, code: str, message: str) -> None:
@@ -317,9 +345,11 @@ class EngineService:
             state=self._state,  # type: ignore[arg-type]
             running=load.running,
             waiting=load.waiting,
+            swapped=load.swapped,
             kv_tokens_used=load.kv_tokens_used,
             kv_tokens_free=load.kv_tokens_free,
             kv_tokens_queued=load.kv_tokens_queued,
+            swap_pool_used_bytes=load.swap_pool_used_bytes,
             max_context=self.backend.max_context,
             interval_s=self.config.heartbeat_s,
             sent_at=time.time(),

@@ -67,13 +67,17 @@ class SchedulerCore:
         self.engine_timeout_factor = engine_timeout_factor
         self.scheduler_id = scheduler_id or f"sched-{uuid.uuid4().hex[:8]}"
         self.programs: dict[str, ProgramAccount] = {}
+        #: each program's total queue wait, as the tracker last published it
+        self.program_wait_s: dict[str, float] = {}
         self.engines: dict[str, EngineView] = {}
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
         if update.ended:
             self.programs.pop(update.program_id, None)
+            self.program_wait_s.pop(update.program_id, None)
             return
+        self.program_wait_s[update.program_id] = update.waiting_s
         account = self.programs.get(update.program_id)
         if account is None:
             account = self.programs[update.program_id] = ProgramAccount(update.program_id)
@@ -159,6 +163,8 @@ class SchedulerCore:
             submitted_at=request.submitted_at or now,
             stamped_at=now,
             scheduler_id=self.scheduler_id,
+            program_service_s=account.service_s if account is not None else 0.0,
+            program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
         )
 
     def route(self, request: CallRequest, now: float) -> str | None:
