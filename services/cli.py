@@ -20,6 +20,7 @@ from .logs import configure_logging
 from .nats_conn import DEFAULT_NATS_URL
 
 POLICIES = ("fcfs", "mlfq", "plas", "atlas")
+BALANCERS = ("locality", "least-used", "round-robin")
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -85,6 +86,8 @@ def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-un
         cfg = replace(cfg, policy=args.policy)
     if getattr(args, "max_tokens_ceiling", None) is not None:
         cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
+    if getattr(args, "balancer", None):
+        cfg = replace(cfg, balancer=args.balancer)
     return cfg
 
 
@@ -289,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(up)
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
     up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
+    up.add_argument("--balancer", choices=BALANCERS, default=None, help="engine choice (env AUTELLIX_BALANCER)")
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
@@ -302,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler = sub.add_parser("scheduler", help="run a scheduler service")
     _add_common(scheduler)
     scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
+    scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
     scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
     scheduler.set_defaults(func=cmd_service)
 

@@ -213,3 +213,17 @@ def test_engine_core_validates_context() -> None:
     assert core.validate(10, 10) is None
     assert "KV capacity" in (core.validate(900, 200) or "")
     assert "context" in (core.validate(200_000, 1) or "")
+
+
+def test_long_calls_stay_with_their_program_and_short_ones_spread() -> None:
+    core = SchedulerCore(balancer="locality")
+    for e in ("e1", "e2", "e3"):
+        core.on_heartbeat(heartbeat(e), now=0)
+    long_body = '{"program_id": "agent", "prompt": "' + "word " * 3000 + '", "max_tokens": 500}'
+    long_req = core.parse(long_body.encode(), "r")
+    short_req = core.parse(b'{"program_id": "agent", "prompt": "short", "max_tokens": 500}', "r")
+    first = core.route(long_req, now=0.1)  # least used on first sight
+    homes = {core.route(long_req, now=0.1) for _ in range(5)}
+    assert homes == {first}  # its context lives there, even as that engine fills up
+    spread = {core.route(short_req, now=0.1) for _ in range(6)}
+    assert len(spread) == 3  # short calls go to the least-used engine each time

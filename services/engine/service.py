@@ -216,9 +216,7 @@ class EngineService:
                 await self._wake.wait()
                 continue
             for p in plan.preemptions:
-                self.log.info(
-                    "call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens
-                )
+                self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
             self._stepping = True
             try:
                 result = await loop.run_in_executor(self._executor, execute_plan, self.backend, plan)

@@ -17,6 +17,8 @@ class SchedulerConfig:
     max_tokens_ceiling: int = 4096
     #: how long a call waits for a live engine before it fails with ``no_engine``
     no_engine_wait_s: float = 30.0
+    #: engine choice: locality | least-used | round-robin
+    balancer: str = "locality"
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -28,4 +30,5 @@ class SchedulerConfig:
             policy=env.get("AUTELLIX_POLICY", d.policy),
             max_tokens_ceiling=int(env.get("AUTELLIX_MAX_TOKENS_CEILING", d.max_tokens_ceiling)),
             no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
+            balancer=env.get("AUTELLIX_BALANCER", d.balancer),
         )

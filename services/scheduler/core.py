@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from autellix.policy.balancer import EngineLoad, make_balancer
 from autellix.policy.program_account import ProgramAccount, priority_for
 from autellix.proto import (
     CallError,
@@ -59,6 +60,7 @@ class SchedulerCore:
         max_tokens_ceiling: int = 4096,
         engine_timeout_factor: float = 3.0,
         scheduler_id: str = "",
+        balancer: str = "locality",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -70,12 +72,14 @@ class SchedulerCore:
         #: each program's total queue wait, as the tracker last published it
         self.program_wait_s: dict[str, float] = {}
         self.engines: dict[str, EngineView] = {}
+        self.balancer = make_balancer(balancer)
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
         if update.ended:
             self.programs.pop(update.program_id, None)
             self.program_wait_s.pop(update.program_id, None)
+            self.balancer.forget(update.program_id)
             return
         self.program_wait_s[update.program_id] = update.waiting_s
         account = self.programs.get(update.program_id)
@@ -168,13 +172,23 @@ class SchedulerCore:
         )
 
     def route(self, request: CallRequest, now: float) -> str | None:
-        """Least-loaded live engine by KV tokens held and queued; None when no engine is live."""
-        live = self.live_engines(now)
+        """A live engine for the call by the balancer (load in KV tokens held and queued, counting
+        what this scheduler routed since each engine's last heartbeat); None when none is live."""
+        live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)
         if not live:
             return None
-        best = min(live, key=lambda v: (v.load_tokens(), v.heartbeat.engine_id))
-        best.pending_tokens += _estimate_prompt_tokens(request) + request.max_tokens
-        return best.heartbeat.engine_id
+        loads = [
+            EngineLoad(
+                engine_id=v.heartbeat.engine_id,
+                kv_tokens_held=v.heartbeat.kv_tokens_used,
+                kv_tokens_queued=v.heartbeat.kv_tokens_queued + v.pending_tokens,
+            )
+            for v in live
+        ]
+        tokens = _estimate_prompt_tokens(request)
+        engine_id = self.balancer.choose(request.program_id, tokens, loads)
+        self.engines[engine_id].pending_tokens += tokens + request.max_tokens
+        return engine_id
 
 
 def _raw_json(data: bytes) -> object | None:

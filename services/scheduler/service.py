@@ -41,7 +41,9 @@ class SchedulerService:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.subjects = Subjects(config.root)
-        self.core = SchedulerCore(policy=config.policy, max_tokens_ceiling=config.max_tokens_ceiling)
+        self.core = SchedulerCore(
+            policy=config.policy, max_tokens_ceiling=config.max_tokens_ceiling, balancer=config.balancer
+        )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         self._nc: NATS | None = None
         self._engine_seen = asyncio.Event()
