@@ -226,4 +226,4 @@ def test_long_calls_stay_with_their_program_and_short_ones_spread() -> None:
     homes = {core.route(long_req, now=0.1) for _ in range(5)}
     assert homes == {first}  # its context lives there, even as that engine fills up
     spread = {core.route(short_req, now=0.1) for _ in range(6)}
-    assert len(spread) == 3  # short calls go to the least-used engine each time
+    assert spread == {"e1", "e2", "e3"} - {first}  # short calls go to the least-used engines
