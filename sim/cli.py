@@ -1,0 +1,232 @@
+"""``autellix sim``: compare scheduling policies on simulated engines.
+
+Wiring: the main CLI calls :func:`register` with its sub-parsers; ``python -m autellix.sim`` builds
+its own parser (``sim/__main__.py``). :func:`run` returns the exit code: 0, or 2 on bad input
+(one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from autellix.engine.cost_model import profile
+from autellix.policy.balancer import BALANCER_NAMES
+from autellix.policy.mlfq import MLFQConfig
+from autellix.policy.variants import POLICY_NAMES
+from autellix.sim.analysis import analyse, parse_targets
+from autellix.sim.generators import WORKLOAD_NAMES
+from autellix.sim.report import analysis_text, plot, points_table
+from autellix.sim.simulator import SimConfig
+from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs
+from autellix.sim.trace import write_trace
+from autellix.sim.workload import WorkloadError
+
+DESCRIPTION = """\
+Simulate agent programs on engines in virtual time and compare scheduling policies.
+
+Every (balancer, policy, rate) point replays the same programs with arrivals scaled to the rate.
+Steady state: the first --warmup and last --drain fractions of programs (by arrival) are
+discarded from the figures; the run continues until every program has finished.
+"""
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported in one line, exit code 2."""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``sim`` sub-command to an argparse sub-parsers object."""
+    p = subparsers.add_parser(
+        "sim", help="compare scheduling policies in a simulator", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
+    p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
+    p.add_argument("--rates", required=True, help="comma list of program arrival rates (programs/s), ascending")
+    p.add_argument("--engines", default="1", help="number of engines (default %(default)s)")
+    p.add_argument("--lb", default="locality", help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s)")
+    p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
+    p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
+    p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
+    p.add_argument("--plot", metavar="OUT.png", help="plot mean token latency against rate")
+    p.add_argument("--targets", default="2x,5x,10x",
+                   help="token-latency targets: multiples of FCFS's low-load latency (10x) or s/token (0.3)")
+    p.add_argument("--fractions", default="0.8,0.9,1.0,1.2", help="fractions of FCFS saturation throughput")
+    p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
+    p.add_argument("--no-context", action="store_true",
+                   help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)")
+    p.add_argument("--profile", default="llama31-8b-h100", help="engine cost profile (default %(default)s)")
+    p.add_argument("--sched-every", default="8", help="decode steps between scheduling points (default %(default)s)")
+    p.add_argument("--levels", default=str(MLFQConfig().num_levels), help="number of queues K")
+    p.add_argument("--beta", default=str(MLFQConfig().beta), help="anti-starvation threshold")
+    p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
+    p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
+    p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
+    p.add_argument("--jobs", default="1", help="simulations to run in parallel processes (default %(default)s)")
+    p.add_argument("--trace-out", metavar="PATH.jsonl", help="also write the workload's programs as a trace")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
+
+
+def _number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
+    try:
+        value = cast(text)
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r}: not a{'n integer' if cast is int else ' number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"bad {what} {text!r}: must be finite")
+    if minimum is not None and value < minimum:
+        raise UsageError(f"bad {what} {text!r}: must be >= {minimum:g}")
+    return value
+
+
+def _names(text: str, known: tuple[str, ...], what: str, flag: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise UsageError(f"no {what} given to {flag}")
+    for n in names:
+        if n not in known:
+            raise UsageError(f"unknown {what} {n!r} in {flag}; expected {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _rates(text: str) -> list[float]:
+    items = [x.strip() for x in text.split(",")]
+    if not items or any(not x for x in items):
+        raise UsageError(f"bad --rates {text!r}: expected a comma list of positive numbers")
+    rates = []
+    for x in items:
+        try:
+            r = float(x)
+        except ValueError:
+            raise UsageError(f"bad --rates {text!r}: {x!r} is not a number") from None
+        if not (math.isfinite(r) and r > 0):
+            raise UsageError(f"bad --rates {text!r}: {x!r} is not a positive rate")
+        rates.append(r)
+    return sorted(set(rates))
+
+
+def _fractions(text: str) -> list[float]:
+    return [_number(x.strip(), "--fractions item", float, 0.0) for x in text.split(",")]
+
+
+def parse(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the options; raises :class:`UsageError`."""
+    workload = args.workload
+    if workload not in WORKLOAD_NAMES:
+        if not workload.endswith(".jsonl") and not os.path.exists(workload):
+            raise UsageError(f"unknown workload {workload!r}; expected {', '.join(WORKLOAD_NAMES)} or a .jsonl trace")
+        if not os.path.isfile(workload):
+            raise UsageError(f"trace file not found: {workload}")
+    policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
+    if "fcfs" not in policies:
+        policies.insert(0, "fcfs")  # the ratios are to FCFS
+    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--lb")
+    engines = _number(args.engines, "--engines", int, 1)
+    if engines == 1 and len(balancers) > 1:
+        balancers = balancers[:1]  # one engine: the balancer cannot matter
+    try:
+        targets = parse_targets(args.targets)
+        cost = profile(args.profile)
+        mlfq = MLFQConfig(
+            num_levels=_number(args.levels, "--levels", int, 1), beta=_number(args.beta, "--beta", float, 0.0)
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    warmup = _number(args.warmup, "--warmup", float, 0.0)
+    drain = _number(args.drain, "--drain", float, 0.0)
+    if warmup + drain >= 1.0:
+        raise UsageError("--warmup plus --drain must be below 1")
+    config = SimConfig(
+        policy="fcfs",
+        engines=engines,
+        balancer=balancers[0],
+        cost=cost,
+        kv_scale=_number(args.kv_scale, "--kv-scale", float, 1e-3),
+        carry_context=not args.no_context,
+        sched_every_steps=_number(args.sched_every, "--sched-every", int, 1),
+        mlfq=mlfq,
+    )
+    source = WorkloadSource(
+        name=workload,
+        programs=_number(args.programs, "--programs", int, 1),
+        seed=_number(args.seed, "--seed", int),
+        think_scale=_number(args.think_scale, "--think-scale", float, 0.0),
+    )
+    return {
+        "source": source, "config": config, "policies": policies, "balancers": balancers,
+        "rates": _rates(args.rates), "targets": targets, "fractions": _fractions(args.fractions),
+        "warmup": warmup, "drain": drain, "jobs": _number(args.jobs, "--jobs", int, 1),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        opts = parse(args)
+        source: WorkloadSource = opts["source"]
+        programs = unit_rate_programs(source)  # reads and checks a trace before any run starts
+    except (UsageError, WorkloadError) as e:
+        print(f"autellix sim: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"autellix sim: error: cannot read {args.workload}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if args.trace_out:
+        write_trace(args.trace_out, programs)
+    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"])
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
+    try:
+        results = run_sweep(
+            source, opts["config"], points, warmup=opts["warmup"], drain=opts["drain"], jobs=opts["jobs"],
+            on_done=lambda _: bar.update(1),
+        )
+    finally:
+        bar.close()
+    analysis = analyse(results, opts["policies"], opts["balancers"], opts["targets"], opts["fractions"])
+    config: SimConfig = opts["config"]
+    cost = config.engine_cost()
+    summary = {
+        "workload": source.name,
+        "programs": source.programs if not source.is_trace else len(programs),
+        "seed": source.seed,
+        "engines": config.engines,
+        "kv_budget_tokens": cost.kv_budget_tokens,
+        "carry_context": config.carry_context,
+        "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
+        "config": _jsonable({**asdict(config), "policy": opts["policies"], "balancer": opts["balancers"]}),
+        "points": results,
+        "analysis": analysis,
+    }
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(summary), f, indent=1)
+    if not args.quiet:
+        print(points_table(results))
+        print()
+    print(analysis_text(analysis, opts["policies"]))
+    if args.plot:
+        title = f"{os.path.basename(source.name)}, {config.engines} engine(s), KV x{config.kv_scale:g}"
+        plot(results, analysis, args.plot, title)
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
