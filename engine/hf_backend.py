@@ -53,6 +53,8 @@ SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 MIN_SLAB_TOKENS = 256
 #: Rows of ``lm_head`` per GEMM (tall-skinny GEMMs are slower on CPU than a few medium ones).
 LM_HEAD_CHUNK_ROWS = 2048
+#: Initial size of a new KV slab (it doubles its slot count when full).
+INITIAL_SLAB_BYTES = 256 << 20
 
 
 class KVCapacityError(MemoryError):
@@ -81,7 +83,7 @@ class _Weights:
     gate_up: list[torch.Tensor]
     down: list[torch.Tensor]
     cos: torch.Tensor  # [max_context, head_dim]
-    sin: torch.Tensor
+    sin_signed: torch.Tensor  # sin with the first half negated (see the RoPE step)
 
 
 class _Slab:
@@ -412,7 +414,7 @@ class HFBackend:
                 gate_up=gate_up,
                 down=down,
                 cos=cos[0].contiguous(),
-                sin=sin[0].contiguous(),
+                sin_signed=torch.cat((-sin[0, :, : self.head_dim // 2], sin[0, :, self.head_dim // 2 :]), -1),
             )
 
     def _slab_capacities(self) -> list[int]:
@@ -479,7 +481,9 @@ class HFBackend:
         cap = self._slab_sizes[i]
         slab = self._slabs.get(cap)
         if slab is None:
-            slots = max(1, min(self.max_batch, 8))
+            # start small for long slabs (a 2k-token slot is 90 MiB for SmolLM2 in float32)
+            per_slot = cap * self.kv_bytes_per_token()
+            slots = max(1, min(self.max_batch, 8, INITIAL_SLAB_BYTES // per_slot))
             slab = _Slab(cap, self._kv_shape_tail, slots, self.dtype, self.device)
             self._slabs[cap] = slab
         return slab
@@ -490,7 +494,8 @@ class HFBackend:
             slab.release(seq.slot)
             self._resident_tokens -= seq.length
             seq.slab, seq.slot = None, -1
-            if slab.used == 0:
+            if slab.used == 0 and self.kv_slab_bytes() > self.kv_capacity_tokens * self.kv_bytes_per_token():
+                # keep empty slabs for reuse while the slabs fit in the KV budget's bytes
                 del self._slabs[slab.capacity]
 
     def _place(self, seq: _Seq, tokens: int) -> None:
@@ -723,8 +728,10 @@ class HFBackend:
         return plan
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # exactly transformers' LlamaRMSNorm
-        h = x.to(torch.float32)
+        if x.dtype == torch.float32:
+            # one fused kernel; bit-identical to transformers' LlamaRMSNorm in float32
+            return F.rms_norm(x, (x.shape[-1],), weight, self.rms_eps)
+        h = x.to(torch.float32)  # transformers' LlamaRMSNorm, verbatim
         variance = h.pow(2).mean(-1, keepdim=True)
         h = h * torch.rsqrt(variance + self.rms_eps)
         return weight * h.to(x.dtype)
@@ -735,26 +742,26 @@ class HFBackend:
         hq, hkv, hd, grp = self.num_heads, self.num_kv_heads, self.head_dim, self.group
         q_width = hq * hd
         qk_heads = hq + hkv
-        cos = w.cos[plan.positions][:, None, :]
-        sin = w.sin[plan.positions][:, None, :]
         half = hd // 2
+        cos = w.cos[plan.positions][:, None, :]
+        sin = w.sin_signed[plan.positions][:, None, :]
         h = w.embed[plan.token_ids]
         for li in range(self.num_layers):
             x = self._rms_norm(h, w.input_norm[li])
             qkv = F.linear(x, w.qkv[li], w.qkv_bias[li])
+            # RoPE on q and k together, written back into qkv: x*cos + rotate_half(x)*sin, where
+            # rotate_half(x) * sin == roll(x, half) * [-sin1, sin2] bit for bit
             qk = qkv[:, : qk_heads * hd].view(n, qk_heads, hd)
-            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rotated * sin
+            torch.add(qk * cos, qk.roll(half, dims=-1) * sin, out=qk)
             q = qk[:, :hq]
-            k = qk[:, hq:]
-            v = qkv[:, qk_heads * hd :].view(n, hkv, hd)
+            new_kv = qkv[:, q_width:].view(n, 2, hkv, hd)  # roped K, then V
+            kv = None
             outs: list[torch.Tensor] = []
             for g in plan.decode:
-                kv = g.slab.kv[li]
+                kv = g.slab.kv[li]  # [2, slots, kv_heads, capacity, head_dim]
                 a, b = g.row_start, g.row_start + g.rows
-                kv[0, g.slots, :, g.positions] = k[a:b]
-                kv[1, g.slots, :, g.positions] = v[a:b]
-                qg = q[a:b].reshape(g.rows, hkv, grp, hd)
+                kv[:, g.slots, :, g.positions] = new_kv[a:b]
+                qg = q[a:b].reshape(g.rows, hkv, grp, hd)  # query heads sharing a KV head -> query rows
                 if g.scatter:
                     qfull = qg.new_zeros((g.span, hkv, grp, hd))
                     qfull[g.slots] = qg
@@ -769,8 +776,7 @@ class HFBackend:
                 kv = p.slab.kv[li]
                 a, b = p.row_start, p.row_start + p.rows
                 end = p.start + p.rows
-                kv[0, p.slot, :, p.start : end] = k[a:b].transpose(0, 1)
-                kv[1, p.slot, :, p.start : end] = v[a:b].transpose(0, 1)
+                kv[:, p.slot, :, p.start : end] = new_kv[a:b].permute(1, 2, 0, 3)
                 o = F.scaled_dot_product_attention(
                     q[a:b].transpose(0, 1)[None],
                     kv[0, p.slot : p.slot + 1, :, :end],
@@ -783,8 +789,9 @@ class HFBackend:
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             h = h + F.linear(attn, w.o[li], w.o_bias[li])
             x = self._rms_norm(h, w.post_norm[li])
-            gate, up = F.linear(x, w.gate_up[li]).split(self.intermediate_size, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, w.down[li])
+            gate_up = F.linear(x, w.gate_up[li])
+            gate, up = gate_up.split(self.intermediate_size, dim=-1)
+            h = h + F.linear(F.silu(gate, inplace=True) * up, w.down[li])
         if not plan.sample_rows:
             return None
         rows = torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)
