@@ -178,6 +178,16 @@ def test_batched_with_staggered_joins_and_chunked_prefill(backend: HFBackend, pr
     assert backend.kv_tokens_used() == 0
 
 
+def test_many_sequences_grow_the_slab(backend: HFBackend, prompt_ids, references) -> None:
+    """More sequences than a new slab's initial slots: the slab doubles mid-run, outputs stay exact."""
+    names = ("france", "haiku", "recursion", "primes", "hamlet")
+    prompts = {f"{n}#{i}": prompt_ids[n] for i in range(2) for n in names}
+    got = drive(backend, prompts, joins={f"{n}#1": 2 for n in names}, new_tokens=8)
+    for key, out in got.items():
+        ref = references[key.split("#")[0]]
+        assert out[: min(8, len(ref))] == ref[:8]
+
+
 def test_swap_out_and_in_resumes_exactly(backend: HFBackend, prompt_ids, references) -> None:
     actions = {
         4: [("swap_out", "france"), ("swap_out", "long")],
@@ -251,6 +261,18 @@ def test_swap_pool_full_is_reported(backend: HFBackend, prompt_ids) -> None:
         small.swap_out("x")
     small.drop("x")
     assert small.kv_tokens_used() == 0
+
+
+def test_incremental_detokenizer_with_multibyte_tokens(backend: HFBackend) -> None:
+    """The core's detokenizer over this tokenizer: deltas join to the full text, emoji included."""
+    from autellix.engine.detokenizer import IncrementalDetokenizer
+
+    text = "Héllo wörld 🎉🎉 naïve café — 日本語のテキスト, family 👨\u200d👩\u200d👧 ok"
+    ids = backend.encode_prompt(text)
+    detok = IncrementalDetokenizer(backend.decode)
+    deltas = [detok.push(ids[: i + 1]) for i in range(len(ids))]
+    assert "".join(deltas) == backend.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
 
 
 # ----------------------------------------------------------------------------- model store
