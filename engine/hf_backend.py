@@ -34,6 +34,7 @@ CUDA); :meth:`swap_in` copies it back into a free slot. :meth:`drop` forgets the
 from __future__ import annotations
 
 import bisect
+import copy
 import os
 import threading
 import time
@@ -282,26 +283,7 @@ class HFBackend:
         swap_pool_bytes: int | None = None,
     ) -> HFBackend:
         """A backend that shares this one's weights and tokenizer but has its own KV and swap pool."""
-        other = HFBackend.__new__(HFBackend)
-        for name in (
-            "device",
-            "dtype",
-            "model_name",
-            "tokenizer",
-            "max_context",
-            "eos_token_ids",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "group",
-            "hidden_size",
-            "intermediate_size",
-            "rms_eps",
-            "w",
-            "load_s",
-        ):
-            setattr(other, name, getattr(self, name))
+        other = copy.copy(self)  # shares weights, tokenizer and model facts
         other._init_state(
             self.max_batch if max_batch is None else max_batch,
             self.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens,
@@ -601,20 +583,51 @@ class HFBackend:
     # ------------------------------------------------------------------ the step
 
     def run(self, batch: StepBatch) -> StepOutput:
+        """Append each sequence's tokens to its KV and sample where asked (see :class:`SeqWork`).
+
+        Raises :class:`SequenceStateError` (bad ``start_pos``, swapped-out or unknown sequence),
+        :class:`KVCapacityError` or ``ValueError`` before touching any state; if the forward pass
+        itself fails, every sequence's KV length is rolled back to what it was before the call.
+        """
         started = time.perf_counter()
         if not batch.work:
             return StepOutput(next_tokens={}, elapsed_s=0.0)
         with self._lock, torch.inference_mode():
-            plan = self._plan(batch)
-            logits = self._forward(plan)
-            next_tokens = self._sample(plan, logits)
+            self._validate(batch)
+            # positions before start_pos are never written by this step: safe to roll back to
+            before = {w.seq_id: w.start_pos if w.seq_id in self._seqs else None for w in batch.work}
+            try:
+                plan = self._plan(batch)
+                logits = self._forward(plan)
+                next_tokens = self._sample(plan, logits)
+            except BaseException:
+                self._roll_back(before)
+                raise
+        prefill_tokens = sum(p.rows for p in plan.prefill)
         return StepOutput(
             next_tokens=next_tokens,
             elapsed_s=time.perf_counter() - started,
-            extra={"tokens": float(plan.token_ids.numel())},
+            extra={
+                "tokens": float(plan.token_ids.numel()),
+                "prefill_tokens": float(prefill_tokens),
+                "decode_seqs": float(sum(g.rows for g in plan.decode)),
+                "context_tokens": float(sum(w.start_pos + len(w.token_ids) for w in batch.work)),
+            },
         )
 
-    def _plan(self, batch: StepBatch) -> _Plan:
+    def _roll_back(self, before: dict[str, int | None]) -> None:
+        for seq_id, length in before.items():
+            seq = self._seqs.get(seq_id)
+            if seq is None:
+                continue
+            if length is None:
+                self._free_slot(seq)
+                del self._seqs[seq_id]
+            elif seq.slab is not None:
+                self._resident_tokens += length - seq.length
+                seq.length = length
+
+    def _validate(self, batch: StepBatch) -> None:
         work = batch.work
         if len(work) > self.max_batch:
             raise ValueError(f"step carries {len(work)} sequences; max_batch is {self.max_batch}")
@@ -643,6 +656,8 @@ class HFBackend:
                 f"step needs {growth} more KV tokens; {self._resident_tokens} of {self.kv_capacity_tokens} in use"
             )
 
+    def _plan(self, batch: StepBatch) -> _Plan:
+        work = batch.work
         # place every sequence (slabs may move or grow here, before any tensor views are taken)
         for w in work:
             seq = self._seqs.get(w.seq_id)

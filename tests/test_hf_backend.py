@@ -252,6 +252,28 @@ def test_state_errors_are_clear(backend: HFBackend, prompt_ids) -> None:
         backend.swap_out("e")
 
 
+def test_failed_step_rolls_back(backend: HFBackend, prompt_ids, references, monkeypatch) -> None:
+    """A forward pass that raises leaves every sequence as it was; the retry gives the same tokens."""
+    be = backend.fork()
+    ids = prompt_ids["hamlet"]
+    first = be.run(StepBatch([SeqWork("h", ids, 0)])).next_tokens["h"]
+    real_forward = be._forward
+
+    def failing(plan):
+        real_forward(plan)  # writes KV, then fails
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(be, "_forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        be.run(StepBatch([SeqWork("h", [first], len(ids)), SeqWork("new", ids, 0)]))
+    assert be.seq_length("h") == len(ids) and be.seq_length("new") == 0
+    assert be.kv_tokens_used() == len(ids)
+    monkeypatch.setattr(be, "_forward", real_forward)
+    second = be.run(StepBatch([SeqWork("h", [first], len(ids))])).next_tokens["h"]
+    assert [first, second] == references["hamlet"][:2]
+    be.release("h")
+
+
 def test_swap_pool_full_is_reported(backend: HFBackend, prompt_ids) -> None:
     ids = prompt_ids["long"]
     small = backend.fork(swap_pool_bytes=backend.kv_bytes_per_token() * (len(ids) - 1))
