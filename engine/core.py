@@ -262,8 +262,8 @@ class EngineCore:
         state = CallState(spec=spec, arrived_at=now, seq=next(self._seq), waiting_since=now)
         state.output_ids = list(spec.resume_ids)
         state.detok = IncrementalDetokenizer(self.backend.decode)
-        if state.output_ids:
-            state.detok.push(state.output_ids)  # already streamed by the earlier attempt
+        if state.output_ids:  # streamed by an earlier attempt: their text is not sent again
+            state.emitted_chars = len(state.detok.push(state.output_ids))
         self._calls[spec.call_id] = state
         self.queue.add(
             spec.call_id,

@@ -3,6 +3,7 @@
 from .codec import decode, decode_reply, encode
 from .messages import (
     CallAbort,
+    CallAccepted,
     CallChunk,
     CallCompleted,
     CallDispatched,
@@ -10,6 +11,7 @@ from .messages import (
     CallFinal,
     CallReply,
     CallRequest,
+    CallRetry,
     EngineHeartbeat,
     ErrorCode,
     Message,
@@ -26,6 +28,7 @@ __all__ = [
     "SCHEDULER_QUEUE",
     "TRACKER_QUEUE",
     "CallAbort",
+    "CallAccepted",
     "CallChunk",
     "CallCompleted",
     "CallDispatched",
@@ -33,6 +36,7 @@ __all__ = [
     "CallFinal",
     "CallReply",
     "CallRequest",
+    "CallRetry",
     "EngineHeartbeat",
     "ErrorCode",
     "Message",

@@ -41,11 +41,27 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = True
     reply_to: str = ""
     submitted_at: float = 0.0
+    # Resubmission after a "retry" reply: the tokens already received (the call continues after
+    # them) and the attempt number (replies of older attempts are to be ignored).
+    resume_token_ids: list[int] = []
+    attempt: int = 0
+    # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
+    # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
+    ack: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
 # engine -> caller (on the reply subject; JSON; tagged by "type")
 # ---------------------------------------------------------------------------------------------
+class CallAccepted(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="accepted"):
+    """Sent by the scheduler once the call is routed, only when the request asked (``ack``)."""
+
+    call_id: str
+    engine_id: str
+    attempt: int = 0
+    priority: float = 0.0
+
+
 class CallChunk(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="chunk"):
     """Tokens produced for one call in one engine step (or a few)."""
 
@@ -53,6 +69,17 @@ class CallChunk(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     seq: int
     text: str
     token_ids: list[int] = []
+    attempt: int = 0
+    engine_id: str = ""
+
+
+class CallRetry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="retry"):
+    """The engine holding the call died: resubmit it with the same ``call_id``, ``attempt`` + 1
+    and ``resume_token_ids`` = every token id received so far; the stream continues after them."""
+
+    call_id: str
+    attempt: int
+    reason: str
 
 
 class CallFinal(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="final"):
@@ -74,6 +101,7 @@ class CallFinal(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     swap_bytes: int = 0
     swap_s: float = 0.0
     recomputed_tokens: int = 0
+    attempt: int = 0
 
 
 class CallError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
@@ -83,9 +111,10 @@ class CallError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     code: str
     message: str
     program_id: str = ""
+    attempt: int = 0
 
 
-CallReply = CallChunk | CallFinal | CallError
+CallReply = CallAccepted | CallChunk | CallRetry | CallFinal | CallError
 
 
 class ErrorCode:
@@ -135,6 +164,8 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
     call_id: str
     reason: str = "client"
+    #: only this engine drops the call ("" = whichever holds it)
+    engine_id: str = ""
 
 
 # ---------------------------------------------------------------------------------------------

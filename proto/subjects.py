@@ -39,6 +39,12 @@ class Subjects:
         return f"{self.root}.call.submit"
 
     @property
+    def call_handback(self) -> str:
+        """Engines hand back calls they cannot finish (a drain ran out of time): stamped calls
+        carrying the tokens already streamed, for a scheduler to route to another engine."""
+        return f"{self.root}.call.handback"
+
+    @property
     def call_abort(self) -> str:
         """JSON ``{"call_id": ...}``: every engine drops the call if it holds it."""
         return f"{self.root}.call.abort"

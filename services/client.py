@@ -31,10 +31,13 @@ from nats.aio.subscription import Subscription
 from autellix.proto import (
     DEFAULT_ROOT,
     CallAbort,
+    CallAccepted,
     CallChunk,
     CallError,
     CallFinal,
+    CallReply,
     CallRequest,
+    CallRetry,
     Message,
     ProgramEnd,
     ProgramTable,
@@ -82,7 +85,14 @@ def _messages(messages: MessagesLike | None) -> list[Message]:
 
 
 class CallStream:
-    """An async iterator over a call's text as it is generated; ``result`` once it ends."""
+    """An async iterator over a call's text as it is generated; ``result`` once it ends.
+
+    Fault handling is the client's side of the contract: the request asks for an ``accepted``
+    reply and is resubmitted (same call id, next attempt) when none comes within ``ack_timeout_s``
+    (the scheduler that took it died); on a ``retry`` reply (its engine died) it is resubmitted with
+    the token ids received so far, and the new engine continues after them. Replies of older
+    attempts are ignored, so the caller sees one stream with no token missing or repeated.
+    """
 
     def __init__(self, client: Client, request: CallRequest, timeout_s: float) -> None:
         self._client = client
@@ -90,35 +100,81 @@ class CallStream:
         self.call_id = request.call_id
         self._timeout_s = timeout_s
         self._sub: Subscription | None = None
+        self._inbox = ""
         self._started = 0.0
         self._first_at: float | None = None
+        self._accepted = False
+        self._submitted_at = 0.0
+        self.attempt = 0
         self.token_ids: list[int] = []
         self.result: CallResult | None = None
 
     async def _open(self) -> None:
         nc = self._client.nc
-        inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(inbox)
+        self._inbox = nc.new_inbox()
+        self._sub = await nc.subscribe(self._inbox)
         self._started = time.perf_counter()
-        request = msgspec.structs.replace(self.request, reply_to=inbox, submitted_at=time.time())
-        await nc.publish(self._client.subjects.call_submit, encode(request))
+        await self._submit()
+
+    async def _submit(self) -> None:
+        request = msgspec.structs.replace(
+            self.request,
+            reply_to=self._inbox,
+            submitted_at=time.time(),
+            attempt=self.attempt,
+            resume_token_ids=list(self.token_ids),
+            ack=True,
+        )
+        self._accepted = False
+        self._submitted_at = time.perf_counter()
+        await self._client.nc.publish(self._client.subjects.call_submit, encode(request))
+
+    async def _resubmit(self, why: str) -> None:
+        if self.attempt >= self._client.max_attempts - 1:
+            await self.aclose()
+            raise CallFailed(self.call_id, "retries_exhausted", f"gave up after {self.attempt + 1} attempts: {why}")
+        self.attempt += 1
+        await self._submit()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
+
+    async def _next_reply(self) -> CallReply | None:
+        """The next reply of the current attempt; None when a resubmission happened instead."""
+        assert self._sub is not None
+        ack_left = self._client.ack_timeout_s - (time.perf_counter() - self._submitted_at)
+        wait = self._timeout_s if self._accepted else max(0.01, min(self._timeout_s, ack_left))
+        try:
+            msg = await self._sub.next_msg(timeout=wait)
+        except nats.errors.TimeoutError:
+            if not self._accepted:
+                await self._resubmit("no scheduler accepted the call")
+                return None
+            await self.aclose()
+            raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s") from None
+        reply = decode_reply(msg.data)
+        if reply.attempt < self.attempt:
+            return None  # a straggler of an attempt we gave up on
+        if reply.attempt > self.attempt:
+            self.attempt = reply.attempt  # an engine handed the call to another one
+        return reply
 
     async def __anext__(self) -> str:
         if self.result is not None:
             raise StopAsyncIteration
         if self._sub is None:
             await self._open()
-        assert self._sub is not None
         while True:
-            try:
-                msg = await self._sub.next_msg(timeout=self._timeout_s)
-            except nats.errors.TimeoutError:
-                await self.aclose()
-                raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s") from None
-            reply = decode_reply(msg.data)
+            reply = await self._next_reply()
+            if reply is None:
+                continue
+            if isinstance(reply, CallAccepted):
+                self._accepted = True
+                continue
+            self._accepted = True  # any reply of this attempt shows that it was taken
+            if isinstance(reply, CallRetry):
+                await self._resubmit(reply.reason)
+                continue
             if isinstance(reply, CallChunk):
                 if self._first_at is None:
                     self._first_at = time.perf_counter()
@@ -126,10 +182,10 @@ class CallStream:
                 if reply.text:
                     return reply.text
                 continue
+            assert self._sub is not None
             await self._sub.unsubscribe()
             self._sub = None
             if isinstance(reply, CallError):
-                self.result = None
                 raise CallFailed(reply.call_id or self.call_id, reply.code, reply.message)
             assert isinstance(reply, CallFinal)
             now = time.perf_counter()
@@ -221,16 +277,41 @@ class Program:
 
 
 class Client:
-    def __init__(self, nc: NATS, root: str = DEFAULT_ROOT, timeout_s: float = 300.0, owns_connection: bool = False):
+    def __init__(
+        self,
+        nc: NATS,
+        root: str = DEFAULT_ROOT,
+        timeout_s: float = 300.0,
+        owns_connection: bool = False,
+        ack_timeout_s: float = 5.0,
+        max_attempts: int = 5,
+    ):
         self.nc = nc
         self.subjects = Subjects(root)
+        #: longest wait for the next message of a call
         self.timeout_s = timeout_s
+        #: how long a submission may go unacknowledged before it is resubmitted
+        self.ack_timeout_s = ack_timeout_s
+        self.max_attempts = max_attempts
         self._owns = owns_connection
 
     @classmethod
-    async def connect(cls, url: str = DEFAULT_NATS_URL, root: str = DEFAULT_ROOT, timeout_s: float = 300.0) -> Client:
+    async def connect(
+        cls,
+        url: str = DEFAULT_NATS_URL,
+        root: str = DEFAULT_ROOT,
+        timeout_s: float = 300.0,
+        ack_timeout_s: float = 5.0,
+        max_attempts: int = 5,
+    ) -> Client:
+        nc = await connect(url, "autellix-client", fail_fast=True)
         return cls(
-            await connect(url, "autellix-client", fail_fast=True), root=root, timeout_s=timeout_s, owns_connection=True
+            nc,
+            root=root,
+            timeout_s=timeout_s,
+            owns_connection=True,
+            ack_timeout_s=ack_timeout_s,
+            max_attempts=max_attempts,
         )
 
     def program(self, program_id: str | None = None) -> Program:

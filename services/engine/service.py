@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -53,6 +53,10 @@ from .config import EngineConfig
 class InFlight:
     call: StampedCall
     chunks: int = 0
+    #: token ids the caller has received (a hand-back resumes after them)
+    sent_ids: list[int] = field(default_factory=list)
+    #: tokens whose text the detokeniser still holds back
+    pending_ids: list[int] = field(default_factory=list)
 
 
 class EngineService:
@@ -67,7 +71,10 @@ class EngineService:
         self._nc: NATS | None = None
         self._calls_sub: Subscription | None = None
         self._inflight: dict[str, InFlight] = {}
-        self._pending_aborts: set[str] = set()
+        #: aborts that arrived mid-step: call id -> the newest attempt they apply to
+        self._pending_aborts: dict[str, int] = {}
+        #: newer attempts of calls held here that arrived mid-step: accepted after the step
+        self._deferred: list[StampedCall] = []
         self._stepping = False
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
@@ -126,10 +133,7 @@ class EngineService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for call_id in list(self._inflight):
-            event = self.core.abort(call_id)
-            if event is not None:
-                await self._fail(call_id, ErrorCode.ENGINE_STOPPED, "the engine stopped before the call finished")
-                await self._completed(event)
+            await self._hand_back(call_id)
         self._state = "down"
         await self._heartbeat()
         await self._nc.drain()
@@ -144,9 +148,25 @@ class EngineService:
         except msgspec.MsgspecError as exc:
             self.log.warning("bad stamped call dropped", error=str(exc))
             return
+        await self._accept(call)
+
+    async def _accept(self, call: StampedCall) -> None:
+        assert self.core is not None and self.backend is not None
         with structlog.contextvars.bound_contextvars(program_id=call.program_id, call_id=call.call_id):
-            if call.call_id in self._inflight:
-                self.log.info("duplicate call ignored")
+            held = self._inflight.get(call.call_id)
+            if held is not None:
+                if call.attempt <= held.call.attempt:
+                    self.log.info("duplicate call ignored", attempt=call.attempt)
+                    return
+                # a newer attempt of a call held here (its caller gave up on us): the newer one wins
+                if self._stepping:
+                    self._pending_aborts[call.call_id] = held.call.attempt
+                    self._deferred.append(call)
+                    return
+                self.core.abort(call.call_id)
+                self._inflight.pop(call.call_id, None)
+            if len(call.resume_token_ids) >= call.max_tokens:
+                await self._final_without_running(call)
                 return
             try:
                 if call.messages:
@@ -189,21 +209,30 @@ class EngineService:
         except msgspec.MsgspecError as exc:
             self.log.warning("bad abort dropped", error=str(exc))
             return
-        if abort.call_id not in self._inflight:
+        flight = self._inflight.get(abort.call_id)
+        if flight is None or abort.engine_id not in ("", self.engine_id):
             return
-        self._pending_aborts.add(abort.call_id)
+        attempt = max(flight.call.attempt, self._pending_aborts.get(abort.call_id, -1))
+        self._pending_aborts[abort.call_id] = attempt
         if not self._stepping:
             await self._apply_aborts()
 
     async def _apply_aborts(self) -> None:
+        """Apply aborts (each only to the attempts it was meant for), then deferred newer attempts."""
         assert self.core is not None
         while self._pending_aborts:
-            call_id = self._pending_aborts.pop()
+            call_id, attempt = self._pending_aborts.popitem()
+            flight = self._inflight.get(call_id)
+            if flight is None or flight.call.attempt > attempt:
+                continue
             event = self.core.abort(call_id)
             if event is not None:
                 self.log.info("call aborted", call_id=call_id)
                 await self._fail(call_id, ErrorCode.ABORTED, "the call was aborted")
                 await self._completed(event)
+        deferred, self._deferred = self._deferred, []
+        for call in deferred:
+            await self._accept(call)
 
     # -- the step loop --------------------------------------------------------------------------
     async def _step_loop(self) -> None:
@@ -242,23 +271,66 @@ class EngineService:
             if flight is None:
                 continue
             if isinstance(event, TokenEvent):
+                flight.pending_ids.extend(event.token_ids)
                 if flight.call.stream and event.text:
-                    await self._chunk(flight, event.text, event.token_ids)
+                    await self._chunk(flight, event.text)
             elif isinstance(event, FinishEvent):
                 await self._finish(flight, event)
 
-    async def _chunk(self, flight: InFlight, text: str, token_ids: list[int]) -> None:
+    async def _chunk(self, flight: InFlight, text: str) -> None:
+        """Send text with the token ids it came from (including any held back until now)."""
         assert self._nc is not None
-        chunk = CallChunk(call_id=flight.call.call_id, seq=flight.chunks, text=text, token_ids=token_ids)
+        chunk = CallChunk(
+            call_id=flight.call.call_id,
+            seq=flight.chunks,
+            text=text,
+            token_ids=flight.pending_ids,
+            attempt=flight.call.attempt,
+            engine_id=self.engine_id,
+        )
         flight.chunks += 1
+        flight.sent_ids.extend(flight.pending_ids)
+        flight.pending_ids = []
         await self._nc.publish(flight.call.reply_to, encode(chunk))
+
+    async def _hand_back(self, call_id: str) -> None:
+        """Give an unfinished call back to the schedulers, to resume on another engine after the
+        tokens its caller already has."""
+        assert self._nc is not None and self.core is not None
+        flight = self._inflight.get(call_id)
+        event = self.core.abort(call_id)
+        if flight is None or event is None:
+            return
+        call = flight.call
+        handed = msgspec.structs.replace(
+            call, resume_token_ids=list(call.resume_token_ids) + flight.sent_ids, attempt=call.attempt + 1
+        )
+        await self._nc.publish(self.subjects.call_handback, encode(handed))
+        self.log.info("call handed back", program_id=call.program_id, call_id=call_id, resume=len(flight.sent_ids))
+        await self._completed(event, finish_reason="handback")
+
+    async def _final_without_running(self, call: StampedCall) -> None:
+        """A resubmitted call whose caller already holds all its tokens: only the final is missing."""
+        assert self._nc is not None and self.backend is not None
+        final = CallFinal(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            text=self.backend.decode(call.resume_token_ids),
+            finish_reason="length",
+            prompt_tokens=0,
+            output_tokens=len(call.resume_token_ids),
+            engine_id=self.engine_id,
+            priority=call.priority,
+            attempt=call.attempt,
+        )
+        await self._nc.publish(call.reply_to, encode(final))
 
     async def _finish(self, flight: InFlight, event: FinishEvent) -> None:
         assert self._nc is not None
         state = event.state
         call = flight.call
-        if call.stream and len(event.text) > state.emitted_chars:
-            await self._chunk(flight, event.text[state.emitted_chars :], [])  # text held back at the end
+        if call.stream and (len(event.text) > state.emitted_chars or flight.pending_ids):
+            await self._chunk(flight, event.text[state.emitted_chars :])  # text held back at the end
         now = time.time()
         ttft = (state.first_token_at - state.arrived_at) if state.first_token_at else 0.0
         final = CallFinal(
@@ -278,11 +350,12 @@ class EngineService:
             swap_bytes=state.swap_bytes,
             swap_s=state.swap_s,
             recomputed_tokens=state.recomputed_tokens,
+            attempt=call.attempt,
         )
         await self._nc.publish(call.reply_to, encode(final))
         await self._completed(event)
 
-    async def _completed(self, event: FinishEvent) -> None:
+    async def _completed(self, event: FinishEvent, finish_reason: str | None = None) -> None:
         """Publish the call-completed event and log the canonical line for the call."""
         assert self._nc is not None
         flight = self._inflight.pop(event.call_id, None)
@@ -299,7 +372,7 @@ class EngineService:
             queue_wait_s=state.queue_wait_s,
             prompt_tokens=len(state.spec.prompt_ids),
             output_tokens=len(state.output_ids),
-            finish_reason=event.finish_reason,
+            finish_reason=finish_reason or event.finish_reason,
             priority=call.priority,
             parents=call.parents,
             preemptions=state.preemptions,
@@ -313,7 +386,7 @@ class EngineService:
             "call finished",
             program_id=call.program_id,
             call_id=call.call_id,
-            finish_reason=event.finish_reason,
+            finish_reason=done.finish_reason,
             prompt_tokens=done.prompt_tokens,
             output_tokens=done.output_tokens,
             queue_wait_s=round(done.queue_wait_s, 4),
@@ -324,7 +397,9 @@ class EngineService:
 
     async def _error(self, call: StampedCall, code: str, message: str) -> None:
         assert self._nc is not None
-        error = CallError(call_id=call.call_id, program_id=call.program_id, code=code, message=message)
+        error = CallError(
+            call_id=call.call_id, program_id=call.program_id, code=code, message=message, attempt=call.attempt
+        )
         await self._nc.publish(call.reply_to, encode(error))
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:

@@ -1,7 +1,10 @@
-"""The scheduler's pure core: validate submissions, stamp priorities, pick an engine.
+"""The scheduler's pure core: validate submissions, stamp priorities, pick an engine, and notice
+dead engines.
 
 Synchronous and clock-free (``now`` is passed in). It keeps the latest figures the tracker
-published for each program and the latest heartbeat of each engine.
+published for each program, the latest heartbeat of each engine, and the calls this scheduler
+routed that have not completed yet (so that when an engine stops heartbeating, their callers can be
+told to resubmit).
 """
 
 from __future__ import annotations
@@ -47,10 +50,20 @@ class EngineView:
         return hb.kv_tokens_used + hb.kv_tokens_queued + self.pending_tokens
 
 
-def _estimate_prompt_tokens(request: CallRequest) -> int:
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A call this scheduler routed, until its engine reports it completed."""
+
+    call_id: str
+    program_id: str
+    reply_to: str
+    attempt: int
+
+
+def estimate_prompt_tokens(call: CallRequest | StampedCall) -> int:
     """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
-    chars = len(request.prompt or "") + sum(len(m.content) + 8 for m in request.messages)
-    return max(1, chars // 4)
+    chars = len(call.prompt or "") + sum(len(m.content) + 8 for m in call.messages)
+    return max(1, chars // 4 + len(call.resume_token_ids))
 
 
 class SchedulerCore:
@@ -73,6 +86,8 @@ class SchedulerCore:
         self.program_wait_s: dict[str, float] = {}
         self.engines: dict[str, EngineView] = {}
         self.balancer = make_balancer(balancer)
+        #: engine id -> call id -> the call, for calls routed here and not completed yet
+        self.routed: dict[str, dict[str, Routed]] = {}
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
@@ -94,17 +109,36 @@ class SchedulerCore:
     def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
         if hb.state == "down":
             self.engines.pop(hb.engine_id, None)
+            self.routed.pop(hb.engine_id, None)
             return
         self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
 
+    def _fresh(self, view: EngineView, now: float) -> bool:
+        return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
+
     def live_engines(self, now: float) -> list[EngineView]:
-        live = []
-        for view in self.engines.values():
-            hb = view.heartbeat
-            fresh = now - view.received_at <= self.engine_timeout_factor * max(hb.interval_s, 0.05)
-            if fresh and hb.state == "up":
-                live.append(view)
-        return live
+        return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
+
+    def on_routed(self, call: StampedCall, engine_id: str) -> None:
+        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt)
+        self.routed.setdefault(engine_id, {})[call.call_id] = routed
+
+    def on_completed(self, call_id: str, engine_id: str) -> None:
+        calls = self.routed.get(engine_id)
+        if calls is not None:
+            calls.pop(call_id, None)
+
+    def dead_engines(self, now: float) -> list[tuple[str, list[Routed]]]:
+        """Engines whose heartbeats stopped, each with the calls routed there still in flight.
+
+        They are forgotten: a later heartbeat brings an engine back as a new one."""
+        dead = [eid for eid, view in self.engines.items() if not self._fresh(view, now)]
+        out = []
+        for engine_id in dead:
+            del self.engines[engine_id]
+            orphans = list(self.routed.pop(engine_id, {}).values())
+            out.append((engine_id, orphans))
+        return out
 
     # -- a submission ---------------------------------------------------------------------------
     def parse(self, data: bytes, reply: str) -> CallRequest:
@@ -169,9 +203,11 @@ class SchedulerCore:
             scheduler_id=self.scheduler_id,
             program_service_s=account.service_s if account is not None else 0.0,
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
+            resume_token_ids=request.resume_token_ids,
+            attempt=request.attempt,
         )
 
-    def route(self, request: CallRequest, now: float) -> str | None:
+    def route(self, call: CallRequest | StampedCall, now: float) -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
         what this scheduler routed since each engine's last heartbeat); None when none is live."""
         live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)
@@ -185,9 +221,9 @@ class SchedulerCore:
             )
             for v in live
         ]
-        tokens = _estimate_prompt_tokens(request)
-        engine_id = self.balancer.choose(request.program_id, tokens, loads)
-        self.engines[engine_id].pending_tokens += tokens + request.max_tokens
+        tokens = estimate_prompt_tokens(call)
+        engine_id = self.balancer.choose(call.program_id, tokens, loads)
+        self.engines[engine_id].pending_tokens += tokens + call.max_tokens
         return engine_id
 
 

@@ -18,12 +18,17 @@ from nats.aio.msg import Msg
 
 from autellix.proto import (
     SCHEDULER_QUEUE,
+    CallAbort,
+    CallAccepted,
+    CallCompleted,
     CallDispatched,
     CallError,
     CallRequest,
+    CallRetry,
     EngineHeartbeat,
     ErrorCode,
     ProgramService,
+    StampedCall,
     Subjects,
     decode,
     encode,
@@ -48,6 +53,7 @@ class SchedulerService:
         self._nc: NATS | None = None
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
@@ -55,13 +61,20 @@ class SchedulerService:
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
+        await nc.subscribe(s.call_completed, cb=self._on_completed)
         await nc.subscribe(s.call_submit, queue=SCHEDULER_QUEUE, cb=self._on_submit)
+        await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
-        self.log.info("ready", policy=self.config.policy)
+        self._watchdog = asyncio.create_task(self._watch_engines())
+        self.log.info("ready", policy=self.config.policy, balancer=self.config.balancer)
 
     async def stop(self) -> None:
         if self._nc is None or self._nc.is_closed:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         # drain: stop taking submissions, finish the ones in hand (including those waiting for an engine)
         if self._waiting:
             self.log.info("waiting for calls without an engine", calls=len(self._waiting))
@@ -114,12 +127,23 @@ class SchedulerService:
             await self._nc.publish(reply_to, encode(error))
 
     async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float) -> bool:
-        assert self._nc is not None
-        now = time.time()
-        engine_id = self.core.route(request, now)
+        engine_id = await self._send(self.core.stamp(request, reply_to, submitted))
         if engine_id is None:
             return False
-        stamped = self.core.stamp(request, reply_to, submitted)
+        if request.ack:
+            assert self._nc is not None
+            accepted = CallAccepted(call_id=request.call_id, engine_id=engine_id, attempt=request.attempt)
+            await self._nc.publish(reply_to, encode(accepted))
+        return True
+
+    async def _send(self, stamped: StampedCall) -> str | None:
+        """Route a stamped call to a live engine and announce it; None when no engine is live."""
+        assert self._nc is not None
+        now = time.time()
+        engine_id = self.core.route(stamped, now)
+        if engine_id is None:
+            return None
+        self.core.on_routed(stamped, engine_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
         await self._nc.publish(
             self.subjects.call_dispatched,
@@ -136,7 +160,65 @@ class SchedulerService:
         )
         with structlog.contextvars.bound_contextvars(program_id=stamped.program_id, call_id=stamped.call_id):
             self.log.debug("call dispatched", engine_id=engine_id, priority=round(stamped.priority, 6))
-        return True
+        return engine_id
+
+    async def _on_completed(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, CallCompleted)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad call-completed event dropped", error=str(exc))
+            return
+        self.core.on_completed(event.call_id, event.engine_id)
+
+    async def _on_handback(self, msg: Msg) -> None:
+        """A draining engine could not finish a call: route it, with its tokens so far, elsewhere."""
+        try:
+            call = decode(msg.data, StampedCall)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad handed-back call dropped", error=str(exc))
+            return
+        self.log.info(
+            "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)
+        )
+        if await self._send(call) is None:
+            task = asyncio.create_task(self._handback_when_engine(call))
+            self._waiting.add(task)
+            task.add_done_callback(self._waiting.discard)
+
+    async def _handback_when_engine(self, call: StampedCall) -> None:
+        deadline = time.time() + self.config.no_engine_wait_s
+        while (left := deadline - time.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+            if await self._send(call) is not None:
+                return
+        error = CallError(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            code=ErrorCode.NO_ENGINE,
+            message=(
+                f"the call's engine stopped and no other engine was available within {self.config.no_engine_wait_s:g} s"
+            ),
+            attempt=call.attempt,
+        )
+        await self._reject(error, call.reply_to)
+
+    async def _watch_engines(self) -> None:
+        """Tell the callers of calls on an engine that stopped heartbeating to resubmit them."""
+        assert self._nc is not None
+        while True:
+            await asyncio.sleep(0.1)
+            for engine_id, orphans in self.core.dead_engines(time.time()):
+                self.log.warning("engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
+                for routed in orphans:
+                    retry = CallRetry(
+                        call_id=routed.call_id,
+                        attempt=routed.attempt,
+                        reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
+                    )
+                    await self._nc.publish(routed.reply_to, encode(retry))
+                    abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                    await self._nc.publish(self.subjects.call_abort, encode(abort))
 
     async def _dispatch_when_engine(self, request: CallRequest, reply_to: str, submitted: float) -> None:
         deadline = submitted + self.config.no_engine_wait_s

@@ -14,6 +14,10 @@ class TrackerConfig:
     #: programs idle this long (no active call) are forgotten
     idle_ttl_s: float = 600.0
     gc_interval_s: float = 5.0
+    #: keep the process table in a JetStream key-value bucket (falls back to memory without JetStream)
+    persist: bool = True
+    #: changed programs are written to the bucket within this interval
+    flush_interval_s: float = 0.02
 
     @classmethod
     def from_env(cls) -> TrackerConfig:
@@ -24,4 +28,5 @@ class TrackerConfig:
             root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
             idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
+            persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from autellix.policy.program_account import ProgramAccount
 from autellix.proto import CallCompleted, CallDispatched, ProgramService, ProgramSummary
 
@@ -20,6 +22,8 @@ class ProgramEntry:
     waiting_s: float = 0.0
     engines: set[str] = field(default_factory=set)
     active_calls: set[str] = field(default_factory=set)
+    #: service of calls handed back by a draining engine, added when the call completes elsewhere
+    partial_service_s: dict[str, float] = field(default_factory=dict)
 
     def summary(self, ended: bool = False) -> ProgramSummary:
         a = self.account
@@ -37,6 +41,58 @@ class ProgramEntry:
         )
 
 
+class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One program's entry as the tracker persists it (JetStream key-value), JSON."""
+
+    program_id: str
+    service_s: float
+    critical_path_s: float
+    calls_completed: int
+    call_path_s: dict[str, float]
+    waiting_s: float
+    engines: list[str]
+    active_calls: list[str]
+    partial_service_s: dict[str, float]
+    first_seen_at: float
+    last_activity_at: float
+
+
+def to_record(entry: ProgramEntry) -> ProgramRecord:
+    a = entry.account
+    return ProgramRecord(
+        program_id=a.program_id,
+        service_s=a.service_s,
+        critical_path_s=a.critical_path_s,
+        calls_completed=a.calls_completed,
+        call_path_s=dict(a.call_path_s),
+        waiting_s=entry.waiting_s,
+        engines=sorted(entry.engines),
+        active_calls=sorted(entry.active_calls),
+        partial_service_s=dict(entry.partial_service_s),
+        first_seen_at=entry.first_seen_at,
+        last_activity_at=entry.last_activity_at,
+    )
+
+
+def from_record(r: ProgramRecord) -> ProgramEntry:
+    account = ProgramAccount(
+        r.program_id,
+        service_s=r.service_s,
+        critical_path_s=r.critical_path_s,
+        calls_completed=r.calls_completed,
+        call_path_s=dict(r.call_path_s),
+    )
+    return ProgramEntry(
+        account=account,
+        first_seen_at=r.first_seen_at,
+        last_activity_at=r.last_activity_at,
+        waiting_s=r.waiting_s,
+        engines=set(r.engines),
+        active_calls=set(r.active_calls),
+        partial_service_s=dict(r.partial_service_s),
+    )
+
+
 class ProcessTable:
     def __init__(self, idle_ttl_s: float = 600.0) -> None:
         if idle_ttl_s <= 0:
@@ -49,6 +105,13 @@ class ProcessTable:
 
     def get(self, program_id: str) -> ProgramEntry | None:
         return self._programs.get(program_id)
+
+    def restore(self, entry: ProgramEntry) -> None:
+        """Put back a program read from the persisted table (a restarted tracker)."""
+        self._programs[entry.account.program_id] = entry
+
+    def program_ids(self) -> list[str]:
+        return list(self._programs)
 
     def _entry(self, program_id: str, now: float) -> ProgramEntry:
         entry = self._programs.get(program_id)
@@ -63,13 +126,19 @@ class ProcessTable:
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
 
-    def on_completed(self, event: CallCompleted, now: float) -> ProgramService:
+    def on_completed(self, event: CallCompleted, now: float) -> ProgramService | None:
+        """Account a finished call; returns the program's update to publish (None for a call handed
+        back mid-way, whose service counts when it completes on its next engine)."""
         entry = self._entry(event.program_id, now)
-        entry.active_calls.discard(event.call_id)
         entry.engines.add(event.engine_id)
         entry.waiting_s += event.queue_wait_s
         entry.last_activity_at = now
-        path = entry.account.complete(event.call_id, event.parents, event.service_s)
+        if event.finish_reason == "handback":
+            entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
+            return None
+        entry.active_calls.discard(event.call_id)
+        service = event.service_s + entry.partial_service_s.pop(event.call_id, 0.0)
+        path = entry.account.complete(event.call_id, event.parents, service)
         return self._service(entry, now, call_id=event.call_id, call_path_s=path)
 
     def _service(

@@ -26,6 +26,7 @@ from autellix.services.nats_conn import connect
 
 from .config import TrackerConfig
 from .process_table import ProcessTable
+from .store import ProgramStore
 
 
 class TrackerService:
@@ -35,13 +36,20 @@ class TrackerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s)
+        self.store = ProgramStore(self.table, config.root)
         self.log = get_logger("tracker")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
+        self._flush_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
         nc = self._nc = await connect(self.config.nats_url, "autellix-tracker")
+        if self.config.persist:
+            restored = await self.store.open(nc)
+            self.log.info(
+                "process table loaded", programs=restored, bucket=self.store.bucket, persisted=self.store.enabled
+            )
         s = self.subjects
         await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
         await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
@@ -49,14 +57,17 @@ class TrackerService:
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._gc_loop())
+        self._flush_task = asyncio.create_task(self._flush_loop())
         self.log.info("ready", root=self.config.root)
 
     async def stop(self) -> None:
-        if self._gc_task is not None:
-            self._gc_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gc_task
+        for task in (self._gc_task, self._flush_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._nc is not None and not self._nc.is_closed:
+            await self.store.flush()
             await self._nc.drain()
         self.log.info("stopped", programs=len(self.table))
 
@@ -71,6 +82,7 @@ class TrackerService:
             self.log.warning("bad call-dispatched event dropped", error=str(exc))
             return
         self.table.on_dispatched(event, time.time())
+        self.store.mark(event.program_id)
 
     async def _on_completed(self, msg: Msg) -> None:
         try:
@@ -79,6 +91,9 @@ class TrackerService:
             self.log.warning("bad call-completed event dropped", error=str(exc))
             return
         update = self.table.on_completed(event, time.time())
+        self.store.mark(event.program_id)
+        if update is None:
+            return
         self.log.debug(
             "program service updated",
             program_id=event.program_id,
@@ -99,6 +114,7 @@ class TrackerService:
             await msg.respond(msgspec.json.encode({"ok": False, "error": f"unknown program {request.program_id!r}"}))
             return
         summary, update = ended
+        self.store.mark_deleted(request.program_id)
         self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
         await self._publish(self.subjects.program_service, update)
         await msg.respond(msgspec.json.encode({"ok": True, "program": summary}))
@@ -106,9 +122,18 @@ class TrackerService:
     async def _on_table(self, msg: Msg) -> None:
         await msg.respond(encode(ProgramTable(programs=self.table.summaries())))
 
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval_s)
+            try:
+                await self.store.flush()
+            except Exception:
+                self.log.exception("process table flush failed; will retry")
+
     async def _gc_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gc_interval_s)
             for update in self.table.expire(time.time()):
                 self.log.info("idle program forgotten", program_id=update.program_id)
+                self.store.mark_deleted(update.program_id)
                 await self._publish(self.subjects.program_service, update)
