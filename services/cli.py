@@ -39,6 +39,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
     p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
+    p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
     p.add_argument(
         "--schedule-every",
         type=int,
@@ -106,6 +108,10 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
     if args.sim_time_scale is not None:
         spec = replace(spec, sim_time_scale=args.sim_time_scale)
+    if args.threads is not None:
+        spec = replace(spec, threads=args.threads)
+    if args.device is not None:
+        spec = replace(spec, device=args.device)
     cfg = replace(cfg, nats_url=url, root=_env_root(args), backend=spec)
     if getattr(args, "policy", None):
         cfg = replace(cfg, policy=args.policy)

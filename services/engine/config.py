@@ -43,6 +43,7 @@ class EngineConfig:
             max_batch=int(env.get("AUTELLIX_MAX_BATCH", d.backend.max_batch)),
             kv_capacity_tokens=int(env.get("AUTELLIX_KV_TOKENS", d.backend.kv_capacity_tokens)),
             sim_time_scale=float(env.get("AUTELLIX_SIM_TIME_SCALE", d.backend.sim_time_scale)),
+            threads=int(env["AUTELLIX_THREADS"]) if env.get("AUTELLIX_THREADS") else None,
         )
         return cls(
             nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
