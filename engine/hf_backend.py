@@ -560,7 +560,7 @@ class HFBackend:
             started = time.perf_counter()
             size = self._region_elems(n)
             seq.length = 0
-            self._place(seq, max(n, 1))
+            self._place(seq, min(n + 1, self.max_context))  # room for the next token
             if n:
                 src = self._pool.buffer[region.offset : region.offset + size].view(
                     self.num_layers, 2, self.num_kv_heads, n, self.head_dim
