@@ -32,6 +32,8 @@ class SeqWork:
     sample: bool = True
     temperature: float = 0.0
     seed: int | None = None
+    #: sequences with the same key may share cached prefixes (the engine fills in the program id)
+    prefix_key: str | None = None
 
 
 @dataclass(slots=True)

@@ -467,6 +467,7 @@ class EngineCore:
             sample=sample,
             temperature=spec.temperature,
             seed=spec.seed,
+            prefix_key=spec.program_id,
         )
 
     # -- results -----------------------------------------------------------------------------
