@@ -42,7 +42,7 @@ def _engine(url: str, root: str, engine_id: str, heartbeat: float, scale: float)
 async def _until_live(scheduler: SchedulerService, n: int) -> None:
     """Poll the scheduler's view until n engines are live (it has no event to wait on)."""
     deadline = time.monotonic() + 60
-    while len(scheduler.core.live_engines(time.time())) < n:  # noqa: ASYNC110
+    while len(scheduler.core.live_engines(time.time())) < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"fewer than {n} engines came up")
         await asyncio.sleep(0.05)
