@@ -340,15 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
     demo.set_defaults(func=cmd_demo)
 
+    from autellix.bench.cli import register as register_bench
     from autellix.sim.cli import register as register_sim
 
     register_sim(sub)
-    try:
-        from autellix.bench.cli import register as register_bench
-    except ImportError:  # the live benchmark is optional until bench/cli.py exists
-        pass
-    else:
-        register_bench(sub)
+    register_bench(sub)
     return parser
 
 
