@@ -1,4 +1,4 @@
-"""Build a backend by name. Heavy imports (torch, transformers) happen only for ``hf``."""
+"""Build a backend by name. Heavy imports (torch, transformers, vllm) happen only when needed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .backend import ModelBackend
 from .cost_model import profile
 
-BACKENDS = ("hf", "sim")
+BACKENDS = ("hf", "sim", "vllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,4 +42,9 @@ def make_backend(spec: BackendSpec) -> ModelBackend:
             swap_pool_bytes=spec.swap_pool_bytes,
             threads=spec.threads,
         )
+    if spec.name == "vllm":
+        from .model_store import resolve_model
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(str(resolve_model(spec.model)))
     raise ValueError(f"unknown backend {spec.name!r}; expected one of {', '.join(BACKENDS)}")
