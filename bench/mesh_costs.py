@@ -1,0 +1,369 @@
+"""What the mesh costs, measured: scheduler stamping rate, TTFT added by the mesh, tokens/s one engine
+streams through NATS, CPU per call in each service.
+
+    python -m autellix.bench.mesh_costs --json bench/out/mesh_costs.json [--only stamps,ttft,stream,cpu]
+
+- **stamps**: one scheduler's calls per second, three ways: (a) :class:`SchedulerCore` alone (parse,
+  stamp, route) on pre-encoded submissions; (b) the service's own submit path
+  (``SchedulerService._on_submit``: core, then the stamped call, the dispatched event and the
+  ``accepted`` reply published to a real nats-server); (c) end to end through NATS: a client connection
+  publishes submissions, the scheduler service takes them from its subscription, and a third
+  connection counts the stamped calls arriving on the engines' subjects. Four engines are made live
+  with synthetic heartbeats; the tracker has published figures for every program.
+- **ttft**: one call at a time (256-token prompt), the ``sim`` backend at ``time_scale`` 1 (a modelled
+  prefill of ~17 ms): in process (``EngineCore`` + ``execute_plan``, the engine service's own loop
+  minus NATS), then through an in-process mesh (client -> scheduler -> engine -> client over a real
+  nats-server, streamed). Added = mesh - in-process, at p50 and p99.
+- **stream**: ``autellix up --backend sim --sim-time-scale 0`` as a separate process (one engine,
+  steps cost no modelled time), this process streaming N concurrent calls of M tokens; tokens/s as
+  received by the clients.
+- **cpu**: ``autellix tracker``, ``autellix scheduler`` and ``autellix engine --backend sim
+  --sim-time-scale 0`` as separate processes on one nats-server; CPU time (user + system) of each
+  process, and of nats-server, over K streamed calls, divided by K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent, execute_plan
+from autellix.engine.sim_backend import SimBackend
+from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
+from autellix.services.embedded_nats import EmbeddedNats
+
+PROMPT_WORDS = 256
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": _pct(values, 50), "p99": _pct(values, 99), "mean": statistics.fmean(values)}
+
+
+def _prompt() -> str:
+    return " ".join(["www"] * PROMPT_WORDS)
+
+
+# -- stamps -------------------------------------------------------------------------------------
+@dataclass
+class _Msg:
+    data: bytes
+    reply: str = ""
+
+
+def _heartbeat(engine_id: str) -> EngineHeartbeat:
+    return EngineHeartbeat(
+        engine_id=engine_id, backend="sim", model="sim", state="up", running=0, waiting=0, swapped=0,
+        kv_tokens_used=0, kv_tokens_free=400_000, kv_tokens_queued=0, swap_pool_used_bytes=0,
+        max_context=131_072, interval_s=3600.0, sent_at=time.time(),
+    )
+
+
+def _submissions(n: int, programs: int, reply: str) -> list[bytes]:
+    text = _prompt()
+    return [
+        encode(
+            CallRequest(
+                program_id=f"p{i % programs}", call_id=f"c{i}", prompt=text, max_tokens=64, parents=[],
+                reply_to=reply, ack=True,
+            )
+        )
+        for i in range(n)
+    ]
+
+
+async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
+    from nats.aio.client import Client as NATS
+
+    from autellix.services.scheduler.config import SchedulerConfig
+    from autellix.services.scheduler.core import SchedulerCore
+    from autellix.services.scheduler.service import SchedulerService
+
+    programs = 500
+    out: dict[str, Any] = {"calls": n, "policy": policy, "engines": 4, "programs": programs}
+
+    def prime(core: SchedulerCore) -> None:
+        now = time.time()
+        for e in range(4):
+            core.on_heartbeat(_heartbeat(f"e{e}"), now)
+        for p in range(programs):
+            core.on_program_service(
+                ProgramService(program_id=f"p{p}", service_s=p * 0.01, critical_path_s=p * 0.005, calls_completed=3)
+            )
+
+    # (a) the core alone
+    core = SchedulerCore(policy=policy)
+    prime(core)
+    data = _submissions(n, programs, "_INBOX.x")
+    t0 = time.perf_counter()
+    for d in data:
+        req = core.parse(d, "")
+        stamped = core.stamp(req, req.reply_to, time.time())
+        engine = core.route(stamped, time.time())
+        assert engine is not None
+        core.on_routed(stamped, engine)
+        encode(stamped)
+    out["core_calls_per_s"] = n / (time.perf_counter() - t0)
+
+    # (b) the service's submit path, publishing to a real nats-server
+    root = f"mc{uuid.uuid4().hex[:6]}"
+    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    await service.start()
+    try:
+        prime(service.core)
+        t0 = time.perf_counter()
+        for d in data:
+            await service._on_submit(_Msg(d))
+        assert service._nc is not None
+        await service._nc.flush()
+        out["service_path_calls_per_s"] = n / (time.perf_counter() - t0)
+    finally:
+        await service.stop()
+
+    # (c) end to end through NATS: submissions in on the subject, stamped calls out to the engines
+    root = f"mc{uuid.uuid4().hex[:6]}"
+    subjects = Subjects(root)
+    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    await service.start()
+    pub, sink = NATS(), NATS()
+    await pub.connect(url, pending_size=256 * 1024 * 1024)
+    await sink.connect(url)
+    try:
+        prime(service.core)
+        got = 0
+        done = asyncio.Event()
+
+        async def count(_msg: Any) -> None:
+            nonlocal got
+            got += 1
+            if got >= n:
+                done.set()
+
+        await sink.subscribe(f"{root}.engine.*.calls", cb=count)
+        await sink.flush()
+        data = _submissions(n, programs, "_INBOX.void")
+        t0 = time.perf_counter()
+        for i, d in enumerate(data):
+            await pub.publish(subjects.call_submit, d)
+            if i % 500 == 499:
+                await asyncio.sleep(0)
+        await pub.flush()
+        await asyncio.wait_for(done.wait(), timeout=120)
+        out["through_nats_calls_per_s"] = n / (time.perf_counter() - t0)
+    finally:
+        await pub.close()
+        await sink.close()
+        await service.stop()
+    return out
+
+
+# -- ttft ---------------------------------------------------------------------------------------
+def ttft_in_process(n: int, time_scale: float) -> list[float]:
+    backend = SimBackend(time_scale=time_scale)
+    core = EngineCore(backend, CoreConfig(max_batch=256, max_batched_tokens=8192, kv_capacity_tokens=400_000))
+    ids = backend.encode_prompt(_prompt())
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        core.add(CallSpec(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
+        first = None
+        while not core.idle:
+            plan = core.schedule(time.time())
+            assert plan is not None
+            result = execute_plan(backend, plan)
+            for ev in core.update(plan, result, time.time()):
+                if first is None and isinstance(ev, TokenEvent):
+                    first = time.perf_counter() - t0
+        assert first is not None
+        out.append(first)
+    return out
+
+
+async def ttft_through_mesh(url: str, n: int, time_scale: float) -> list[float]:
+    from autellix.bench.live import start_local_mesh
+    from autellix.services.client import Client
+
+    mesh = await start_local_mesh(url, "plas", 1, time_scale, pace=False)
+    client = await Client.connect(url, root=mesh.root)
+    out = []
+    try:
+        for _ in range(n):
+            async with client.program() as p:  # a new program each time: no prefix-cache hits
+                r = await p.call(prompt=_prompt(), max_tokens=2, ignore_eos=True, parents=[])
+                out.append(r.ttft_s)
+    finally:
+        await client.close()
+        await mesh.stop()
+    return out
+
+
+# -- subprocess helpers ---------------------------------------------------------------------------
+def _autellix(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "autellix.services", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=full_env,
+    )
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _drive(url: str, root: str, calls: int, concurrency: int, max_tokens: int) -> tuple[int, float]:
+    """``calls`` streamed calls, ``concurrency`` at a time; returns (tokens received, wall seconds)."""
+    from autellix.services.client import Client
+
+    client = await Client.connect(url, root=root, timeout_s=120)
+    tokens = 0
+    queue = iter(range(calls))
+
+    async def worker() -> None:
+        nonlocal tokens
+        async with client.program() as p:
+            for _ in queue:
+                async with p.stream(prompt=_prompt(), max_tokens=max_tokens, ignore_eos=True, parents=[]) as s:
+                    async for _text in s:
+                        pass
+                    tokens += len(s.token_ids)
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        wall = time.perf_counter() - t0
+        await client.close()
+    return tokens, wall
+
+
+async def measure_stream(concurrency: int, max_tokens: int, calls: int) -> dict[str, Any]:
+    proc = _autellix("up", "--backend", "sim", "--sim-time-scale", "0", "--port", "0", "--engines", "1",
+                     "--max-batch", "256", "--kv-tokens", "400000")
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if "NATS " not in line:
+            raise RuntimeError(f"autellix up did not start: {line!r}")
+        url = line.split("NATS ", 1)[1].split()[0]
+        tokens, wall = await _drive(url, "autellix", calls, concurrency, max_tokens)
+    finally:
+        _stop(proc)
+    return {"concurrency": concurrency, "max_tokens": max_tokens, "calls": calls, "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+async def measure_cpu(calls: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    import psutil
+
+    with EmbeddedNats(port=0) as broker:
+        root = f"cpu{uuid.uuid4().hex[:6]}"
+        common = ["--nats", broker.url, "--root", root]
+        procs = {
+            "tracker": _autellix("tracker", *common),
+            "scheduler": _autellix("scheduler", *common),
+            "engine": _autellix("engine", *common, "--backend", "sim", "--sim-time-scale", "0",
+                                "--max-batch", "256", "--kv-tokens", "400000"),
+        }
+        try:
+            await asyncio.sleep(3.0)  # imports and subscriptions
+            await _drive(broker.url, root, 20, 4, max_tokens)  # warm up (first heartbeat, lazy paths)
+            handles = {k: psutil.Process(p.pid) for k, p in procs.items()}
+            assert broker._proc is not None
+            handles["nats-server"] = psutil.Process(broker._proc.pid)
+            me = psutil.Process()
+
+            def cpu(h: Any) -> float:
+                t = h.cpu_times()
+                return float(t.user + t.system)
+
+            before = {k: cpu(h) for k, h in handles.items()}
+            me_before = cpu(me)
+            tokens, wall = await _drive(broker.url, root, calls, concurrency, max_tokens)
+            after = {k: cpu(h) for k, h in handles.items()}
+            me_after = cpu(me)
+        finally:
+            for p in procs.values():
+                _stop(p)
+    per_call = {k: (after[k] - before[k]) / calls * 1000 for k in after}
+    per_call["client (bench process)"] = (me_after - me_before) / calls * 1000
+    return {"calls": calls, "concurrency": concurrency, "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,
+            "cpu_ms_per_call": per_call}
+
+
+# -- main -------------------------------------------------------------------------------------------
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    only = set(args.only.split(","))
+    out: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, no GPU",
+        "date": args.date or time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python -m autellix.bench.mesh_costs", *sys.argv[1:]]),
+    }
+    if "stamps" in only or "ttft" in only:
+        with EmbeddedNats(port=0) as broker:
+            if "stamps" in only:
+                out["stamps"] = {
+                    pol: await measure_stamps(broker.url, args.stamp_calls, pol) for pol in ("plas", "atlas")
+                }
+                print(json.dumps(out["stamps"], indent=1), file=sys.stderr)
+            if "ttft" in only:
+                local = ttft_in_process(args.ttft_calls, 1.0)
+                mesh = await ttft_through_mesh(broker.url, args.ttft_calls, 1.0)
+                ls, ms = _summary(local), _summary(mesh)
+                out["ttft"] = {
+                    "time_scale": 1.0, "prompt_tokens": PROMPT_WORDS, "in_process_s": ls, "mesh_s": ms,
+                    "added_p50_ms": (ms["p50"] - ls["p50"]) * 1000, "added_p99_ms": (ms["p99"] - ls["p99"]) * 1000,
+                }
+                print(json.dumps(out["ttft"], indent=1), file=sys.stderr)
+    if "stream" in only:
+        out["stream"] = [await measure_stream(c, args.stream_tokens, c * 2) for c in (16, 64)]
+        print(json.dumps(out["stream"], indent=1), file=sys.stderr)
+    if "cpu" in only:
+        out["cpu"] = await measure_cpu(args.cpu_calls, 16, 32)
+        print(json.dumps(out["cpu"], indent=1), file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--only", default="stamps,ttft,stream,cpu")
+    p.add_argument("--stamp-calls", type=int, default=20_000)
+    p.add_argument("--ttft-calls", type=int, default=300)
+    p.add_argument("--stream-tokens", type=int, default=1000)
+    p.add_argument("--cpu-calls", type=int, default=1000)
+    p.add_argument("--date", default=None)
+    args = p.parse_args(argv)
+    from autellix.services.logs import configure_logging
+
+    configure_logging("warning", json=True)
+    import uvloop
+
+    out = uvloop.run(main_async(args))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
