@@ -81,11 +81,27 @@ TASKS = [
 ]
 
 
-def make_prompts(backend: HFBackend, n: int) -> list[list[int]]:
+FILLER = (
+    "Background notes for the assistant. The library opens at nine and closes at five on weekdays. "
+    "Visitors may borrow up to six books for three weeks, renew them twice, and reserve new titles online. "
+    "The reading room is quiet, the children's corner hosts stories on Saturdays, and the archive keeps "
+    "old maps, letters and newspapers that researchers can request a day in advance. "
+)
+
+
+def make_prompts(backend: HFBackend, n: int, context_tokens: int = 0) -> list[list[int]]:
+    """``n`` chat prompts; with ``context_tokens`` each carries a system message of about that many tokens."""
+    system = ""
+    if context_tokens > 0:
+        filler_ids = backend.encode_prompt(FILLER * (1 + context_tokens // 40))[:context_tokens]
+        system = backend.decode(filler_ids)
     prompts = []
     for i in range(n):
         text = TASKS[i % len(TASKS)].format(TOPICS[i % len(TOPICS)])
-        prompts.append(backend.encode_chat([{"role": "user", "content": text}]))
+        messages = [{"role": "user", "content": text}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        prompts.append(backend.encode_chat(messages))
     return prompts
 
 
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="local HF model dir (default: SmolLM2 from the cache)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--context-tokens", type=int, default=0, help="a shared system message of about this many tokens"
+    )
     parser.add_argument("--swap-context", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip", action="append", default=[], choices=["generate", "generate_batch"])
@@ -234,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         swap_pool_bytes=2 * args.swap_context * 46080 * 4,
     )
     load_s = time.perf_counter() - t0
-    prompts = make_prompts(backend, args.batch)
+    prompts = make_prompts(backend, args.batch, args.context_tokens)
     results: dict[str, Any] = {
         "model": str(model_dir),
         "batch": args.batch,
         "new_tokens": args.new_tokens,
         "prompt_tokens_mean": statistics.mean(len(p) for p in prompts),
+        "context_tokens": args.context_tokens,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "backend_load_s": load_s,

@@ -411,6 +411,9 @@ class HFBackend:
     # ------------------------------------------------------------------ tokens
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The model's chat template with the assistant turn opened (``add_generation_prompt``)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.model_name!r} has no chat template; send a plain prompt instead")
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
