@@ -9,6 +9,19 @@ import sys
 import structlog
 
 
+class _StderrLogger:
+    """Writes each line to whatever ``sys.stderr`` is *now* (test runners and embedders swap it)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*args: object) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str | None = None, json: bool | None = None) -> None:
     level_name = (level or os.environ.get("AUTELLIX_LOG_LEVEL", "info")).upper()
     numeric = logging.getLevelName(level_name)
@@ -28,7 +41,7 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
 
