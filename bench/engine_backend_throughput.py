@@ -6,6 +6,8 @@ ignored everywhere so every variant does the same work), greedy, same process, o
 
 - ``autellix-hf``: :class:`engine.hf_backend.HFBackend`'s raw step loop (one prefill step for the
   whole batch, then one decode step per token), no engine core around it;
+- ``autellix-engine``: the same backend driven by the engine core (:class:`engine.core.EngineCore`:
+  queues, scheduling points, batch building, detokenisation), as the engine service runs it;
 - ``hf-generate``: ``model.generate`` with static batching (left padding, ``min_new_tokens`` = N);
 - ``hf-generate_batch``: transformers' continuous batching (``model.generate_batch``, paged cache).
 
@@ -135,6 +137,37 @@ def bench_backend(backend: HFBackend, prompts: list[list[int]], new_tokens: int)
         "prefill_s": prefill_s,
         "step_ms_median": 1e3 * statistics.median(step_times),
         "outputs": [outs[sid] for sid in ids],
+    }
+
+
+def bench_engine(backend: HFBackend, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    """The whole engine core around the backend: admission, queues, scheduling points, detokenisation."""
+    from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+
+    core = EngineCore(backend, CoreConfig(max_batch=len(prompts), kv_capacity_tokens=1 << 20, max_batched_tokens=8192))
+    started = time.perf_counter()
+    for i, p in enumerate(prompts):
+        core.add(CallSpec(f"e{i}", f"p{i}", list(p), new_tokens, ignore_eos=True), 0.0)
+    outputs: dict[str, list[int]] = {}
+    first_step_s = None
+    while not core.idle:
+        plan = core.schedule(time.perf_counter())
+        assert plan is not None
+        result = execute_plan(backend, plan)
+        for event in core.update(plan, result, time.perf_counter()):
+            if isinstance(event, FinishEvent):
+                outputs[event.call_id] = event.state.output_ids
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - started
+    total_s = time.perf_counter() - started
+    n = len(prompts)
+    assert first_step_s is not None
+    return {
+        "e2e_tok_s": n * new_tokens / total_s,
+        "decode_tok_s": n * (new_tokens - 1) / (total_s - first_step_s),
+        "total_s": total_s,
+        "prefill_s": first_step_s,
+        "outputs": [outputs[f"e{i}"] for i in range(n)],
     }
 
 
@@ -282,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runners = {
         "autellix-hf": lambda: bench_backend(backend, prompts, args.new_tokens),
+        "autellix-engine": lambda: bench_engine(backend, prompts, args.new_tokens),
         "hf-generate": lambda: bench_generate(model, pad_id, prompts, args.new_tokens),
         "hf-generate_batch": generate_batch,
     }
