@@ -442,10 +442,15 @@ class EngineCore:
         budget = self.config.max_batched_tokens
         work: list[SeqWork] = []
         prefilling: list[CallState] = []
+        calls = self._calls
         for call_id in self._running:  # decode tokens first, one each
-            state = self._calls[call_id]
-            if state.output_ids and state.kv_len == state.context_len - 1:
-                work.append(self._work(state, state.output_ids[-1:], sample=True))
+            state = calls[call_id]
+            out = state.output_ids
+            if out and state.kv_len == len(state.spec.prompt_ids) + len(out) - 1:
+                spec = state.spec
+                work.append(
+                    SeqWork(call_id, out[-1:], state.kv_len, True, spec.temperature, spec.seed, spec.program_id)
+                )
                 budget -= 1
             else:
                 prefilling.append(state)
@@ -489,16 +494,19 @@ class EngineCore:
         events: list[CoreEvent] = []
         eos = self.backend.eos_token_ids
         prefill_tokens = 0
+        calls, charge, running = self._calls, self.queue.charge, CallPhase.RUNNING
+        elapsed, next_tokens = output.elapsed_s, output.next_tokens
         for work in plan.batch.work:
-            state = self._calls.get(work.seq_id)
-            if state is None or state.phase is not CallPhase.RUNNING:
+            state = calls.get(work.seq_id)
+            if state is None or state.phase is not running:
                 continue
-            if len(work.token_ids) > 1 or not state.output_ids:
-                prefill_tokens += len(work.token_ids)
-            state.kv_len = work.start_pos + len(work.token_ids)
-            state.service_s += output.elapsed_s
-            self.queue.charge(work.seq_id, output.elapsed_s)
-            token = output.next_tokens.get(work.seq_id)
+            n = len(work.token_ids)
+            if n > 1 or not state.output_ids:
+                prefill_tokens += n
+            state.kv_len = work.start_pos + n
+            state.service_s += elapsed
+            charge(work.seq_id, elapsed)
+            token = next_tokens.get(work.seq_id)
             if token is None:
                 continue
             state.output_ids.append(token)
