@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="OUT.png", help="plot mean program token latency against rate")
     p.add_argument("--compare", default=None, help="comma list of policies, each on its own in-process mesh")
     p.add_argument("--policy", default="plas", choices=POLICIES, help="policy of the in-process mesh (no --compare)")
+    p.add_argument(
+        "--balancer", default="locality", choices=("locality", "least-used", "round-robin"),
+        help="engine choice of the in-process mesh's scheduler (default %(default)s)",
+    )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")
     p.add_argument("--sim-time-scale", default="0.5",
                    help="real seconds per modelled second of the sim engines (default %(default)s)")
@@ -234,7 +238,7 @@ async def _run_all(
                 try:
                     point = await run_point(
                         url, args.root, programs, PointSpec(policy, rate), config, opts["engines"], opts["local"],
-                        cost=cost, on_program=on_program, pace=not args.no_pace,
+                        cost=cost, on_program=on_program, pace=not args.no_pace, balancer=args.balancer,
                     )
                 finally:
                     bar.close()

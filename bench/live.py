@@ -420,13 +420,16 @@ async def run_point(
     cost: CostModel | None = None,
     on_program: Callable[[bool], None] | None = None,
     pace: bool = True,
+    balancer: str = "locality",
 ) -> dict[str, Any]:
     """Replay the programs at ``point.rate``: on a fresh in-process mesh set to ``point.policy``
     (``local``), or on the mesh already running at ``url``/``root``."""
     programs = at_rate(programs_unit, point.rate)
     mesh: LocalMesh | None = None
     if local:
-        mesh = await start_local_mesh(url, point.policy, engines, config.time_scale, cost=cost, pace=pace)
+        mesh = await start_local_mesh(
+            url, point.policy, engines, config.time_scale, cost=cost, pace=pace, balancer=balancer
+        )
         root = mesh.root
     client = await Client.connect(url, root=root or "autellix", timeout_s=config.timeout_s, ack_timeout_s=30.0)
     try:
@@ -441,7 +444,7 @@ async def run_point(
         engine_stats=stats if mesh is not None else None,
         boundaries=bounds if mesh is not None else (),
     )
-    return {"balancer": "locality", "policy": point.policy, "rate": point.rate, **figs}
+    return {"balancer": balancer if local else "the mesh's", "policy": point.policy, "rate": point.rate, **figs}
 
 
 def simulate_point(
