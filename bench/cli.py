@@ -29,6 +29,8 @@ from typing import Any
 
 from autellix.engine.cost_model import profile
 from autellix.sim.analysis import analyse, parse_targets
+from autellix.sim.cli import UsageError
+from autellix.sim.cli import parse_number as _num
 from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.workload import WorkloadError
@@ -38,13 +40,11 @@ POLICIES = ("fcfs", "mlfq", "plas", "atlas")
 DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else ""
 
 
-class UsageError(ValueError):
-    pass
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "bench", help="replay agent workloads against the live mesh", description=DESCRIPTION,
+        "bench",
+        help="replay agent workloads against the live mesh",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
@@ -65,14 +65,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, help="comma list of policies, each on its own in-process mesh")
     p.add_argument("--policy", default="plas", choices=POLICIES, help="policy of the in-process mesh (no --compare)")
     p.add_argument(
-        "--balancer", default="locality", choices=("locality", "least-used", "round-robin"),
+        "--balancer",
+        default="locality",
+        choices=("locality", "least-used", "round-robin"),
         help="engine choice of the in-process mesh's scheduler (default %(default)s)",
     )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")
-    p.add_argument("--sim-time-scale", default="0.5",
-                   help="real seconds per modelled second of the sim engines (default %(default)s)")
-    p.add_argument("--no-pace", action="store_true",
-                   help="in-process engines: do not take the host's overhead between steps out of the step time")
+    p.add_argument(
+        "--sim-time-scale",
+        default="0.5",
+        help="real seconds per modelled second of the sim engines (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-pace",
+        action="store_true",
+        help="in-process engines: do not take the host's overhead between steps out of the step time",
+    )
     p.add_argument("--stream", action="store_true", help="stream tokens (default: final message only)")
     p.add_argument("--no-context", action="store_true", help="prompts without their context chain's history")
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
@@ -84,18 +92,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", default="600", help="seconds a call may go without an answer")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="warning", help="services' log level (default %(default)s)")
-
-
-def _num(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
-    try:
-        v = cast(text)
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}") from None
-    if isinstance(v, float) and not math.isfinite(v):
-        raise UsageError(f"bad {what} {text!r}: must be finite")
-    if minimum is not None and v < minimum:
-        raise UsageError(f"bad {what} {text!r}: must be >= {minimum:g}")
-    return v
 
 
 def parse(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,7 +218,10 @@ async def _run_all(
             programs = unit[: counts[rate]]
             for policy in opts["policies"]:
                 bar = tqdm(
-                    total=len(programs), desc=f"{policy} @ {rate:g}/s", unit="prog", file=sys.stderr,
+                    total=len(programs),
+                    desc=f"{policy} @ {rate:g}/s",
+                    unit="prog",
+                    file=sys.stderr,
                     disable=args.no_progress,
                 )
                 failed = 0
@@ -237,8 +236,17 @@ async def _run_all(
                 started = time.perf_counter()
                 try:
                     point = await run_point(
-                        url, args.root, programs, PointSpec(policy, rate), config, opts["engines"], opts["local"],
-                        cost=cost, on_program=on_program, pace=not args.no_pace, balancer=args.balancer,
+                        url,
+                        args.root,
+                        programs,
+                        PointSpec(policy, rate),
+                        config,
+                        opts["engines"],
+                        opts["local"],
+                        cost=cost,
+                        on_program=on_program,
+                        pace=not args.no_pace,
+                        balancer=args.balancer,
                     )
                 finally:
                     bar.close()
@@ -258,8 +266,12 @@ async def _run_all(
 
 
 def _report(
-    args: argparse.Namespace, opts: dict[str, Any], counts: dict[float, int], config: Any,
-    points: list[dict[str, Any]], sims: list[dict[str, Any]],
+    args: argparse.Namespace,
+    opts: dict[str, Any],
+    counts: dict[float, int],
+    config: Any,
+    points: list[dict[str, Any]],
+    sims: list[dict[str, Any]],
 ) -> dict[str, Any]:
     from autellix.bench.live import agreement
 
@@ -292,8 +304,17 @@ def _report(
     return report
 
 
-RATIO_KEYS = ("latency_s_mean", "latency_s_p50", "latency_s_p95", "latency_s_p99", "token_latency_s_mean",
-              "token_latency_s_p99", "ttft_s_mean", "ttft_s_p99", "throughput_programs_s")
+RATIO_KEYS = (
+    "latency_s_mean",
+    "latency_s_p50",
+    "latency_s_p95",
+    "latency_s_p99",
+    "token_latency_s_mean",
+    "token_latency_s_p99",
+    "ttft_s_mean",
+    "ttft_s_p99",
+    "throughput_programs_s",
+)
 
 
 def _ratios(points: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:

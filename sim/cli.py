@@ -43,7 +43,9 @@ class UsageError(ValueError):
 def register(subparsers: Any) -> None:
     """Add the ``sim`` sub-command to an argparse sub-parsers object."""
     p = subparsers.add_parser(
-        "sim", help="compare scheduling policies in a simulator", description=DESCRIPTION,
+        "sim",
+        help="compare scheduling policies in a simulator",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)
@@ -60,12 +62,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
     p.add_argument("--plot", metavar="OUT.png", help="plot mean token latency against rate")
-    p.add_argument("--targets", default="2x,5x,10x",
-                   help="token-latency targets: multiples of FCFS's low-load latency (10x) or s/token (0.3)")
+    p.add_argument(
+        "--targets",
+        default="2x,5x,10x",
+        help="token-latency targets: multiples of FCFS's low-load latency (10x) or s/token (0.3)",
+    )
     p.add_argument("--fractions", default="0.8,0.9,1.0,1.2", help="fractions of FCFS saturation throughput")
     p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
-    p.add_argument("--no-context", action="store_true",
-                   help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)")
+    p.add_argument(
+        "--no-context",
+        action="store_true",
+        help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)",
+    )
     p.add_argument("--profile", default="llama31-8b-h100", help="engine cost profile (default %(default)s)")
     p.add_argument("--sched-every", default="8", help="decode steps between scheduling points (default %(default)s)")
     p.add_argument("--levels", default=str(MLFQConfig().num_levels), help="number of queues K")
@@ -79,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
 
 
-def _number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
+def parse_number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
     try:
         value = cast(text)
     except ValueError:
@@ -118,7 +126,7 @@ def _rates(text: str) -> list[float]:
 
 
 def _fractions(text: str) -> list[float]:
-    return [_number(x.strip(), "--fractions item", float, 0.0) for x in text.split(",")]
+    return [parse_number(x.strip(), "--fractions item", float, 0.0) for x in text.split(",")]
 
 
 def parse(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,19 +141,19 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
     balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--lb")
-    engines = _number(args.engines, "--engines", int, 1)
+    engines = parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
     try:
         targets = parse_targets(args.targets)
         cost = profile(args.profile)
         mlfq = MLFQConfig(
-            num_levels=_number(args.levels, "--levels", int, 1), beta=_number(args.beta, "--beta", float, 0.0)
+            num_levels=parse_number(args.levels, "--levels", int, 1), beta=parse_number(args.beta, "--beta", float, 0.0)
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    warmup = _number(args.warmup, "--warmup", float, 0.0)
-    drain = _number(args.drain, "--drain", float, 0.0)
+    warmup = parse_number(args.warmup, "--warmup", float, 0.0)
+    drain = parse_number(args.drain, "--drain", float, 0.0)
     if warmup + drain >= 1.0:
         raise UsageError("--warmup plus --drain must be below 1")
     config = SimConfig(
@@ -153,21 +161,28 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         engines=engines,
         balancer=balancers[0],
         cost=cost,
-        kv_scale=_number(args.kv_scale, "--kv-scale", float, 1e-3),
+        kv_scale=parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
         carry_context=not args.no_context,
-        sched_every_steps=_number(args.sched_every, "--sched-every", int, 1),
+        sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
         mlfq=mlfq,
     )
     source = WorkloadSource(
         name=workload,
-        programs=_number(args.programs, "--programs", int, 1),
-        seed=_number(args.seed, "--seed", int),
-        think_scale=_number(args.think_scale, "--think-scale", float, 0.0),
+        programs=parse_number(args.programs, "--programs", int, 1),
+        seed=parse_number(args.seed, "--seed", int),
+        think_scale=parse_number(args.think_scale, "--think-scale", float, 0.0),
     )
     return {
-        "source": source, "config": config, "policies": policies, "balancers": balancers,
-        "rates": _rates(args.rates), "targets": targets, "fractions": _fractions(args.fractions),
-        "warmup": warmup, "drain": drain, "jobs": _number(args.jobs, "--jobs", int, 1),
+        "source": source,
+        "config": config,
+        "policies": policies,
+        "balancers": balancers,
+        "rates": _rates(args.rates),
+        "targets": targets,
+        "fractions": _fractions(args.fractions),
+        "warmup": warmup,
+        "drain": drain,
+        "jobs": parse_number(args.jobs, "--jobs", int, 1),
     }
 
 
@@ -190,7 +205,12 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
     try:
         results = run_sweep(
-            source, opts["config"], points, warmup=opts["warmup"], drain=opts["drain"], jobs=opts["jobs"],
+            source,
+            opts["config"],
+            points,
+            warmup=opts["warmup"],
+            drain=opts["drain"],
+            jobs=opts["jobs"],
             on_done=lambda _: bar.update(1),
         )
     finally:
