@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -41,6 +42,7 @@ class TrackerService:
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
@@ -56,16 +58,21 @@ class TrackerService:
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
         await nc.flush()
-        self._gc_task = asyncio.create_task(self._gc_loop())
-        self._flush_task = asyncio.create_task(self._flush_loop())
+        self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
+        self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
         self.log.info("ready", root=self.config.root)
 
     async def stop(self) -> None:
-        for task in (self._gc_task, self._flush_task):
-            if task is not None:
+        # The loops end on their own at the stop event: cancelling one in the middle of a JetStream
+        # write could leave it waiting for ever (seen), so cancellation is only the fallback.
+        self._stopping.set()
+        tasks = [t for t in (self._gc_task, self._flush_task) if t is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=10)
+            for task in late:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if late:
+                await asyncio.wait(late, timeout=2)
         if self._nc is not None and not self._nc.is_closed:
             await self.store.flush()
             await self._nc.drain()
@@ -122,18 +129,23 @@ class TrackerService:
     async def _on_table(self, msg: Msg) -> None:
         await msg.respond(encode(ProgramTable(programs=self.table.summaries())))
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.flush_interval_s)
+    async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work`` every ``interval_s`` until the service stops."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=interval_s)
+            if self._stopping.is_set():
+                return
             try:
-                await self.store.flush()
+                await work()
             except Exception:
-                self.log.exception("process table flush failed; will retry")
+                self.log.exception("periodic tracker work failed; will retry", work=work.__name__)
 
-    async def _gc_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.gc_interval_s)
-            for update in self.table.expire(time.time()):
-                self.log.info("idle program forgotten", program_id=update.program_id)
-                self.store.mark_deleted(update.program_id)
-                await self._publish(self.subjects.program_service, update)
+    async def _flush(self) -> None:
+        await self.store.flush()
+
+    async def _collect_idle(self) -> None:
+        for update in self.table.expire(time.time()):
+            self.log.info("idle program forgotten", program_id=update.program_id)
+            self.store.mark_deleted(update.program_id)
+            await self._publish(self.subjects.program_service, update)
