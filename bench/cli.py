@@ -28,6 +28,8 @@ import time
 from typing import Any
 
 from autellix.engine.cost_model import profile
+from autellix.policy.balancer import BALANCER_NAMES
+from autellix.policy.variants import SERVING_POLICIES
 from autellix.sim.analysis import analyse, parse_targets
 from autellix.sim.cli import UsageError
 from autellix.sim.cli import parse_number as _num
@@ -35,7 +37,7 @@ from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.workload import WorkloadError
 
-POLICIES = ("fcfs", "mlfq", "plas", "atlas")
+POLICIES = SERVING_POLICIES
 
 DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else ""
 
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balancer",
         default="locality",
-        choices=("locality", "least-used", "round-robin"),
+        choices=BALANCER_NAMES,
         help="engine choice of the in-process mesh's scheduler (default %(default)s)",
     )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")

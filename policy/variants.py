@@ -89,6 +89,10 @@ _SPECS = {
 }
 
 
+#: the policies a live deployment can run (every one but the clairvoyant SRPT)
+SERVING_POLICIES: tuple[str, ...] = tuple(n for n in POLICY_NAMES if not _SPECS[n].oracle)
+
+
 def policy_spec(name: str) -> PolicySpec:
     try:
         return _SPECS[name]

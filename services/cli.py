@@ -14,13 +14,15 @@ import nats.errors
 import uvloop
 
 from autellix.engine.factory import BACKENDS
+from autellix.policy.balancer import BALANCER_NAMES
+from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
 
 from .logs import configure_logging
 from .nats_conn import DEFAULT_NATS_URL
 
-POLICIES = ("fcfs", "mlfq", "plas", "atlas")
-BALANCERS = ("locality", "least-used", "round-robin")
+POLICIES = SERVING_POLICIES
+BALANCERS = BALANCER_NAMES
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

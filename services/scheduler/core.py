@@ -16,6 +16,7 @@ import msgspec
 
 from autellix.policy.balancer import EngineLoad, make_balancer
 from autellix.policy.program_account import ProgramAccount, priority_for
+from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import (
     CallError,
     CallRequest,
@@ -26,7 +27,7 @@ from autellix.proto import (
     decode,
 )
 
-POLICIES = ("fcfs", "mlfq", "plas", "atlas")
+POLICIES = SERVING_POLICIES
 
 
 class RejectedCall(Exception):

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
@@ -114,10 +115,16 @@ class SchedulerService:
         if not reply_to:
             self.log.warning("call without a reply subject dropped", call_id=request.call_id)
             return
-        if not await self._dispatch(request, reply_to, now):
-            task = asyncio.create_task(self._dispatch_when_engine(request, reply_to, now))
-            self._waiting.add(task)
-            task.add_done_callback(self._waiting.discard)
+        if await self._dispatch(request, reply_to, now):
+            return
+        self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
+        error = CallError(
+            call_id=request.call_id,
+            program_id=request.program_id,
+            code=ErrorCode.NO_ENGINE,
+            message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
+        )
+        self._park(lambda: self._dispatch(request, reply_to, now), now + self.config.no_engine_wait_s, error, reply_to)
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
         self.log.warning(
@@ -180,18 +187,12 @@ class SchedulerService:
         self.log.info(
             "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)
         )
-        if await self._send(call) is None:
-            task = asyncio.create_task(self._handback_when_engine(call))
-            self._waiting.add(task)
-            task.add_done_callback(self._waiting.discard)
+        if await self._send(call) is not None:
+            return
 
-    async def _handback_when_engine(self, call: StampedCall) -> None:
-        deadline = time.time() + self.config.no_engine_wait_s
-        while (left := deadline - time.time()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
-            if await self._send(call) is not None:
-                return
+        async def send() -> bool:
+            return await self._send(call) is not None
+
         error = CallError(
             call_id=call.call_id,
             program_id=call.program_id,
@@ -201,7 +202,7 @@ class SchedulerService:
             ),
             attempt=call.attempt,
         )
-        await self._reject(error, call.reply_to)
+        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to)
 
     async def _watch_engines(self) -> None:
         """Tell the callers of calls on an engine that stopped heartbeating to resubmit them."""
@@ -220,20 +221,18 @@ class SchedulerService:
                     abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
                     await self._nc.publish(self.subjects.call_abort, encode(abort))
 
-    async def _dispatch_when_engine(self, request: CallRequest, reply_to: str, submitted: float) -> None:
-        deadline = submitted + self.config.no_engine_wait_s
-        self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
-        while (left := deadline - time.time()) > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
-            if await self._dispatch(request, reply_to, submitted):
-                return
-        await self._reject(
-            CallError(
-                call_id=request.call_id,
-                program_id=request.program_id,
-                code=ErrorCode.NO_ENGINE,
-                message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
-            ),
-            reply_to,
-        )
+    def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
+        """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;
+        then the caller gets ``error``. Runs as a task, so the subscription keeps serving."""
+
+        async def wait() -> None:
+            while (left := deadline - time.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+                if await attempt():
+                    return
+            await self._reject(error, reply_to)
+
+        task = asyncio.create_task(wait())
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
