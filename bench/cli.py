@@ -4,13 +4,16 @@ Modes:
 
 - ``--nats URL`` alone: replay against the mesh already running there (``autellix up``), whatever
   policy it runs; give ``--sim-time-scale`` the value the sim engines run with, so figures come out
-  in modelled seconds.
-- otherwise (or with ``--compare``): for each policy (``--compare fcfs,plas,atlas`` or ``--policy``)
-  and each rate, bring up a fresh in-process mesh (tracker, scheduler and ``--engines`` sim engines,
-  every service set to the policy, the engines' limits from the cost model) on an embedded
-  nats-server, or on ``--nats`` when given, replay the same programs, and print the figures side by
-  side with ratios to the first policy; with several ``--rates`` and FCFS among the policies, the
-  simulator's analysis (highest sustainable rate under each latency target).
+  in modelled seconds, and ``--policy``/``--balancer``/``--kv-scale`` the mesh's own, so that figures
+  are labelled, and ``--with-sim`` simulates, what actually ran.
+- otherwise (or with ``--compare``): for each policy (``--compare fcfs,plas,atlas`` or ``--policy``),
+  each balancer (``--balancer locality,round-robin``) and each rate, bring up a fresh in-process mesh
+  (tracker, scheduler and ``--engines`` sim engines, every service set to the policy, the engines'
+  limits from the cost model, KV budget times ``--kv-scale``) on an embedded nats-server, or on
+  ``--nats`` when given, replay the same programs, and print the figures side by side with ratios to
+  the first policy (and to the first balancer); with several ``--rates`` and FCFS among the policies,
+  the simulator's analysis (highest sustainable rate under each latency target, per balancer, at the
+  same absolute targets, and each balancer's rate over round-robin's).
 
 ``--with-sim`` also runs ``autellix sim`` on the same programs, policy, rate and engines and prints
 live / sim per figure.
@@ -25,6 +28,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from autellix.engine.cost_model import profile
@@ -69,8 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balancer",
         default="locality",
-        choices=BALANCER_NAMES,
-        help="engine choice of the in-process mesh's scheduler (default %(default)s)",
+        help=f"engine choice of the in-process mesh's scheduler: one of {','.join(BALANCER_NAMES)}, or a comma "
+        "list to compare (default %(default)s)",
+    )
+    p.add_argument(
+        "--kv-scale",
+        default="1.0",
+        help="multiply the cost model's KV budget of the in-process sim engines, as autellix sim (default %(default)s)",
     )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")
     p.add_argument(
@@ -113,6 +122,12 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
                 raise UsageError(f"unknown policy {pol!r} in --compare; expected {', '.join(POLICIES)}")
     else:
         policies = [args.policy]
+    balancers = list(dict.fromkeys(x.strip() for x in args.balancer.split(",") if x.strip()))
+    for lb in balancers:
+        if lb not in BALANCER_NAMES:
+            raise UsageError(f"unknown balancer {lb!r} in --balancer; expected {', '.join(BALANCER_NAMES)}")
+    if not balancers:
+        raise UsageError("--balancer needs at least one balancer")
     scale = _num(args.sim_time_scale, "--sim-time-scale", float, 0.0)
     if scale <= 0:
         raise UsageError("--sim-time-scale must be > 0 (figures are divided by it)")
@@ -129,6 +144,8 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "workload": workload,
         "rates": rates,
         "policies": policies,
+        "balancers": balancers,
+        "kv_scale": _num(args.kv_scale, "--kv-scale", float, 1e-3),
         "local": args.nats is None or bool(args.compare),
         "engines": _num(args.engines, "--engines", int, 1),
         "time_scale": scale,
@@ -161,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"autellix bench: error: cannot read {args.workload}: {e.strerror or e}", file=sys.stderr)
         return 2
-    cost = profile("llama31-8b-h100")
+    base = profile("llama31-8b-h100")
+    cost = replace(base, kv_budget_tokens=int(base.kv_budget_tokens * opts["kv_scale"]))
+    opts["kv_budget_tokens"] = cost.kv_budget_tokens
     config = ReplayConfig(
         time_scale=opts["time_scale"],
         carry_context=not args.no_context,
@@ -182,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(_jsonable(report), f, indent=1)
     print(points_table(points))
-    ratio_text = _ratios_text(report["ratios"], opts["policies"])
+    ratio_text = _ratios_text(report["ratios"])
     if ratio_text:
         print()
         print(ratio_text)
@@ -203,9 +222,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run_all(
     args: argparse.Namespace, opts: dict[str, Any], unit: list[Any], counts: dict[float, int], config: Any, cost: Any
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from tqdm import tqdm
-
-    from autellix.bench.live import PointSpec, run_point, simulate_point
+    from autellix.bench.live import simulate_point
     from autellix.services.embedded_nats import EmbeddedNats
 
     broker: EmbeddedNats | None = None
@@ -218,53 +235,54 @@ async def _run_all(
     try:
         for rate in opts["rates"]:
             programs = unit[: counts[rate]]
-            for policy in opts["policies"]:
-                bar = tqdm(
-                    total=len(programs),
-                    desc=f"{policy} @ {rate:g}/s",
-                    unit="prog",
-                    file=sys.stderr,
-                    disable=args.no_progress,
-                )
-                failed = 0
-
-                def on_program(ok: bool, bar: Any = bar) -> None:
-                    nonlocal failed
-                    failed += not ok
-                    bar.update(1)
-                    if failed:
-                        bar.set_postfix(failed=failed)
-
-                started = time.perf_counter()
-                try:
-                    point = await run_point(
-                        url,
-                        args.root,
-                        programs,
-                        PointSpec(policy, rate),
-                        config,
-                        opts["engines"],
-                        opts["local"],
-                        cost=cost,
-                        on_program=on_program,
-                        pace=not args.no_pace,
-                        balancer=args.balancer,
-                    )
-                finally:
-                    bar.close()
-                point["engines"] = opts["engines"]
-                point["programs"] = len(programs)
-                point["run_s"] = time.perf_counter() - started
-                points.append(point)
-                if args.with_sim:
-                    sims.append(
-                        simulate_point(programs, policy, rate, opts["engines"], config, cost=cost)
-                        | {"engines": opts["engines"], "programs": len(programs)}
-                    )
+            for balancer in opts["balancers"]:
+                for policy in opts["policies"]:
+                    label = policy if len(opts["balancers"]) == 1 else f"{policy}/{balancer}"
+                    point = await _run_one(args, opts, url, programs, policy, balancer, rate, f"{label} @ {rate:g}/s",
+                                           config, cost)
+                    points.append(point)
+                    if args.with_sim:
+                        sims.append(
+                            simulate_point(programs, policy, rate, opts["engines"], config, cost=cost,
+                                           balancer=balancer)
+                            | {"engines": opts["engines"], "programs": len(programs)}
+                        )
     finally:
         if broker is not None:
             broker.stop()
     return points, sims
+
+
+async def _run_one(
+    args: argparse.Namespace, opts: dict[str, Any], url: str, programs: list[Any], policy: str, balancer: str,
+    rate: float, desc: str, config: Any, cost: Any,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from autellix.bench.live import PointSpec, run_point
+
+    bar = tqdm(total=len(programs), desc=desc, unit="prog", file=sys.stderr, disable=args.no_progress)
+    failed = 0
+
+    def on_program(ok: bool) -> None:
+        nonlocal failed
+        failed += not ok
+        bar.update(1)
+        if failed:
+            bar.set_postfix(failed=failed)
+
+    started = time.perf_counter()
+    try:
+        point = await run_point(
+            url, args.root, programs, PointSpec(policy, rate), config, opts["engines"], opts["local"],
+            cost=cost, on_program=on_program, pace=not args.no_pace, balancer=balancer,
+        )
+    finally:
+        bar.close()
+    point["engines"] = opts["engines"]
+    point["programs"] = len(programs)
+    point["run_s"] = time.perf_counter() - started
+    return point
 
 
 def _report(
@@ -285,6 +303,8 @@ def _report(
         "seed": opts["seed"],
         "programs_per_rate": {f"{r:g}": n for r, n in counts.items()},
         "engines": opts["engines"],
+        "kv_scale": opts["kv_scale"],
+        "kv_budget_tokens": opts["kv_budget_tokens"],
         "mesh": "in-process" if opts["local"] else f"{args.nats} (running mesh)",
         "time_scale": opts["time_scale"],
         "paced": opts["local"] and not args.no_pace,
@@ -293,14 +313,16 @@ def _report(
         "units": "modelled seconds (real seconds / time_scale)",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
         "points": points,
-        "ratios": _ratios(points, opts["policies"]),
+        "ratios": _ratios(points, opts["policies"], opts["balancers"]),
     }
     if "fcfs" in opts["policies"] and all("token_latency_s_mean" in p for p in points):
-        report["analysis"] = analyse(points, opts["policies"], ["locality"], opts["targets"], opts["fractions"])
+        report["analysis"] = analyse(
+            points, opts["policies"], opts["balancers"], opts["targets"], opts["fractions"]
+        )
     if sims:
         report["sim_points"] = sims
         report["agreement"] = [
-            {"policy": p["policy"], "rate": p["rate"], "live_over_sim": agreement(p, s)}
+            {"policy": p["policy"], "balancer": p["balancer"], "rate": p["rate"], "live_over_sim": agreement(p, s)}
             for p, s in zip(points, sims, strict=True)
         ]
     return report
@@ -319,31 +341,46 @@ RATIO_KEYS = (
 )
 
 
-def _ratios(points: list[dict[str, Any]], policies: list[str]) -> list[dict[str, Any]]:
-    """Each policy's figures over the first policy's at the same rate (below 1 = lower latency)."""
+def _ratios(points: list[dict[str, Any]], policies: list[str], balancers: list[str]) -> list[dict[str, Any]]:
+    """Each point's figures over the first policy's with the same balancer and rate, and, with several
+    balancers, over the same policy's with the first balancer (below 1 = lower latency)."""
     out = []
-    base_pol = policies[0]
+
+    def find(policy: str, balancer: str, rate: float) -> dict[str, Any] | None:
+        return next(
+            (b for b in points if b["policy"] == policy and b["balancer"] == balancer and b["rate"] == rate), None
+        )
+
     for p in points:
-        base = next((b for b in points if b["policy"] == base_pol and b["rate"] == p["rate"]), None)
-        if base is None or p["policy"] == base_pol:
-            continue
-        ratios = {}
-        for k in RATIO_KEYS:
-            a, b = p.get(k), base.get(k)
-            ratios[k] = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
-        out.append({"policy": p["policy"], "rate": p["rate"], "over": base_pol, "ratios": ratios})
+        bases = []
+        if p["policy"] != policies[0]:
+            bases.append((find(policies[0], p["balancer"], p["rate"]), policies[0]))
+        if p["balancer"] != balancers[0]:
+            bases.append((find(p["policy"], balancers[0], p["rate"]), balancers[0]))
+        for base, over in bases:
+            if base is None:
+                continue
+            ratios = {}
+            for k in RATIO_KEYS:
+                a, b = p.get(k), base.get(k)
+                ratios[k] = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
+            out.append(
+                {"policy": p["policy"], "balancer": p["balancer"], "rate": p["rate"], "over": over, "ratios": ratios}
+            )
     return out
 
 
-def _ratios_text(ratios: list[dict[str, Any]], policies: list[str]) -> str:
+def _ratios_text(ratios: list[dict[str, Any]]) -> str:
     if not ratios:
         return ""
-    lines = [f"ratio to {policies[0]} at the same rate (latency: below 1 is better)"]
-    head = f"{'policy':<6} {'rate':>7} | " + " ".join(f"{k.replace('_s_', ' '):>14}" for k in RATIO_KEYS)
+    lines = ["ratio to the point named in 'over' at the same rate (latency: below 1 is better)"]
+    head = f"{'policy/balancer':<18} {'over':<12} {'rate':>7} | " + " ".join(
+        f"{k.replace('_s_', ' '):>14}" for k in RATIO_KEYS
+    )
     lines += [head, "-" * len(head)]
     for r in ratios:
         cells = " ".join(f"{'-' if v is None else f'{v:.3f}':>14}" for v in r["ratios"].values())
-        lines.append(f"{r['policy']:<6} {r['rate']:>7.3g} | {cells}")
+        lines.append(f"{r['policy'] + '/' + r['balancer']:<18} {r['over']:<12} {r['rate']:>7.3g} | {cells}")
     return "\n".join(lines)
 
 
@@ -351,7 +388,7 @@ def _agreement_text(rows: list[dict[str, Any]]) -> str:
     lines = ["live / sim (same programs, policy, rate, engines, cost model)"]
     for row in rows:
         cells = [f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in row["live_over_sim"].items()]
-        lines.append(f"  {row['policy']} @ {row['rate']:g}/s: " + "  ".join(cells))
+        lines.append(f"  {row['policy']}/{row['balancer']} @ {row['rate']:g}/s: " + "  ".join(cells))
     return "\n".join(lines)
 
 

@@ -444,12 +444,12 @@ async def run_point(
         engine_stats=stats if mesh is not None else None,
         boundaries=bounds if mesh is not None else (),
     )
-    return {"balancer": balancer if local else "the mesh's", "policy": point.policy, "rate": point.rate, **figs}
+    return {"balancer": balancer, "policy": point.policy, "rate": point.rate, **figs}
 
 
 def simulate_point(
     programs_unit: Sequence[ProgramSpec], policy: str, rate: float, engines: int, config: ReplayConfig,
-    cost: CostModel | None = None, sched_every: int = 8,
+    cost: CostModel | None = None, sched_every: int = 8, balancer: str = "locality",
 ) -> dict[str, Any]:
     """The same point in the simulator (``autellix sim``'s own code path)."""
     from autellix.sim.sweep import SweepPoint
@@ -457,9 +457,9 @@ def simulate_point(
 
     base = SimConfig(
         policy=policy, engines=engines, cost=cost or llama31_8b_h100(), carry_context=config.carry_context,
-        sched_every_steps=sched_every,
+        sched_every_steps=sched_every, balancer=balancer,
     )
-    return sim_run_point(programs_unit, base, SweepPoint("locality", policy, rate), config.warmup, config.drain)
+    return sim_run_point(programs_unit, base, SweepPoint(balancer, policy, rate), config.warmup, config.drain)
 
 
 AGREEMENT_KEYS = (

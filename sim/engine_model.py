@@ -20,8 +20,10 @@ running or waiting, and advances in *segments* of steps whose time comes from th
   swapped back in when it is readmitted, so it resumes where it stopped. Between scheduling points
   waiting calls are admitted when they fit, in queue order, stopping at the first that does not.
 - **prefix cache**: a finished call's prompt + output stays cached (LRU, in the KV the running
-  calls leave free); a new call whose context parent's context is cached here prefills only its
-  new input.
+  calls leave free). A new call prefills only past the longest cached prefix of its prompt, as an
+  engine matching cached blocks by content does: its context parent's context when that call (or any
+  call whose context extends it, a sibling's say) is cached here, else the nearest ancestor's along
+  the context chain whose context is, else nothing.
 - **service** of a call is the time the engine spent on steps while the call was in the batch.
 
 A segment is a single step when any call is prefilling, else a run of ``k`` pure decode steps with
@@ -69,9 +71,9 @@ class SimCall:
     spec: CallSpec
     prompt_tokens: int
     output_tokens: int
-    #: key of the call whose context this prompt extends, and how many tokens a hit saves
-    history_key: str | None = None
-    history_tokens: int = 0
+    #: the call whose context (prompt + output) this prompt extends, None when it extends none or
+    #: the history was truncated to fit; a cache hit saves that call's context, or an ancestor's
+    history: SimCall | None = None
     submit_s: float = 0.0
     engine: int = -1
     state: int = QUEUED
@@ -115,8 +117,11 @@ class SimEngine:
         self.queued_tokens = 0
         self._finish: list[tuple[int, int, str, int]] = []
         self._extra_s = 0.0
-        self._cache: OrderedDict[str, int] = OrderedDict()
+        #: call key -> (the call, tokens cached), least recently used first
+        self._cache: OrderedDict[str, tuple[SimCall, int]] = OrderedDict()
         self._cache_tokens = 0
+        #: call key -> how many cached entries hold that call's context as their prefix
+        self._covered: dict[str, int] = {}
         # current segment
         self.busy = False
         self.version = 0
@@ -267,7 +272,7 @@ class SimEngine:
         del self.calls[c.key]
         self.queue.remove(c.key)
         if self.config.prefix_cache:
-            self._cache_put(c.key, c.prompt_tokens + c.output_tokens)
+            self._cache_put(c)
 
     # --- planning -----------------------------------------------------------------------------
     def plan(self, now: float) -> float | None:
@@ -330,10 +335,7 @@ class SimEngine:
         self.queued_tokens -= self._need(c)
         c.admissions += 1
         if c.state == QUEUED:
-            hit = 0
-            if c.history_key is not None and c.history_key in self._cache:
-                hit = min(self._cache[c.history_key], c.history_tokens, c.prompt_tokens - 1)
-                self._cache.move_to_end(c.history_key)
+            hit = self._cache_hit(c)
             c.prefilled = c.cached_tokens = hit
             self.stat_cache_hit_tokens += hit
             self.stat_prompt_tokens += c.prompt_tokens
@@ -424,19 +426,48 @@ class SimEngine:
         return self.seg_end
 
     # --- prefix cache -------------------------------------------------------------------------
-    def _cache_put(self, key: str, tokens: int) -> None:
-        old = self._cache.pop(key, None)
-        if old is not None:
-            self._cache_tokens -= old
-        self._cache[key] = tokens
+    def _cache_put(self, c: SimCall) -> None:
+        """Cache ``c``'s context; it covers its own context and every ancestor's on its chain."""
+        if c.key in self._cache:
+            self._cache_evict(c.key)
+        tokens = c.prompt_tokens + c.output_tokens
+        self._cache[c.key] = (c, tokens)
         self._cache_tokens += tokens
+        covered = self._covered
+        a: SimCall | None = c
+        while a is not None:
+            covered[a.key] = covered.get(a.key, 0) + 1
+            a = a.history
         self._cache_trim()
+
+    def _cache_evict(self, key: str) -> None:
+        c, tokens = self._cache.pop(key)
+        self._cache_tokens -= tokens
+        covered = self._covered
+        a: SimCall | None = c
+        while a is not None:
+            n = covered[a.key] - 1
+            if n:
+                covered[a.key] = n
+            else:
+                del covered[a.key]
+            a = a.history
+
+    def _cache_hit(self, c: SimCall) -> int:
+        """Prompt tokens of ``c`` the cache saves: the nearest covered ancestor's context."""
+        a = c.history
+        while a is not None:
+            if a.key in self._covered:
+                if a.key in self._cache:
+                    self._cache.move_to_end(a.key)
+                return min(a.prompt_tokens + a.output_tokens, c.prompt_tokens - 1)
+            a = a.history
+        return 0
 
     def _cache_trim(self) -> None:
         free = self.kv_budget - self.kv_used
         while self._cache_tokens > free and self._cache:
-            _, tokens = self._cache.popitem(last=False)
-            self._cache_tokens -= tokens
+            self._cache_evict(next(iter(self._cache)))
 
     # --- checks -------------------------------------------------------------------------------
     def audit(self) -> None:

@@ -111,24 +111,19 @@ class _Program:
         self.calls: dict[str, SimCall] = {}
         self.children: dict[str, list[str]] = {c.call_id: [] for c in spec.calls}
         self.pending: dict[str, int] = {}
-        outputs = {c.call_id: c.output_tokens for c in spec.calls}
         for c in spec.calls:
-            hist_key = None
-            hist_tokens = 0
+            history = None
             if carry and c.context_parent is not None:
-                hist_tokens = prompts[c.context_parent] + outputs[c.context_parent]
-                if hist_tokens + c.new_prompt_tokens == prompts[c.call_id]:  # not truncated
-                    hist_key = f"{spec.program_id}/{c.context_parent}"
-                else:
-                    hist_tokens = 0
+                parent = self.calls[c.context_parent]
+                if parent.prompt_tokens + parent.output_tokens + c.new_prompt_tokens == prompts[c.call_id]:
+                    history = parent  # not truncated: the parent's whole context is this prompt's prefix
             self.calls[c.call_id] = SimCall(
                 key=f"{spec.program_id}/{c.call_id}",
                 program=self,
                 spec=c,
                 prompt_tokens=prompts[c.call_id],
                 output_tokens=c.output_tokens,
-                history_key=hist_key,
-                history_tokens=hist_tokens,
+                history=history,
             )
             self.pending[c.call_id] = len(c.parents)
             for p in c.parents:

@@ -11,6 +11,7 @@ import pytest
 
 from autellix.bench.live import ReplayConfig, Replayer, at_rate, load_programs, start_local_mesh
 from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.cost_model import llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend
 from autellix.services.cli import main as autellix_main
 from autellix.services.client import Client
@@ -92,19 +93,32 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
     code = autellix_main([
         "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs,plas",
         "--sim-time-scale", "0.02", "--engines", "2", "--json", str(out), "--no-progress", "--with-sim",
-        "--warmup", "0", "--drain", "0",
+        "--warmup", "0", "--drain", "0", "--balancer", "locality,round-robin", "--kv-scale", "0.5",
     ])
     assert code == 0
     report = json.loads(out.read_text())
-    assert [p["policy"] for p in report["points"]] == ["fcfs", "plas"]
+    assert [(p["policy"], p["balancer"]) for p in report["points"]] == [
+        ("fcfs", "locality"), ("plas", "locality"), ("fcfs", "round-robin"), ("plas", "round-robin"),
+    ]
     for point in report["points"]:
         missing = [k for k in FIGURES if k not in point]
         assert not missing, missing
         assert point["errors"] == 0 and point["programs_completed"] == 3
         assert point["calls_completed"] == point["calls_offered"] == 9
         assert point["latency_s_mean"] > 0 and point["ttft_s_p50"] > 0
-    assert report["ratios"][0]["policy"] == "plas" and report["ratios"][0]["over"] == "fcfs"
-    assert len(report["agreement"]) == 2 and "analysis" in report
+    assert report["kv_budget_tokens"] == llama31_8b_h100().kv_budget_tokens // 2
+    overs = {(r["policy"], r["balancer"], r["over"]) for r in report["ratios"]}
+    assert overs == {
+        ("plas", "locality", "fcfs"), ("plas", "round-robin", "fcfs"),
+        ("fcfs", "round-robin", "locality"), ("plas", "round-robin", "locality"),
+    }
+    # the simulator ran each point with the same balancer
+    assert [(a["policy"], a["balancer"]) for a in report["agreement"]] == [
+        (p["policy"], p["balancer"]) for p in report["points"]
+    ]
+    assert [s["balancer"] for s in report["sim_points"]] == [p["balancer"] for p in report["points"]]
+    assert "round-robin" in report["analysis"]["by_balancer"]
+    assert "balancer_ratio_to_round_robin" in report["analysis"]
 
 
 def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,6 +126,8 @@ def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert autellix_main(["bench", "--workload", "nope", "--rate", "1", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--compare", "x", "--json", out]) == 2
+    assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--balancer", "x", "--json", out]) == 2
+    assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--kv-scale", "0", "--json", out]) == 2
     assert "error" in capsys.readouterr().err
 
 
