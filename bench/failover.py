@@ -39,15 +39,6 @@ def _engine(url: str, root: str, engine_id: str, heartbeat: float, scale: float)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
 
 
-async def _until_live(scheduler: SchedulerService, n: int) -> None:
-    """Poll the scheduler's view until n engines are live (it has no event to wait on)."""
-    deadline = time.monotonic() + 60
-    while len(scheduler.core.live_engines(time.time())) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {n} engines came up")
-        await asyncio.sleep(0.05)
-
-
 async def _watch(stream: CallStream, resumed_at: dict[str, float]) -> None:
     async for _ in stream:
         if stream.attempt > 0 and stream.call_id not in resumed_at:
@@ -66,7 +57,7 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
         client = await Client.connect(url, root=root, timeout_s=120)
         delays: list[float] = []
         try:
-            await _until_live(scheduler, engines)
+            await scheduler.wait_for_engines(engines, 60)
             for k in range(kills):
                 resumed_at: dict[str, float] = {}
                 streams = [
@@ -86,7 +77,7 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
                 print(f"kill {k + 1}/{kills}: {len(moved)} calls resumed", file=sys.stderr)
                 new_id = f"r{k}"
                 procs[new_id] = _engine(url, root, new_id, heartbeat, scale)  # keep the engine count
-                await _until_live(scheduler, engines)
+                await scheduler.wait_for_engines(engines, 60)
         finally:
             await client.close()
             for p in procs.values():

@@ -395,11 +395,7 @@ async def start_local_mesh(
     ]
     for s in [tracker, scheduler, *services]:
         await s.start()
-    deadline = time.monotonic() + 10
-    while len(scheduler.core.live_engines(time.time())) < engines:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the scheduler saw {len(scheduler.core.engines)} of {engines} engines")
-        await asyncio.sleep(0.02)
+    await scheduler.wait_for_engines(engines, 10)
     return LocalMesh(url, root, policy, tracker, scheduler, services, backends)
 
 

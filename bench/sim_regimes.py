@@ -4,7 +4,8 @@ Runs, on the default engine profile (``llama31-8b-h100``):
 
 1. per workload (sharegpt, bfcl, lats, mixed) x KV budget (1/4, 1/2, 1x the profile's) x context
    carrying (on, off): all five policies on one engine over a grid of rates;
-2. 4 engines, mixed workload: FCFS, PLAS and ATLAS under round-robin and locality balancing.
+2. 4 engines, mixed workload (``--multi-workloads``): FCFS, PLAS and ATLAS under round-robin and
+   locality balancing. ``--only-multi`` runs this part alone.
 
 Rates: a first FCFS run at a rate far beyond any capacity measures the tokens/s the engine serves
 when saturated; ``cap`` = that / mean output tokens per program, and the grid is ``cap`` times
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-programs", type=int, default=500, help="programs per run elsewhere in the map")
     p.add_argument("--multi-programs", type=int, default=1500, help="programs per run with 4 engines")
     p.add_argument("--skip-multi", action="store_true")
+    p.add_argument("--only-multi", action="store_true", help="run only the 4-engine balancer comparison")
+    p.add_argument("--multi-workloads", default="mixed", help="workloads of the 4-engine comparison")
+    p.add_argument("--multi-policies", default="fcfs,plas,atlas", help="policies of the 4-engine comparison")
     p.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -173,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "regimes": results}, indent=1, default=str))
         out.with_suffix(".md").write_text(markdown(results, meta))
 
+    def run_multi() -> None:
+        for w in args.multi_workloads.split(","):
+            config = SimConfig(policy="fcfs", engines=4, balancer="round-robin")
+            results.append(regime(f"{w}/4-engines", WorkloadSource(w, args.multi_programs, 0), config,
+                                  args.multi_policies.split(","), ["round-robin", "locality"], args.jobs))
+            save()
+
+    if args.only_multi:
+        run_multi()
+        return 0
     plan = []
     for ctx in args.contexts.split(","):
         for kv in (float(x) for x in args.kv_scales.split(",")):
@@ -186,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                               config, POLICIES, ["locality"], args.jobs))
         save()
         if i == 3 and not args.skip_multi:  # after the headline regimes: the 4-engine comparison
-            config = SimConfig(policy="fcfs", engines=4, balancer="round-robin")
-            results.append(regime("mixed/4-engines", WorkloadSource("mixed", args.multi_programs, 0), config,
-                                  ["fcfs", "plas", "atlas"], ["round-robin", "locality"], args.jobs))
-            save()
+            run_multi()
     return 0
 
 

@@ -16,8 +16,10 @@ tracker. Calls in one program may run in parallel; ``parents`` names the calls a
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,6 +28,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from autellix.proto import (
@@ -84,6 +87,40 @@ def _messages(messages: MessagesLike | None) -> list[Message]:
     return [m if isinstance(m, Message) else Message(role=m["role"], content=m["content"]) for m in messages]
 
 
+class _Mailbox:
+    """A call's reply inbox: the subscription's callback queues each payload and wakes the reader.
+
+    Cheaper per message than ``Subscription.next_msg`` (which makes a task, a uuid and a
+    ``wait_for`` for every message): this sits on the path of every token chunk."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def put(self, msg: Msg) -> None:
+        self._items.append(msg.data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, wait_s: float) -> bytes | None:
+        """The next payload, or None when none arrives within ``wait_s`` seconds."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(wait_s, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._items:
+                return None
+        return self._items.popleft()
+
+
 class CallStream:
     """An async iterator over a call's text as it is generated; ``result`` once it ends.
 
@@ -100,6 +137,7 @@ class CallStream:
         self.call_id = request.call_id
         self._timeout_s = timeout_s
         self._sub: Subscription | None = None
+        self._mailbox = _Mailbox()
         self._inbox = ""
         self._started = 0.0
         self._first_at: float | None = None
@@ -112,7 +150,7 @@ class CallStream:
     async def _open(self) -> None:
         nc = self._client.nc
         self._inbox = nc.new_inbox()
-        self._sub = await nc.subscribe(self._inbox)
+        self._sub = await nc.subscribe(self._inbox, cb=self._mailbox.put)
         self._started = time.perf_counter()
         await self._submit()
 
@@ -144,15 +182,14 @@ class CallStream:
         assert self._sub is not None
         ack_left = self._client.ack_timeout_s - (time.perf_counter() - self._submitted_at)
         wait = self._timeout_s if self._accepted else max(0.01, min(self._timeout_s, ack_left))
-        try:
-            msg = await self._sub.next_msg(timeout=wait)
-        except nats.errors.TimeoutError:
+        data = await self._mailbox.get(wait)
+        if data is None:
             if not self._accepted:
                 await self._resubmit("no scheduler accepted the call")
                 return None
             await self.aclose()
-            raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s") from None
-        reply = decode_reply(msg.data)
+            raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s")
+        reply = decode_reply(data)
         if reply.attempt < self.attempt:
             return None  # a straggler of an attempt we gave up on
         if reply.attempt > self.attempt:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 
 from autellix.engine.backend import ModelBackend
@@ -71,11 +69,7 @@ async def start_mesh(
 
 
 async def wait_for_engines(scheduler: SchedulerService, n: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(scheduler.core.live_engines(time.time())) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"scheduler saw {len(scheduler.core.engines)} engines, wanted {n}")
-        await asyncio.sleep(0.02)
+    await scheduler.wait_for_engines(n, timeout_s)
 
 
 async def stop_mesh(mesh: Mesh) -> None:

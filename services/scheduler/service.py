@@ -204,6 +204,17 @@ class SchedulerService:
         )
         self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to)
 
+    async def wait_for_engines(self, n: int, timeout_s: float) -> None:
+        """Return once at least ``n`` engines are live in this scheduler's view (woken by their
+        heartbeats); TimeoutError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (live := len(self.core.live_engines(time.time()))) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the scheduler saw {live} of {n} engines live within {timeout_s:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+
     async def _watch_engines(self) -> None:
         """Tell the callers of calls on an engine that stopped heartbeating to resubmit them."""
         assert self._nc is not None
