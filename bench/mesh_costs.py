@@ -218,13 +218,7 @@ async def ttft_through_processes(url: str, n: int, time_scale: float) -> list[fl
     from autellix.services.client import Client
 
     root = f"ttft{uuid.uuid4().hex[:6]}"
-    common = ["--nats", url, "--root", root]
-    procs = [
-        _autellix("tracker", *common),
-        _autellix("scheduler", *common),
-        _autellix("engine", *common, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
-                  "--max-batch", "256", "--kv-tokens", "400000"),
-    ]
+    procs = _process_mesh(url, root, time_scale)
     out = []
     try:
         client = await Client.connect(url, root=root, timeout_s=60)
@@ -237,7 +231,7 @@ async def ttft_through_processes(url: str, n: int, time_scale: float) -> list[fl
         finally:
             await client.close()
     finally:
-        for proc in procs:
+        for proc in procs.values():
             _stop(proc)
     return out
 
@@ -249,6 +243,17 @@ def _autellix(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         [sys.executable, "-m", "autellix.services", *args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=full_env,
     )
+
+
+def _process_mesh(url: str, root: str, time_scale: float) -> dict[str, subprocess.Popen[str]]:
+    """Tracker, scheduler and one ``sim`` engine as separate ``autellix`` processes on ``url``/``root``."""
+    common = ["--nats", url, "--root", root]
+    return {
+        "tracker": _autellix("tracker", *common),
+        "scheduler": _autellix("scheduler", *common),
+        "engine": _autellix("engine", *common, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
+                            "--max-batch", "256", "--kv-tokens", "400000"),
+    }
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -308,13 +313,7 @@ async def measure_cpu(calls: int, concurrency: int, max_tokens: int) -> dict[str
 
     with EmbeddedNats(port=0) as broker:
         root = f"cpu{uuid.uuid4().hex[:6]}"
-        common = ["--nats", broker.url, "--root", root]
-        procs = {
-            "tracker": _autellix("tracker", *common),
-            "scheduler": _autellix("scheduler", *common),
-            "engine": _autellix("engine", *common, "--backend", "sim", "--sim-time-scale", "0",
-                                "--max-batch", "256", "--kv-tokens", "400000"),
-        }
+        procs = _process_mesh(broker.url, root, 0.0)
         try:
             await asyncio.sleep(3.0)  # imports and subscriptions
             await _drive(broker.url, root, 20, 4, max_tokens)  # warm up (first heartbeat, lazy paths)
