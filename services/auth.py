@@ -205,3 +205,20 @@ def redact_url(url: str) -> str:
         user = parts.username or ""
         out.append(urlunsplit((parts.scheme, f"{user}:***@{host}" if user else f"***@{host}", parts.path, "", "")))
     return ",".join(out)
+
+
+def default_credentials_path() -> Path:
+    """Where ``autellix up`` writes the client's credentials unless told otherwise."""
+    cache = Path(os.environ.get("AUTELLIX_CACHE", "~/.cache/autellix")).expanduser()
+    return cache / "credentials" / "client.creds"
+
+
+def init_deployment(directory: Path, subjects: Subjects) -> dict[str, Path]:
+    """Write a deployment's secrets: ``nats-auth.conf`` (include it from nats-server's configuration)
+    and one ``<role>.creds`` per role holding ``nats://<role>:<password>@nats:4222`` (edit the host
+    to match). Returns the files written, by role (and ``"server"``)."""
+    identities = make_identities()
+    out = {"server": write_private(directory / "nats-auth.conf", server_config(identities, subjects))}
+    for role, ident in identities.items():
+        out[role] = write_credentials(directory / f"{role}.creds", ident.url("nats://nats:4222"))
+    return out
