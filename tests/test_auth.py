@@ -92,7 +92,7 @@ async def test_no_connection_without_credentials(auth_server: str, identities: d
         await nats.connect(wrong, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0)
 
 
-async def _delivered(watcher: NATS, subject: str, publisher: NATS, payload: bytes) -> bool:
+async def _delivered(watcher: NATS, subject: str, publisher: NATS, payload: bytes, wait_s: float = 0.5) -> bool:
     """Whether a message ``publisher`` sends on ``subject`` reaches a subscriber allowed to read it."""
     got = asyncio.Event()
 
@@ -104,7 +104,7 @@ async def _delivered(watcher: NATS, subject: str, publisher: NATS, payload: byte
     await publisher.publish(subject, payload)
     await publisher.flush()
     try:
-        await asyncio.wait_for(got.wait(), 0.5)
+        await asyncio.wait_for(got.wait(), wait_s)
         return True
     except TimeoutError:
         return False
@@ -149,7 +149,7 @@ async def test_the_roles_that_own_a_subject_can_publish_it(auth_server: str, ide
     engine, errors = await connect_as(urls["engine"])
     tracker, _ = await connect_as(urls["tracker"])
     try:
-        assert await _delivered(tracker, f"{ROOT}.events.call.completed", engine, b"{}")
+        assert await _delivered(tracker, f"{ROOT}.events.call.completed", engine, b"{}", wait_s=10.0)
         assert not errors
     finally:
         await engine.close()
