@@ -2,6 +2,7 @@
 
 from .codec import decode, decode_reply, encode
 from .messages import (
+    REJECTED,
     CallAbort,
     CallAccepted,
     CallChunk,
@@ -25,6 +26,7 @@ from .subjects import DEFAULT_ROOT, SCHEDULER_QUEUE, TRACKER_QUEUE, Subjects
 
 __all__ = [
     "DEFAULT_ROOT",
+    "REJECTED",
     "SCHEDULER_QUEUE",
     "TRACKER_QUEUE",
     "CallAbort",

@@ -146,8 +146,7 @@ def cmd_service(args: argparse.Namespace) -> int:
         service = EngineService(_engine_config(args, url))
 
     async def main() -> int:
-        await run_until_signal([service])
-        return 0
+        return await run_until_signal([service])
 
     return _run(main())
 
@@ -156,7 +155,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
-    from .lifecycle import install_signal_handlers, stop_all
+    from .lifecycle import install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
 
@@ -206,11 +205,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 async with await Client.connect(url, root=tracker.config.root) as client:
                     await run_demo(client)
                 return 0
-            await stop.wait()
-            return 0
+            failed = await wait_for_stop(stop, started)
+            return 1 if failed else 0
         finally:
-            order = [s for s in [scheduler, *engines, tracker] if s in started]
-            await stop_all(order)
+            # engines drain in parallel: one drain timeout for the mesh, not one per engine
+            stages = [[scheduler], engines, [tracker]]
+            await stop_stages([[s for s in stage if s in started] for stage in stages])
 
     try:
         return _run(main())

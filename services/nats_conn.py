@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.aio.client import Client as NATS
 
 from .logs import get_logger
@@ -9,15 +11,23 @@ from .logs import get_logger
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
-async def connect(url: str, name: str, fail_fast: bool = False) -> NATS:
+async def connect(
+    url: str, name: str, fail_fast: bool = False, on_closed: Callable[[], None] | None = None
+) -> NATS:
     """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
-    connection gives up after a few tries. Once connected, both reconnect forever."""
+    connection gives up after a few tries. Once connected, both reconnect forever, but nats-py closes
+    a connection for good on some protocol errors from the server: ``on_closed`` then tells the
+    service (which fails its health unless it is the one closing)."""
     log = get_logger(name)
     nc = NATS()
 
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
             log.warning("nats disconnected", url=url)
+
+    async def closed() -> None:
+        if on_closed is not None:
+            on_closed()
 
     async def reconnected() -> None:
         log.info("nats reconnected", url=url)
@@ -35,6 +45,7 @@ async def connect(url: str, name: str, fail_fast: bool = False) -> NATS:
         allow_reconnect=True,
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
+        closed_cb=closed,
         error_cb=error,
     )
     nc.options["max_reconnect_attempts"] = -1  # nats-py reads this on every reconnect

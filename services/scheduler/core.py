@@ -26,6 +26,7 @@ from autellix.proto import (
     StampedCall,
     decode,
 )
+from autellix.proto.limits import MAX_TEMPERATURE, check_shape, explain, is_id, is_subject
 
 POLICIES = SERVING_POLICIES
 
@@ -143,7 +144,10 @@ class SchedulerCore:
 
     # -- a submission ---------------------------------------------------------------------------
     def parse(self, data: bytes, reply: str) -> CallRequest:
-        """Decode and validate a submission; raises :class:`RejectedCall` with the error to send."""
+        """Decode and validate a submission; raises :class:`RejectedCall` with the error to send.
+
+        Every bound is checked here, before anything is used (:mod:`autellix.proto.limits`); a
+        rejection keeps whatever call id, program id and reply subject were readable and valid."""
         try:
             request = decode(data, CallRequest)
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
@@ -153,9 +157,14 @@ class SchedulerCore:
                     CallError(call_id="", code=ErrorCode.BAD_JSON, message=f"the request is not valid JSON: {exc}"),
                     reply,
                 ) from None
-            call_id, reply_to = _salvage_ids(raw)
+            call_id, program_id, reply_to = _salvage_ids(raw)
             raise RejectedCall(
-                CallError(call_id=call_id, code=ErrorCode.BAD_FIELD, message=f"invalid call request: {exc}"),
+                CallError(
+                    call_id=call_id,
+                    program_id=program_id,
+                    code=ErrorCode.BAD_FIELD,
+                    message=f"invalid call request: {explain(exc)}",
+                ),
                 reply_to or reply,
             ) from None
         reply_to = request.reply_to or reply
@@ -178,8 +187,10 @@ class SchedulerCore:
             )
         if not request.messages and not request.prompt:
             raise reject(ErrorCode.EMPTY_MESSAGES, "the call has no messages and no prompt: give at least one")
-        if request.temperature < 0:
-            raise reject(ErrorCode.BAD_FIELD, f"temperature must be >= 0, got {request.temperature}")
+        if not 0 <= request.temperature <= MAX_TEMPERATURE:
+            raise reject(
+                ErrorCode.BAD_FIELD, f"temperature must be within 0 .. {MAX_TEMPERATURE:g}, got {request.temperature}"
+            )
         if request.call_id:
             return request
         return msgspec.structs.replace(request, call_id=call_id)
@@ -229,17 +240,22 @@ class SchedulerCore:
 
 
 def _raw_json(data: bytes) -> object | None:
-    """The request as untyped JSON; None when it is not JSON at all."""
+    """The request as untyped JSON; None when it is not JSON at all, or too large or deep to read."""
     try:
+        check_shape(data)
         return msgspec.json.decode(data)
     except msgspec.DecodeError:
         return None
 
 
-def _salvage_ids(raw: object) -> tuple[str, str]:
-    """call_id and reply_to from a request that failed validation, when they are readable."""
+def _salvage_ids(raw: object) -> tuple[str, str, str]:
+    """call_id, program_id and reply_to from a request that failed validation, each only when it is
+    readable and within its limits (an invalid reply_to is never used: the NATS reply subject is)."""
     if not isinstance(raw, dict):
-        return "", ""
-    call_id = raw.get("call_id")
-    reply_to = raw.get("reply_to")
-    return (call_id if isinstance(call_id, str) else ""), (reply_to if isinstance(reply_to, str) else "")
+        return "", "", ""
+    call_id, program_id, reply_to = raw.get("call_id"), raw.get("program_id"), raw.get("reply_to")
+    return (
+        call_id if is_id(call_id) else "",  # type: ignore[return-value]
+        program_id if is_id(program_id) else "",
+        reply_to if isinstance(reply_to, str) and is_subject(reply_to) else "",
+    )

@@ -34,6 +34,7 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
@@ -55,6 +56,7 @@ class SchedulerService:
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._throttle = LogThrottle()
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
@@ -89,13 +91,13 @@ class SchedulerService:
         try:
             self.core.on_program_service(decode(msg.data, ProgramService))
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad program-service update dropped", error=str(exc))
+            self._throttle.log(self.log, "bad program-service update dropped", error=str(exc)[:300])
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             hb = decode(msg.data, EngineHeartbeat)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad heartbeat dropped", error=str(exc))
+            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
@@ -113,7 +115,7 @@ class SchedulerService:
             return
         reply_to = request.reply_to or msg.reply
         if not reply_to:
-            self.log.warning("call without a reply subject dropped", call_id=request.call_id)
+            self._throttle.log(self.log, "call without a reply subject dropped", call_id=request.call_id)
             return
         if await self._dispatch(request, reply_to, now):
             return
@@ -127,10 +129,18 @@ class SchedulerService:
         self._park(lambda: self._dispatch(request, reply_to, now), now + self.config.no_engine_wait_s, error, reply_to)
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
-        self.log.warning(
-            "call rejected", call_id=error.call_id, program_id=error.program_id, code=error.code, reason=error.message
+        self._throttle.log(
+            self.log,
+            "call rejected",
+            key=f"rejected {error.code}",
+            call_id=error.call_id,
+            program_id=error.program_id,
+            code=error.code,
+            reason=error.message[:300],
         )
-        if reply_to and self._nc is not None:
+        if not reply_to:
+            self._throttle.log(self.log, "rejected call had no reply subject", call_id=error.call_id)
+        elif self._nc is not None:
             await self._nc.publish(reply_to, encode(error))
 
     async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float) -> bool:
@@ -173,7 +183,7 @@ class SchedulerService:
         try:
             event = decode(msg.data, CallCompleted)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad call-completed event dropped", error=str(exc))
+            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
             return
         self.core.on_completed(event.call_id, event.engine_id)
 
@@ -182,7 +192,7 @@ class SchedulerService:
         try:
             call = decode(msg.data, StampedCall)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad handed-back call dropped", error=str(exc))
+            self._throttle.log(self.log, "bad handed-back call dropped", error=str(exc)[:300])
             return
         self.log.info(
             "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)
