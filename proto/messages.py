@@ -68,6 +68,9 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
+    # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
+    # than the deployment's deadline): the deployment's.
+    deadline_s: Seconds = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ class ErrorCode:
     NO_ENGINE = "no_engine"
     ENGINE_STOPPED = "engine_stopped"
     ABORTED = "aborted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
 
 
@@ -179,6 +183,8 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     # The program's figures when stamped, for the engine's anti-starvation rule.
     program_service_s: Seconds = 0.0
     program_wait_s: Seconds = 0.0
+    # When the call fails with "deadline_exceeded" (Unix seconds; 0: none). Kept across hand-backs.
+    deadline_at: Epoch = 0.0
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ told to resubmit).
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from dataclasses import dataclass
 
@@ -60,6 +61,8 @@ class Routed:
     program_id: str
     reply_to: str
     attempt: int
+    #: when the call fails with ``deadline_exceeded`` (0: never)
+    deadline_at: float = 0.0
 
 
 def estimate_prompt_tokens(call: CallRequest | StampedCall) -> int:
@@ -76,6 +79,7 @@ class SchedulerCore:
         engine_timeout_factor: float = 3.0,
         scheduler_id: str = "",
         balancer: str = "locality",
+        call_deadline_s: float = 600.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -90,6 +94,11 @@ class SchedulerCore:
         self.balancer = make_balancer(balancer)
         #: engine id -> call id -> the call, for calls routed here and not completed yet
         self.routed: dict[str, dict[str, Routed]] = {}
+        if call_deadline_s <= 0:
+            raise ValueError(f"the call deadline must be > 0 seconds, got {call_deadline_s}")
+        self.call_deadline_s = call_deadline_s
+        #: (deadline, engine id, call id) of routed calls, earliest first; stale entries skipped
+        self._deadlines: list[tuple[float, str, str]] = []
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
@@ -122,13 +131,33 @@ class SchedulerCore:
         return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
 
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
-        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt)
+        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at)
         self.routed.setdefault(engine_id, {})[call.call_id] = routed
+        if call.deadline_at:
+            heapq.heappush(self._deadlines, (call.deadline_at, engine_id, call.call_id))
+
+    def expired(self, now: float) -> list[tuple[str, Routed]]:
+        """Routed calls past their deadline, each with its engine; they are forgotten here."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, engine_id, call_id = heapq.heappop(self._deadlines)
+            routed = self.routed.get(engine_id, {}).get(call_id)
+            if routed is None or routed.deadline_at != deadline:
+                continue  # completed, or routed again since
+            del self.routed[engine_id][call_id]
+            out.append((engine_id, routed))
+        return out
 
     def on_completed(self, call_id: str, engine_id: str) -> None:
         calls = self.routed.get(engine_id)
         if calls is not None:
             calls.pop(call_id, None)
+        if len(self._deadlines) > 1024 and len(self._deadlines) > 4 * sum(map(len, self.routed.values())):
+            # entries of completed calls wait for their deadline to be skipped: drop them in bulk
+            self._deadlines = [
+                d for d in self._deadlines if (r := self.routed.get(d[1], {}).get(d[2])) and r.deadline_at == d[0]
+            ]
+            heapq.heapify(self._deadlines)
 
     def dead_engines(self, now: float) -> list[tuple[str, list[Routed]]]:
         """Engines whose heartbeats stopped, each with the calls routed there still in flight.
@@ -217,7 +246,14 @@ class SchedulerCore:
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
             resume_token_ids=request.resume_token_ids,
             attempt=request.attempt,
+            deadline_at=now + self.deadline_for(request),
         )
+
+    def deadline_for(self, request: CallRequest) -> float:
+        """The call's own deadline when it asks for a shorter one than the deployment's."""
+        if 0 < request.deadline_s < self.call_deadline_s:
+            return request.deadline_s
+        return self.call_deadline_s
 
     def route(self, call: CallRequest | StampedCall, now: float) -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting

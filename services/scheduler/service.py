@@ -34,6 +34,7 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
@@ -49,7 +50,10 @@ class SchedulerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.core = SchedulerCore(
-            policy=config.policy, max_tokens_ceiling=config.max_tokens_ceiling, balancer=config.balancer
+            policy=config.policy,
+            max_tokens_ceiling=config.max_tokens_ceiling,
+            balancer=config.balancer,
+            call_deadline_s=config.call_deadline_s,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         self._nc: NATS | None = None
@@ -57,10 +61,12 @@ class SchedulerService:
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
+        self.health = Health(self.name)
+        self._stopping = False
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler")
+        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler", on_closed=self._on_closed)
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
@@ -69,9 +75,19 @@ class SchedulerService:
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
         self._watchdog = asyncio.create_task(self._watch_engines())
+        self._watchdog.add_done_callback(self._on_watchdog_done)
         self.log.info("ready", policy=self.config.policy, balancer=self.config.balancer)
 
+    def _on_closed(self) -> None:
+        if not self._stopping:
+            self.health.fail("the NATS connection closed")
+
+    def _on_watchdog_done(self, task: asyncio.Task[None]) -> None:
+        if not self._stopping and not task.cancelled():
+            self.health.fail(f"the engine watchdog ended: {task.exception()!r}")
+
     async def stop(self) -> None:
+        self._stopping = True
         if self._nc is None or self._nc.is_closed:
             return
         if self._watchdog is not None:
@@ -226,21 +242,41 @@ class SchedulerService:
                 await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
 
     async def _watch_engines(self) -> None:
-        """Tell the callers of calls on an engine that stopped heartbeating to resubmit them."""
-        assert self._nc is not None
+        """Every 0.1 s: calls past their deadline, engines that stopped heartbeating. A round that
+        fails (a publish refused while reconnecting) is logged and the next one goes on."""
         while True:
             await asyncio.sleep(0.1)
-            for engine_id, orphans in self.core.dead_engines(time.time()):
-                self.log.warning("engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
-                for routed in orphans:
-                    retry = CallRetry(
-                        call_id=routed.call_id,
-                        attempt=routed.attempt,
-                        reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
-                    )
-                    await self._nc.publish(routed.reply_to, encode(retry))
-                    abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
-                    await self._nc.publish(self.subjects.call_abort, encode(abort))
+            try:
+                await self._watch_once()
+            except Exception as exc:
+                self._throttle.log(self.log, "engine watchdog round failed", error=str(exc) or type(exc).__name__)
+
+    async def _watch_once(self) -> None:
+        assert self._nc is not None
+        now = time.time()
+        for engine_id, routed in self.core.expired(now):
+            self._throttle.log(self.log, "call deadline exceeded", call_id=routed.call_id, engine_id=engine_id)
+            error = CallError(
+                call_id=routed.call_id,
+                program_id=routed.program_id,
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message=f"the call did not finish within its deadline ({self.config.call_deadline_s:g} s at most)",
+                attempt=routed.attempt,
+            )
+            await self._nc.publish(routed.reply_to, encode(error))
+            abort = CallAbort(call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id)
+            await self._nc.publish(self.subjects.call_abort, encode(abort))
+        for engine_id, orphans in self.core.dead_engines(now):
+            self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
+            for routed in orphans:
+                retry = CallRetry(
+                    call_id=routed.call_id,
+                    attempt=routed.attempt,
+                    reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
+                )
+                await self._nc.publish(routed.reply_to, encode(retry))
+                abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                await self._nc.publish(self.subjects.call_abort, encode(abort))
 
     def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
         """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;
