@@ -153,6 +153,7 @@ class ErrorCode:
     ENGINE_STOPPED = "engine_stopped"
     ABORTED = "aborted"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 

@@ -310,3 +310,82 @@ async def test_call_past_its_deadline_fails_clearly_and_is_dropped(nats_url: str
     finally:
         await nc.close()
         await stop_mesh(m)
+
+
+# -- shutdown: SIGTERM ends a service that cannot reach its broker --------------------------------------
+def test_sigterm_ends_a_service_still_connecting() -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, AUTELLIX_LOG_LEVEL="info")
+    cmd = [sys.executable, "-m", "autellix.services.cli", "scheduler", "--nats", f"nats://127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # it has started and is trying to connect
+            if b'"starting"' in line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 130
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- backpressure: bounded queues shed with rate_limited ---------------------------------------------
+async def test_engine_sheds_past_its_waiting_limit(nats_url: str, root: str) -> None:
+    from meshkit import start_mesh, stop_mesh, wait_for_engines
+
+    from autellix.engine.factory import BackendSpec
+    from autellix.services.engine.config import EngineConfig
+    from autellix.services.engine.service import EngineService
+
+    m = await start_mesh(nats_url, root, engines=0)
+    spec = BackendSpec(name="sim", sim_time_scale=1.0, max_batch=2)
+    engine = EngineService(EngineConfig(nats_url=nats_url, root=root, engine_id="small", backend=spec, max_waiting=1,
+                                        heartbeat_s=0.2))  # fmt: skip
+    await engine.start()
+    nc = await nats.connect(nats_url)
+    try:
+        await wait_for_engines(m.scheduler, 1)
+        requests = [
+            nc.request(Subjects(root).call_submit, json.dumps(
+                {"program_id": f"bp{i}", "prompt": "x", "max_tokens": 30, "stream": False}).encode(), timeout=20)
+            for i in range(6)
+        ]  # fmt: skip
+        replies = [decode_reply(r.data) for r in await asyncio.gather(*requests)]
+        shed = [r for r in replies if isinstance(r, CallError)]
+        assert len(shed) == 3 and all(r.code == "rate_limited" and "limit" in r.message for r in shed)
+        assert sum(isinstance(r, CallFinal) for r in replies) == 3
+        await _until(lambda: all(not e.active_calls for e in (m.tracker.table.get(f"bp{i}") for i in range(6)) if e))
+    finally:
+        await nc.close()
+        await engine.stop()
+        await stop_mesh(m)
+
+
+def test_scheduler_limits_calls_in_flight_per_program() -> None:
+    from autellix.services.scheduler.core import RejectedCall, SchedulerCore
+
+    core = SchedulerCore(max_calls_per_program=2)
+    body = b'{"program_id": "greedy", "prompt": "x", "reply_to": "r"}'
+    for _ in range(2):
+        request = core.parse(body, "")
+        core.on_routed(core.stamp(request, "r", 0.0), "e1")
+    with pytest.raises(RejectedCall) as info:
+        core.parse(body, "")
+    assert info.value.error.code == "rate_limited" and info.value.error.program_id == "greedy"
+    core.parse(b'{"program_id": "other", "prompt": "x"}', "r")  # other programs are not held back
+    core.on_completed(request.call_id, "e1")
+    assert core.parse(body, "").program_id == "greedy"

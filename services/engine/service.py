@@ -186,6 +186,13 @@ class EngineService:
                 if replaced is not None:
                     await self._completed(replaced, finish_reason="abort")
                 self._inflight.pop(call.call_id, None)
+            if len(self._inflight) >= self.config.backend.max_batch + self.config.max_waiting:
+                problem = (
+                    f"engine {self.engine_id} already holds {len(self._inflight)} calls, its limit;"
+                    " try again later"
+                )
+                await self._reject(call, ErrorCode.RATE_LIMITED, problem)
+                return
             if call.max_tokens < 1:  # a stamped call straight from the wire, not from a scheduler
                 problem = f"max_tokens must be at least 1, got {call.max_tokens}"
                 await self._reject(call, ErrorCode.BAD_MAX_TOKENS, problem)

@@ -80,6 +80,7 @@ class SchedulerCore:
         scheduler_id: str = "",
         balancer: str = "locality",
         call_deadline_s: float = 600.0,
+        max_calls_per_program: int = 1024,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -97,6 +98,9 @@ class SchedulerCore:
         if call_deadline_s <= 0:
             raise ValueError(f"the call deadline must be > 0 seconds, got {call_deadline_s}")
         self.call_deadline_s = call_deadline_s
+        self.max_calls_per_program = max_calls_per_program
+        #: program id -> calls routed here and not completed (the per-program limit)
+        self.active_by_program: dict[str, int] = {}
         #: (deadline, engine id, call id) of routed calls, earliest first; stale entries skipped
         self._deadlines: list[tuple[float, str, str]] = []
 
@@ -120,7 +124,7 @@ class SchedulerCore:
     def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
         if hb.state == "down":
             self.engines.pop(hb.engine_id, None)
-            self.routed.pop(hb.engine_id, None)
+            self._forget_engine(hb.engine_id)
             return
         self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
 
@@ -132,7 +136,10 @@ class SchedulerCore:
 
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
         routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at)
-        self.routed.setdefault(engine_id, {})[call.call_id] = routed
+        previous = self.routed.setdefault(engine_id, {}).get(call.call_id)
+        self.routed[engine_id][call.call_id] = routed
+        if previous is None:
+            self.active_by_program[call.program_id] = self.active_by_program.get(call.program_id, 0) + 1
         if call.deadline_at:
             heapq.heappush(self._deadlines, (call.deadline_at, engine_id, call.call_id))
 
@@ -145,19 +152,33 @@ class SchedulerCore:
             if routed is None or routed.deadline_at != deadline:
                 continue  # completed, or routed again since
             del self.routed[engine_id][call_id]
+            self._release(routed.program_id)
             out.append((engine_id, routed))
         return out
 
     def on_completed(self, call_id: str, engine_id: str) -> None:
         calls = self.routed.get(engine_id)
-        if calls is not None:
-            calls.pop(call_id, None)
+        if calls is not None and (routed := calls.pop(call_id, None)) is not None:
+            self._release(routed.program_id)
         if len(self._deadlines) > 1024 and len(self._deadlines) > 4 * sum(map(len, self.routed.values())):
             # entries of completed calls wait for their deadline to be skipped: drop them in bulk
             self._deadlines = [
                 d for d in self._deadlines if (r := self.routed.get(d[1], {}).get(d[2])) and r.deadline_at == d[0]
             ]
             heapq.heapify(self._deadlines)
+
+    def _release(self, program_id: str) -> None:
+        left = self.active_by_program.get(program_id, 0) - 1
+        if left > 0:
+            self.active_by_program[program_id] = left
+        else:
+            self.active_by_program.pop(program_id, None)
+
+    def _forget_engine(self, engine_id: str) -> list[Routed]:
+        orphans = list(self.routed.pop(engine_id, {}).values())
+        for routed in orphans:
+            self._release(routed.program_id)
+        return orphans
 
     def dead_engines(self, now: float) -> list[tuple[str, list[Routed]]]:
         """Engines whose heartbeats stopped, each with the calls routed there still in flight.
@@ -167,7 +188,7 @@ class SchedulerCore:
         out = []
         for engine_id in dead:
             del self.engines[engine_id]
-            orphans = list(self.routed.pop(engine_id, {}).values())
+            orphans = self._forget_engine(engine_id)
             out.append((engine_id, orphans))
         return out
 
@@ -216,6 +237,12 @@ class SchedulerCore:
             )
         if not request.messages and not request.prompt:
             raise reject(ErrorCode.EMPTY_MESSAGES, "the call has no messages and no prompt: give at least one")
+        if self.active_by_program.get(request.program_id, 0) >= self.max_calls_per_program and not request.attempt:
+            raise reject(
+                ErrorCode.RATE_LIMITED,
+                f"program {request.program_id[:80]!r} already has {self.max_calls_per_program} calls in flight, its"
+                " limit; wait for one to finish",
+            )
         if not 0 <= request.temperature <= MAX_TEMPERATURE:
             raise reject(
                 ErrorCode.BAD_FIELD, f"temperature must be within 0 .. {MAX_TEMPERATURE:g}, got {request.temperature}"

@@ -54,6 +54,7 @@ class SchedulerService:
             max_tokens_ceiling=config.max_tokens_ceiling,
             balancer=config.balancer,
             call_deadline_s=config.call_deadline_s,
+            max_calls_per_program=config.max_calls_per_program,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         self._nc: NATS | None = None
