@@ -155,7 +155,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
-    from .lifecycle import install_signal_handlers, stop_stages, wait_for_stop
+    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
 
@@ -188,7 +188,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if starting not in done:
-                    starting.cancel()
+                    await abandon(starting)
                     return 130
                 starting.result()
                 started.append(service)

@@ -115,6 +115,19 @@ async def wait_for_stop(stop_event: asyncio.Event, services: Sequence[object]) -
     return any(not h.ok for s in services if isinstance(h := getattr(s, "health", None), Health))
 
 
+async def abandon(starting: asyncio.Future[None]) -> None:
+    """Cancel a start that is still connecting. Cancel again if it goes on: on Python 3.11 a cancel
+    that lands as an inner ``wait_for`` completes is swallowed (seen with nats-py's connect loop)."""
+    for _ in range(50):
+        starting.cancel()
+        done, _ = await asyncio.wait({starting}, timeout=0.1)
+        if done:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                starting.result()  # a start that failed as it was cancelled: nothing left to report
+            return
+    get_logger("lifecycle").error("a start did not end when cancelled: abandoned")
+
+
 async def run_until_signal(services: Sequence[Service], stop_order: Sequence[Service] | None = None) -> int:
     """Start the services, run until a signal or a service failure, stop them; the exit status
     (1 when a service failed). A signal while a service is still starting (a broker that is down or
@@ -130,9 +143,7 @@ async def run_until_signal(services: Sequence[Service], stop_order: Sequence[Ser
             await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
             signalled.cancel()
             if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await starting
+                await abandon(starting)
                 started.append(service)  # its stop closes whatever the start had opened
                 return 130
             starting.result()

@@ -389,3 +389,26 @@ def test_scheduler_limits_calls_in_flight_per_program() -> None:
     core.parse(b'{"program_id": "other", "prompt": "x"}', "r")  # other programs are not held back
     core.on_completed(request.call_id, "e1")
     assert core.parse(body, "").program_id == "greedy"
+
+
+# -- shutdown budgets --------------------------------------------------------------------------------
+class _SlowStop:
+    def __init__(self, name: str, stop_s: float, budget_s: float = 5.0) -> None:
+        self.name, self.stop_s, self.stop_timeout_s = name, stop_s, budget_s
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        await asyncio.sleep(self.stop_s)
+
+
+async def test_engines_stop_in_parallel_and_within_their_budget() -> None:
+    from autellix.services.lifecycle import stop_stages
+
+    t0 = time.monotonic()
+    await stop_stages([[_SlowStop("a", 0.3), _SlowStop("b", 0.3), _SlowStop("c", 0.3)]])
+    assert time.monotonic() - t0 < 0.6  # one drain, not three
+    t0 = time.monotonic()
+    await stop_stages([[_SlowStop("hung", 60, budget_s=0.2)], [_SlowStop("next", 0)]])
+    assert time.monotonic() - t0 < 1.0  # a stop that hangs is abandoned at its budget
