@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .limits import MAX_TOKEN_CHARS, is_token
+
 DEFAULT_ROOT = "autellix"
 
 #: Queue group the schedulers join on the submission subject (one scheduler takes each call).
@@ -17,8 +19,11 @@ TRACKER_QUEUE = "trackers"
 
 
 def _check_token(name: str, what: str) -> str:
-    if not name or any(c in name for c in " .*>\t\r\n"):
-        raise ValueError(f"{what} {name!r} is not a valid NATS subject token (no spaces, dots, * or >)")
+    if not is_token(name):
+        raise ValueError(
+            f"{what} {name!r} is not a valid NATS subject token (visible ASCII, no dots, * or >,"
+            f" at most {MAX_TOKEN_CHARS} characters)"
+        )
     return name
 
 

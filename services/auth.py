@@ -84,7 +84,8 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
         )
     if role == "scheduler":
         return Permissions(
-            publish=(engine_calls, s.call_dispatched, any_inbox),
+            # aborts: a call past its deadline, or on an engine presumed dead, is dropped there
+            publish=(engine_calls, s.call_dispatched, s.call_abort, any_inbox),
             subscribe=(
                 own_inbox,
                 s.call_submit,
