@@ -1,11 +1,12 @@
 """The compose stack on a real Docker engine (compose/smoke.py): up, scale, kill, down.
 
-Skipped where no Docker daemon answers or the autellix:local image has not been built (building it
-takes minutes and is not part of the default run); see bench/RESULTS.md section 7 for a recorded run."""
+Opt-in (AUTELLIX_COMPOSE_TESTS=1), and skipped where no Docker daemon answers or the autellix:local
+image has not been built (building it takes minutes); see bench/RESULTS.md section 7 for a recorded run."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _docker_ready() -> str | None:
     """Why the live compose test cannot run here, or None when it can."""
+    if os.environ.get("AUTELLIX_COMPOSE_TESTS") != "1":
+        return "opt-in: set AUTELLIX_COMPOSE_TESTS=1 (it publishes port 4222 and takes minutes)"
     if shutil.which("docker") is None:
         return "no docker CLI on this machine"
     if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
@@ -28,6 +31,7 @@ def _docker_ready() -> str | None:
 
 
 @pytest.mark.compose
+@pytest.mark.timeout(1800)
 def test_compose_stack_up_scale_kill_down(tmp_path: Path) -> None:
     why = _docker_ready()
     if why:
