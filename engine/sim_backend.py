@@ -14,6 +14,11 @@ when its context parent ran on this engine. Generated tokens are cached as the t
 to (``" tok"``), so a prompt that quotes an earlier answer matches it. At least one prompt token is
 always computed.
 
+**Virtual time** (``clock=VirtualClock()``): nothing sleeps; every modelled duration (a step, a
+swap) advances the clock and is reported as the elapsed time, so a driver that reads the clock
+(:meth:`autellix.engine.core.EngineCore.step`) sees the modelled GPU's timeline. ``time_scale`` does
+not apply.
+
 **Pacing** (``pace=True``, off by default): while sequences stay resident from one step to the
 next, the time the engine spent between two steps (its own scheduling, bookkeeping and
 publishing) is taken out of the next step's sleep, so that back-to-back steps take their modelled
@@ -24,6 +29,7 @@ step's scaled time the engine falls behind and the step takes the overhead.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from collections import OrderedDict
@@ -59,6 +65,20 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+class VirtualClock:
+    """Modelled time for a :class:`SimBackend` that does not sleep: the backend advances it."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> float:
+        self.now_s += max(seconds, 0.0)
+        return max(seconds, 0.0)
+
+
 class SimBackend:
     name = "sim"
 
@@ -69,9 +89,14 @@ class SimBackend:
         prefix_cache: bool = True,
         pace: bool = False,
         kv_budget_tokens: int | None = None,
+        clock: VirtualClock | None = None,
+        swap_pool_bytes: int | None = None,
     ) -> None:
         self.cost = cost or llama31_8b_h100()
         self.time_scale = time_scale
+        self.clock = clock
+        #: the preemption swap pool (CPU); None: unbounded, as the simulator models it
+        self.swap_pool_capacity_bytes = sys.maxsize if swap_pool_bytes is None else swap_pool_bytes
         self.prefix_cache = prefix_cache
         self.pace = pace
         #: the cache lives in the KV that resident sequences leave free out of this budget
@@ -127,8 +152,10 @@ class SimBackend:
         if self.prefix_cache:
             for w in batch.work:
                 self._feed(w)
-        modelled = self.step_time(batch) * self.time_scale
-        elapsed = self._wait(modelled, started, resident)
+        if self.clock is not None:
+            elapsed = self.clock.advance(self.step_time(batch))
+        else:
+            elapsed = self._wait(self.step_time(batch) * self.time_scale, started, resident)
         out: dict[str, int] = {}
         for w in batch.work:
             end = w.start_pos + len(w.token_ids)
@@ -164,6 +191,10 @@ class SimBackend:
             self._cache_put(seq_id)
 
     def _sleep(self, seconds: float) -> float:
+        """Spend a modelled duration (unscaled): on the virtual clock, or asleep for its scaled time."""
+        if self.clock is not None:
+            return self.clock.advance(seconds)
+        seconds *= self.time_scale
         if seconds > 0:
             time.sleep(seconds)
         return seconds
@@ -171,13 +202,13 @@ class SimBackend:
     def swap_out(self, seq_id: str) -> SwapStats:
         tokens = self._kv.pop(seq_id, 0)
         self._swapped[seq_id] = tokens
-        elapsed = self._sleep(self.cost.swap_time(tokens) * self.time_scale)
+        elapsed = self._sleep(self.cost.swap_time(tokens))
         return SwapStats(bytes=tokens * self.cost.kv_bytes_per_token, elapsed_s=elapsed)
 
     def swap_in(self, seq_id: str) -> SwapStats:
         tokens = self._swapped.pop(seq_id, 0)
         self._kv[seq_id] = tokens
-        elapsed = self._sleep(self.cost.swap_time(tokens) * self.time_scale)
+        elapsed = self._sleep(self.cost.swap_time(tokens))
         return SwapStats(bytes=tokens * self.cost.kv_bytes_per_token, elapsed_s=elapsed)
 
     def drop(self, seq_id: str) -> None:
@@ -190,6 +221,12 @@ class SimBackend:
 
     def kv_tokens_used(self) -> int:
         return sum(self._kv.values())
+
+    def kv_tokens_capacity(self) -> int:
+        return self.kv_budget_tokens
+
+    def swap_pool_bytes_used(self) -> int:
+        return sum(self._swapped.values()) * self.cost.kv_bytes_per_token
 
     # -- prefix cache ------------------------------------------------------------------------
     def _cached_in(self, w: SeqWork) -> int:

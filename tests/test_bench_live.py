@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autellix.bench.live import ReplayConfig, Replayer, at_rate, load_programs, start_local_mesh
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend
 from autellix.services.cli import main as autellix_main
@@ -134,9 +134,9 @@ def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def _run_to_end(core: EngineCore, backend: object) -> list[FinishEvent]:
     done: list[FinishEvent] = []
     while not core.idle:
-        plan = core.schedule(0.0)
-        assert plan is not None
-        done += [e for e in core.update(plan, execute_plan(core.backend, plan), 0.0) if isinstance(e, FinishEvent)]
+        outcome = core.step(0.0)
+        assert outcome is not None
+        done += [e for e in outcome.events if isinstance(e, FinishEvent)]
     return done
 
 

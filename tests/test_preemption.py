@@ -14,34 +14,29 @@ from autellix.engine.core import (
     FinishEvent,
     StepPlan,
     TokenEvent,
-    execute_plan,
 )
-from autellix.engine.sim_backend import SimBackend
+from autellix.engine.sim_backend import SimBackend, VirtualClock
 from autellix.policy.mlfq import MLFQConfig
 
 
-class FakeClock:
-    """Virtual time: each step advances by the sim backend's modelled step time."""
+class FakeClock(VirtualClock):
+    """Virtual time: each step advances by the sim backend's modelled step and swap times."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    @property
+    def now(self) -> float:
+        return self.now_s
 
 
 def step(core: EngineCore, backend: SimBackend, clock: FakeClock) -> tuple[StepPlan | None, list[object]]:
-    plan = core.schedule(clock.now)
-    if plan is None:
-        return None, []
-    result = execute_plan(backend, plan)
-    clock.now += max(backend.step_time(plan.batch), 1e-3)
-    return plan, list(core.update(plan, result, clock.now))
+    outcome = core.step(clock)
+    return (None, []) if outcome is None else (outcome.plan, list(outcome.events))
 
 
 def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(
         backend, CoreConfig(max_batch=2, kv_capacity_tokens=10_000, schedule_every=2, preempt_mode="swap")
     )
-    clock = FakeClock()
     core.add(CallSpec("long", "big", [1] * 100, 200, priority=50.0, program_service_s=50.0), clock.now)
     finished: list[str] = []
     tokens: dict[str, int] = {}
@@ -72,9 +67,8 @@ def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
 
 
 def test_fcfs_never_displaces_a_running_call() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, policy="fcfs", schedule_every=1))
-    clock = FakeClock()
     core.add(CallSpec("first", "a", [1] * 10, 30, priority=99.0), clock.now)
     step(core, backend, clock)
     core.add(CallSpec("urgent", "b", [1] * 10, 3), clock.now)
@@ -87,12 +81,11 @@ def test_fcfs_never_displaces_a_running_call() -> None:
 
 
 def test_starved_call_is_promoted_by_the_beta_rule() -> None:
-    backend = SimBackend(time_scale=0)
-    mlfq = MLFQConfig(num_levels=4, first_boundary_s=0.01, beta=2.0)
+    backend = SimBackend(clock=(clock := FakeClock()))
+    mlfq = MLFQConfig(num_levels=4, first_boundary_s=1.0, beta=2.0)  # fresh calls (~0.4 s) stay on top
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, mlfq=mlfq, calibrate_every=10**9))
-    clock = FakeClock()
     # an old program's call sits in the bottom queue; fresh programs keep arriving in the top one
-    core.add(CallSpec("old", "heavy", [1] * 8, 4, priority=1.0, program_service_s=1.0), clock.now)
+    core.add(CallSpec("old", "heavy", [1] * 8, 4, priority=10.0, program_service_s=1.0), clock.now)
     assert core.queue.level_of("old") == 3
     n = 0
     promoted_at = None
@@ -115,9 +108,8 @@ def test_starved_call_is_promoted_by_the_beta_rule() -> None:
 
 
 def test_recompute_mode_resumes_where_it_stopped() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, preempt_mode="recompute"))
-    clock = FakeClock()
     core.add(CallSpec("low", "a", [1] * 20, 10, priority=5.0, program_service_s=5.0), clock.now)
     for _ in range(4):
         step(core, backend, clock)
@@ -156,7 +148,7 @@ ops = st.lists(
     kv=st.integers(120, 400),
 )
 def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv) -> None:  # type: ignore[no-untyped-def]
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     # a small swap pool so the pool-full fallback to recompute is exercised too
     backend.swap_pool_capacity_bytes = 200 * backend.kv_bytes_per_token()  # type: ignore[attr-defined]
     core = EngineCore(
@@ -171,7 +163,6 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
             mlfq=MLFQConfig(first_boundary_s=0.005, beta=4.0),
         ),
     )
-    clock = FakeClock()
     added: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
     finished: dict[str, str] = {}
