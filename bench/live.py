@@ -333,11 +333,12 @@ class LocalMesh:
             core = e.core
             stats.append(
                 {
-                    "prompt_tokens": cache["prompt_tokens"],
-                    "cache_hit_tokens": cache["cache_hit_tokens"],
+                    "prompt_tokens": cache.prompt_tokens,
+                    "cache_hit_tokens": cache.hit_tokens,
+                    "tier_hit_tokens": cache.tier_hit_tokens,
                     "preemptions": core.total_preemptions if core is not None else 0,
                     "swap_s": 0.0,
-                    "steps": cache["steps"],
+                    "steps": b.stat_steps,
                 }
             )
         return stats

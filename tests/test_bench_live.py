@@ -82,7 +82,7 @@ async def test_replay_sends_the_trace_token_counts_and_forced_lengths(nats_url: 
     # a join runs after all its parents; a child after its parent
     by_id = {(p.program_id, c.call_id): c for p in programs for c in p.calls}
     assert by_id[("fan", "join")].parents == ("x0", "x1", "x2")
-    hits = sum(b.cache_stats()["cache_hit_tokens"] for b in mesh.backends)
+    hits = sum(b.cache_stats().hit_tokens for b in mesh.backends)
     assert hits > 0  # context carried: histories found in the prefix cache
 
 
@@ -153,8 +153,8 @@ def test_sim_prefix_cache_saves_a_programs_history() -> None:
     _run_to_end(core, backend)
     stats = backend.cache_stats()
     # c2 reuses c1's prompt and answer (103 tokens); c3 is another program: no reuse
-    assert stats["cache_hit_tokens"] == 103
-    assert stats["prompt_tokens"] == 100 + 105 + 105
+    assert stats.hit_tokens == 103
+    assert stats.prompt_tokens == 100 + 105 + 105
 
 
 @pytest.mark.model

@@ -133,6 +133,7 @@ ops = st.lists(
         st.tuples(st.just("add"), st.integers(1, 60), st.integers(1, 40), st.floats(0, 20)),
         st.tuples(st.just("abort"), st.integers(0, 30)),
         st.tuples(st.just("step"), st.integers(1, 6)),
+        st.tuples(st.just("end"), st.integers(0, 2)),
     ),
     min_size=1,
     max_size=60,
@@ -146,9 +147,12 @@ ops = st.lists(
     mode=st.sampled_from(["auto", "swap", "recompute"]),
     max_batch=st.integers(1, 6),
     kv=st.integers(120, 400),
+    retention=st.sampled_from(["lru", "program"]),
+    tier=st.sampled_from([0, 150]),
 )
-def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv) -> None:  # type: ignore[no-untyped-def]
-    backend = SimBackend(clock=(clock := FakeClock()))
+def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv, retention, tier) -> None:  # type: ignore[no-untyped-def]
+    # retained contexts share the KV budget; evicted ones go to a small CPU tier when there is one
+    backend = SimBackend(clock=(clock := FakeClock()), kv_budget_tokens=kv, retention=retention, tier_tokens=tier)
     # a small swap pool so the pool-full fallback to recompute is exercised too
     backend.swap_pool_capacity_bytes = 200 * backend.kv_bytes_per_token()  # type: ignore[attr-defined]
     core = EngineCore(
@@ -178,8 +182,11 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
 
     def check_kv() -> None:
         running = [core.get(c) for c in core.running_ids()]
-        assert sum(s.kv_len for s in running if s) <= kv
-        assert backend.kv_tokens_used() == sum(s.kv_len for s in running if s)
+        held = sum(s.kv_len for s in running if s)
+        assert held <= kv
+        assert backend.kv_tokens_used() == held
+        assert backend.device.tokens <= kv - held, "retained KV beyond what running calls leave free"
+        assert backend.tier is None or backend.tier.tokens <= tier
 
     for op in ops:
         if op[0] == "add":
@@ -197,6 +204,8 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
             event = core.abort(cid)
             if event is not None:
                 consume([event])
+        elif op[0] == "end":
+            backend.end_prefix(f"p{op[1]}")
         else:
             for _ in range(op[1]):
                 consume(step(core, backend, clock)[1])
@@ -212,3 +221,7 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
         if reason in ("length", "stop"):
             assert len(tokens.get(cid, [])) == added[cid]
     assert backend.kv_tokens_used() == 0 and not backend._swapped and core.load().swapped == 0
+    assert not backend._fed and not backend._key, "a finished call's state is left in the backend"
+    stats = backend.cache_stats()
+    assert stats.hit_tokens <= stats.prompt_tokens and stats.tier_hit_tokens <= stats.hit_tokens
+    assert stats.retained_tokens <= kv and stats.tiered_tokens <= tier
