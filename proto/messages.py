@@ -215,6 +215,21 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     max_context: int = 0
     interval_s: float = 1.0
     sent_at: float = 0.0
+    # Program-aware KV memory (0 from engines whose backend keeps no prefix cache):
+    # the KV the engine admits at most (running calls)
+    kv_tokens_capacity: int = 0
+    # KV held in device memory by retained contexts of finished calls
+    kv_tokens_retained: int = 0
+    # of the retained contexts (device and CPU tier, or owed after eviction), what live programs hold:
+    # the retained part of the working set the schedulers' door counts
+    kv_tokens_retained_active: int = 0
+    # KV held in the CPU tier
+    kv_tokens_tiered: int = 0
+    # cumulative prompt tokens of calls admitted, and those served from retained KV instead of
+    # prefilled (the hit rate is their ratio; prefix_hit_rate is it, for readers of one heartbeat)
+    prompt_tokens_total: int = 0
+    prefix_hit_tokens_total: int = 0
+    prefix_hit_rate: float = 0.0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):

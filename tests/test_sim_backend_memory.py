@@ -133,3 +133,19 @@ def test_no_tier_loses_the_context_and_lru_keeps_the_old_behaviour() -> None:
     assert backend.tier is None and "p1" not in backend.device and backend.cache_stats().evictions == 1
     run_call(core, CallSpec("p2", "P", p1.state.all_ids + words(5, "p2"), 4))
     assert backend.cache_stats().hit_tokens == 0
+
+
+def test_engine_flags_and_env_choose_retention_and_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autellix.engine.factory import BackendSpec, make_backend
+    from autellix.services.engine.config import EngineConfig
+
+    default = make_backend(BackendSpec(name="sim", kv_capacity_tokens=1000))
+    assert isinstance(default, SimBackend) and default.kv_budget_tokens == 1000
+    assert default.device.retention == "program" and default.tier is not None and default.tier_tokens == 4000
+    monkeypatch.setenv("AUTELLIX_BACKEND", "sim")
+    monkeypatch.setenv("AUTELLIX_RETENTION", "lru")
+    monkeypatch.setenv("AUTELLIX_KV_TIER_TOKENS", "0")
+    plain = make_backend(EngineConfig.from_env().backend)
+    assert isinstance(plain, SimBackend) and plain.device.retention == "lru" and plain.tier is None
+    with pytest.raises(ValueError):
+        BackendSpec(name="sim", retention="lfu")
