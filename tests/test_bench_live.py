@@ -121,6 +121,22 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
     assert "balancer_ratio_to_round_robin" in report["analysis"]
 
 
+def test_bench_compares_engine_memory_variants(tmp_path: Path, nats_url: str) -> None:
+    trace = tmp_path / "small.jsonl"
+    write_trace(trace, _small_programs())
+    out = tmp_path / "out.json"
+    code = autellix_main([
+        "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs",
+        "--memory", "lru,tier", "--sim-time-scale", "0.02", "--json", str(out), "--no-progress",
+        "--warmup", "0", "--drain", "0",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [p["memory"] for p in report["points"]] == ["lru", "tier"]
+    assert all(p["errors"] == 0 and p["programs_completed"] == 3 for p in report["points"])
+    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("tier", "lru")]
+
+
 def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "o.json")
     assert autellix_main(["bench", "--workload", "nope", "--rate", "1", "--json", out]) == 2
@@ -128,6 +144,7 @@ def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--compare", "x", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--balancer", "x", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--kv-scale", "0", "--json", out]) == 2
+    assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--memory", "lfu", "--json", out]) == 2
     assert "error" in capsys.readouterr().err
 
 
