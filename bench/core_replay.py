@@ -245,8 +245,8 @@ class CoreReplay:
                 prog.wait_s, prog.service_s,
             )
             del self._states[ps.program_id]
-            if self.config.end_programs and self.core.prefix_cache is not None:
-                self.core.prefix_cache.end_prefix(ps.program_id)
+            if self.config.end_programs:
+                self.core.end_program(ps.program_id)
 
 
 def replay(programs: Sequence[ProgramSpec], config: CoreReplayConfig | None = None) -> SimResult:

@@ -129,9 +129,6 @@ class CacheStats:
     tiered_tokens: int = 0
     #: retained entries evicted for good (not moved to the CPU tier)
     evictions: int = 0
-    #: the retained part of the working set: KV held (device or CPU tier) or owed to programs that
-    #: have not ended (contained entries left out); what the schedulers' door counts
-    active_tokens: int = 0
 
     @property
     def hit_rate(self) -> float:

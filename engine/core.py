@@ -204,6 +204,8 @@ class CoreLoad:
     kv_tokens_free: int
     kv_tokens_queued: int
     swap_pool_used_bytes: int
+    #: the latest context of each active program between calls here (see EngineCore.end_program)
+    idle_context_tokens: int = 0
 
 
 class _CostEstimates:
@@ -248,6 +250,10 @@ class EngineCore:
         self._running: list[str] = []
         self._seq = itertools.count()
         self._steps_since_plan = self.config.schedule_every  # first step is a scheduling point
+        #: per program: its calls on this engine; the context of its latest call that finished here
+        self._program_calls: dict[str, int] = {}
+        self._program_latest: dict[str, int] = {}
+        self.idle_context_tokens = 0
         self.finished = 0
         self.total_preemptions = 0
 
@@ -278,6 +284,7 @@ class EngineCore:
         if state.output_ids:  # streamed by an earlier attempt: their text is not sent again
             state.emitted_chars = len(state.detok.push(state.output_ids))
         self._calls[spec.call_id] = state
+        self._program_change(spec.program_id, +1, None)
         self.queue.add(
             spec.call_id,
             spec.priority,
@@ -294,6 +301,30 @@ class EngineCore:
         if state is None:
             return None
         return self._finish(state, "abort", now=None)
+
+    def end_program(self, program_id: str) -> None:
+        """The program ended (the tracker said so): its contexts leave the working set, and the
+        backend's prefix cache evicts them first. Call only between steps."""
+        self._program_change(program_id, 0, 0)
+        self._program_latest.pop(program_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.end_prefix(program_id)
+
+    def _program_change(self, program_id: str, calls: int, latest: int | None) -> None:
+        """Add ``calls`` to the program's calls here (and set its latest context), keeping
+        ``idle_context_tokens``: the KV active programs between calls will want back (their next
+        call extends their latest context, wherever it is now: cached, in a tier, or evicted). What
+        the schedulers' door counts; not the cache's contents, which fill free KV with anything."""
+        before = self._program_latest.get(program_id, 0) if not self._program_calls.get(program_id) else 0
+        n = self._program_calls.get(program_id, 0) + calls
+        if n:
+            self._program_calls[program_id] = n
+        else:
+            self._program_calls.pop(program_id, None)
+        if latest is not None:
+            self._program_latest[program_id] = latest
+        after = self._program_latest.get(program_id, 0) if not n else 0
+        self.idle_context_tokens += after - before
 
     def has(self, call_id: str) -> bool:
         return call_id in self._calls
@@ -329,6 +360,7 @@ class EngineCore:
             kv_tokens_free=max(0, self.kv_capacity - used),
             kv_tokens_queued=queued,
             swap_pool_used_bytes=self.swap_pool.swap_pool_bytes_used() if self.swap_pool is not None else 0,
+            idle_context_tokens=self.idle_context_tokens,
         )
 
     # -- one step ----------------------------------------------------------------------------
@@ -566,6 +598,7 @@ class EngineCore:
         self.backend.release(call_id)
         state.phase = CallPhase.FINISHED
         del self._calls[call_id]
+        self._program_change(state.spec.program_id, -1, None if reason == "abort" else state.context_len)
         self.queue.remove(call_id)
         if reason != "abort":
             self._observe_service(state.service_s)

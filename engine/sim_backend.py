@@ -22,7 +22,9 @@ then ended programs' (:meth:`end_prefix`), then the least recently used. With ``
 evicted entry worth keeping (``lru``: any; ``program``: a live program's, not contained) moves to a CPU
 tier of that many tokens instead of being lost; a later call whose longest prefix is there swaps it
 back in when ``cost.swap_time`` of the entry is less than prefilling the tokens it adds over the
-device hit, else prefills them. Both transfers are charged to the next step, one contiguous copy each.
+device hit, else prefills them. The copy back in is charged to the next step (one contiguous copy:
+the next call waits for it); the copy out overlaps the steps (a DMA on its own stream, as vLLM's CPU
+offloading does) and is only counted, as in the simulator.
 
 **Virtual time** (``clock=VirtualClock()``): nothing sleeps; every modelled duration (a step, a
 swap) advances the clock and is reported as the elapsed time, so a driver that reads the clock
@@ -120,16 +122,14 @@ class SimBackend:
         self._counted: set[str] = set()
         self.device = ContextStore(retention)
         self.tier = ContextStore(retention) if tier_tokens else None
-        #: program id -> tokens evicted from device KV since its last call attached here (still its
-        #: working set: its next call brings them back, by swap-in or prefill)
-        self._evicted: dict[str, int] = {}
-        self._evicted_tokens = 0
-        #: tier transfers not yet charged: the next step pays them
+        #: tier swap-ins not yet charged: the next step pays them
         self._pending_s = 0.0
         self._last_end: float | None = None
         self.stats = CacheStats()
         self.stat_steps = 0
+        #: modelled time of tier copies in (charged) and out (overlapped, not charged)
         self.stat_tier_s = 0.0
+        self.stat_tier_out_s = 0.0
 
     # -- text ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -270,8 +270,6 @@ class SimBackend:
             return 0
         ids = _as_text(token_ids)
         limit = len(ids) - 1  # the last prompt token is always computed
-        if self._evicted:
-            self._evicted_tokens -= self._evicted.pop(prefix_key, 0)
         self.device.revive_program(prefix_key)
         if self.tier is not None:
             self.tier.revive_program(prefix_key)
@@ -287,7 +285,8 @@ class SimBackend:
                 size = len(tier.tokens_of(tkey))
                 swap = self.cost.swap_time(size)
                 if swap < self.cost.recompute_time(thit - hit):
-                    self._charge_tier(swap)
+                    self._pending_s += swap
+                    self.stat_tier_s += swap
                     program_id, tokens = tier.remove(tkey)
                     self.device.put(tkey, program_id, tokens)  # back in device KV: siblings hit it there
                     if first:
@@ -303,7 +302,6 @@ class SimBackend:
         return hit
 
     def end_prefix(self, prefix_key: str) -> None:
-        self._evicted_tokens -= self._evicted.pop(prefix_key, 0)
         self.device.end_program(prefix_key)
         if self.tier is not None:
             self.tier.end_program(prefix_key)
@@ -317,17 +315,12 @@ class SimBackend:
             retained_tokens=self.device.tokens,
             tiered_tokens=self.tier.tokens if self.tier is not None else 0,
             evictions=s.evictions,
-            active_tokens=self.device.active_tokens() + self._evicted_tokens,
         )
 
     def _forget(self, seq_id: str) -> None:
         self._fed.pop(seq_id, None)
         self._key.pop(seq_id, None)
         self._sampled.pop(seq_id, None)
-
-    def _charge_tier(self, seconds: float) -> None:
-        self._pending_s += seconds
-        self.stat_tier_s += seconds
 
     def _trim(self) -> None:
         """Evict retained entries until they fit in what resident sequences leave free."""
@@ -339,15 +332,10 @@ class SimBackend:
                 return
             kept = device.is_kept(key)
             program_id, tokens = device.remove(key)
-            if not kept:
+            if not kept or tier is None:
                 self.stats.evictions += 1
                 continue
-            self._evicted[program_id] = self._evicted.get(program_id, 0) + len(tokens)
-            self._evicted_tokens += len(tokens)
-            if tier is None:
-                self.stats.evictions += 1
-                continue
-            self._charge_tier(self.cost.swap_time(len(tokens)))
+            self.stat_tier_out_s += self.cost.swap_time(len(tokens))
             tier.put(key, program_id, tokens)
             while tier.tokens > self.tier_tokens:
                 victim = tier.victim()

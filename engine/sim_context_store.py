@@ -12,8 +12,6 @@ Order (:class:`autellix.policy.retention.RetentionIndex`):
   child is cached) first, then ended programs' entries, then least recently used;
 - ``lru``: least recently used only (nothing is marked contained or ended).
 
-``active_tokens`` is the KV held for programs that have not ended, contained entries left out: the
-retained part of the working set the schedulers' door compares with the engines' capacity.
 """
 
 from __future__ import annotations
@@ -82,15 +80,6 @@ class ContextStore:
 
     def is_contained(self, key: str) -> bool:
         return bool(self._containers.get(key))
-
-    def active_tokens(self) -> int:
-        """Tokens of entries no other entry contains, of programs not ended."""
-        order = self._order
-        return sum(
-            len(t)
-            for k, t in self._tokens.items()
-            if not self._containers.get(k) and not order.is_ended(self._program[k])
-        )
 
     # -- lookups -------------------------------------------------------------------------------
     def longest(self, program_id: str, ids: list[int]) -> tuple[str | None, int]:

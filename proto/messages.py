@@ -220,9 +220,10 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     kv_tokens_capacity: int = 0
     # KV held in device memory by retained contexts of finished calls
     kv_tokens_retained: int = 0
-    # of the retained contexts (device and CPU tier, or owed after eviction), what live programs hold:
-    # the retained part of the working set the schedulers' door counts
-    kv_tokens_retained_active: int = 0
+    # for each active program between calls (none queued or running here), the context of its latest
+    # call that finished here, wherever that KV is now (its next call extends it): with the running
+    # and queued KV, the working set the schedulers' door compares with the capacity
+    kv_tokens_idle_contexts: int = 0
     # KV held in the CPU tier
     kv_tokens_tiered: int = 0
     # cumulative prompt tokens of calls admitted, and those served from retained KV instead of

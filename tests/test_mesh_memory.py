@@ -36,10 +36,11 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     hb = view()
     assert hb.prefix_hit_tokens_total == 37 and hb.prefix_hit_rate == 37 / 75
     assert hb.kv_tokens_capacity == engine.core.kv_capacity > 0
-    # retained: prog-mem's two contexts (the first is inside the second) and prog-other's
+    # retained: prog-mem's two contexts (the first is inside the second) and prog-other's; the
+    # working set between calls: each program's latest context
     assert hb.kv_tokens_retained == 37 + 44 + 7 and hb.kv_tokens_tiered == 0
-    assert hb.kv_tokens_retained_active == 44 + 7
-    # the tracker says the program ended: its contexts leave the working set and go first
+    assert hb.kv_tokens_idle_contexts == 44 + 7
+    # the tracker says the program ended: its context leaves the working set and goes first
     await p.end()
-    await _until(lambda: view().kv_tokens_retained_active == 7)
+    await _until(lambda: view().kv_tokens_idle_contexts == 7)
     assert list(backend.device) == [first.call_id, second.call_id, next(iter(reversed(list(backend.device))))]

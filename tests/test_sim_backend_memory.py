@@ -48,11 +48,10 @@ def test_retention_order_contained_then_ended_then_lru() -> None:
     # A's second turn re-sends its history: a2's entry extends a1's, which becomes contained
     a2, _ = run_call(core, CallSpec("a2", "A", a1.state.all_ids + words(5, "a2"), 3))
     assert a2.state.kv_len > 0 and backend.cache_stats().hit_tokens == 23
-    backend.end_prefix("B")
+    core.end_program("B")
     assert list(backend.device) == ["a1", "b1", "c1", "a2"]  # contained, ended, then LRU
-    stats = backend.cache_stats()
-    assert stats.retained_tokens == 23 + 23 + 23 + 31
-    assert stats.active_tokens == 23 + 31  # C's and A's longest; a1 is inside a2, B ended
+    assert backend.cache_stats().retained_tokens == 23 + 23 + 23 + 31
+    assert core.load().idle_context_tokens == 23 + 31  # C's and A's latest contexts; B ended
     # a call that needs the room evicts in that order
     backend.kv_budget_tokens = 23 + 23 + 31 + 10
     core.kv_capacity = backend.kv_budget_tokens
@@ -74,11 +73,11 @@ def test_ended_program_calling_again_is_live_again() -> None:
     core = EngineCore(backend, CoreConfig(kv_capacity_tokens=10_000))
     run_call(core, CallSpec("a1", "A", words(20, "a"), 3))
     run_call(core, CallSpec("b1", "B", words(20, "b"), 3))
-    backend.end_prefix("A")
-    assert list(backend.device) == ["a1", "b1"] and backend.cache_stats().active_tokens == 23
+    core.end_program("A")
+    assert list(backend.device) == ["a1", "b1"] and core.load().idle_context_tokens == 23
     core.add(CallSpec("a2", "A", words(7, "x"), 2), 0.0)
     core.step(0.0)  # admitted: A is live again before its call finishes
-    assert list(backend.device) == ["b1", "a1"] and backend.cache_stats().active_tokens == 23 + 23
+    assert list(backend.device) == ["b1", "a1"] and core.load().idle_context_tokens == 23
 
 
 def tier_setup(cost: CostModel) -> tuple[SimBackend, EngineCore, VirtualClock, FinishEvent]:
@@ -91,7 +90,9 @@ def tier_setup(cost: CostModel) -> tuple[SimBackend, EngineCore, VirtualClock, F
     run_call(core, CallSpec("q1", "Q", words(320, "q"), 5))
     assert "p1" not in backend.device and backend.tier is not None and "p1" in backend.tier
     stats = backend.cache_stats()
-    assert stats.tiered_tokens == 110 and stats.evictions == 0 and stats.active_tokens == 110 + 325
+    assert stats.tiered_tokens == 110 and stats.evictions == 0
+    assert core.load().idle_context_tokens == 110 + 325  # P's and Q's latest contexts
+    assert backend.stat_tier_s == 0 and backend.stat_tier_out_s == pytest.approx(cost.swap_time(110))
     return backend, core, clock, p1
 
 
@@ -99,16 +100,15 @@ def test_tier_round_trip_charges_the_swap_and_resumes_exactly() -> None:
     cost = CostModel()
     backend, core, _, p1 = tier_setup(cost)
     prompt = p1.state.all_ids + words(5, "p2")
-    before_s = backend.stat_tier_s
     p2, elapsed = run_call(core, CallSpec("p2", "P", prompt, 4))
     assert p2.state.recomputed_tokens == 0
     stats = backend.cache_stats()
     assert stats.tier_hit_tokens == 110 and stats.hit_tokens == 110
-    # the first step prefills the 5 new tokens and pays the swap-in of P's context (110 tokens)
-    # and the swap-out of Q's, which makes room for it (325 tokens)
-    swaps = cost.swap_time(110) + cost.swap_time(325)
-    assert backend.stat_tier_s - before_s == pytest.approx(swaps)
-    assert elapsed[0] == pytest.approx(cost.step_time(5, 0, 115) + swaps)
+    # the first step prefills the 5 new tokens and waits for the swap-in of P's context (110
+    # tokens); Q's context, moved out to make room for it, is copied out beside the steps
+    assert backend.stat_tier_s == pytest.approx(cost.swap_time(110))
+    assert backend.stat_tier_out_s == pytest.approx(cost.swap_time(110) + cost.swap_time(325))
+    assert elapsed[0] == pytest.approx(cost.step_time(5, 0, 115) + cost.swap_time(110))
     # the same tokens (their ids encode their positions) as recomputing everything
     plain = SimBackend(cost, time_scale=0, prefix_cache=False)
     again, _ = run_call(EngineCore(plain, CoreConfig(kv_capacity_tokens=400)), CallSpec("p2", "P", prompt, 4))

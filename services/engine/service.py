@@ -114,8 +114,8 @@ class EngineService:
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}")
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
-        if isinstance(self.backend, PrefixCache):  # ended programs' contexts go first
-            await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
+        # ended programs leave the working set, and their contexts go first from the prefix cache
+        await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
         await nc.flush()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
@@ -237,12 +237,12 @@ class EngineService:
                 self._apply_program_ends()
 
     def _apply_program_ends(self) -> None:
-        """Tell the prefix cache which programs ended (between steps: the backend is not running)."""
-        if not self._ended_programs or not isinstance(self.backend, PrefixCache):
+        """Tell the core (and so the prefix cache) which programs ended; between steps only."""
+        if not self._ended_programs or self.core is None:
             return
         ended, self._ended_programs = self._ended_programs, []
         for program_id in ended:
-            self.backend.end_prefix(program_id)
+            self.core.end_program(program_id)
         self.log.debug("programs ended", programs=len(ended))
 
     async def _apply_aborts(self) -> None:
@@ -464,7 +464,7 @@ class EngineService:
             sent_at=time.time(),
             kv_tokens_capacity=self.core.kv_capacity,
             kv_tokens_retained=cache.retained_tokens,
-            kv_tokens_retained_active=cache.active_tokens,
+            kv_tokens_idle_contexts=load.idle_context_tokens,
             kv_tokens_tiered=cache.tiered_tokens,
             prompt_tokens_total=cache.prompt_tokens,
             prefix_hit_tokens_total=cache.hit_tokens,
