@@ -194,7 +194,13 @@ async def test_garbage_on_every_subject_leaves_the_mesh_serving(mesh: Mesh) -> N
                 await nc.publish(subject, payload)
                 await nc.publish(subject, payload, reply=nc.new_inbox())
         reply = await nc.request(s.program_end, b'{"program_id": "never-seen"}', timeout=5)
-        assert json.loads(reply.data) == {"ok": False, "error": "unknown program 'never-seen'"}
+        assert json.loads(reply.data) == {
+            "ok": False, "code": "unknown_program", "error": "unknown program 'never-seen'"
+        }  # fmt: skip
+        reply = await nc.request(s.program_end, b"[" * 1000, timeout=5)
+        assert json.loads(reply.data)["code"] == "bad_json"
+        reply = await nc.request(s.program_end, b'{"program_id": 7}', timeout=5)
+        assert json.loads(reply.data)["code"] == "bad_field"
         await nc.flush()
     finally:
         await nc.close()
