@@ -186,6 +186,8 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     program_wait_s: Seconds = 0.0
     # When the call fails with "deadline_exceeded" (Unix seconds; 0: none). Kept across hand-backs.
     deadline_at: Epoch = 0.0
+    # The authenticated user that submitted the call ("" without auth): only it may abort the call.
+    owner: Id = ""
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
@@ -205,6 +207,8 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
     priority: Priority
     parents: Parents | None = None
     dispatched_at: Epoch = 0.0
+    #: the authenticated user that submitted the call ("" without auth): the program's owner
+    owner: Id = ""
 
 
 #: ``finish_reason`` of a completed event for a call an engine refused before running it (it only

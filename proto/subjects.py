@@ -54,6 +54,24 @@ class Subjects:
         """JSON ``{"call_id": ...}``: every engine drops the call if it holds it."""
         return f"{self.root}.call.abort"
 
+    # -- an authenticated identity's own subjects ------------------------------------------------
+    # With auth on, nats-server lets each identity publish submissions, aborts and program ends only
+    # under its own user name (autellix.services.auth), so the subject's last token says, unforgeably,
+    # who sent them: a call's owner, who alone may abort it, and a program's owner, who alone may end it.
+    def call_submit_as(self, user: str) -> str:
+        return f"{self.call_submit}.{_check_token(user, 'user name')}"
+
+    def call_abort_as(self, user: str) -> str:
+        return f"{self.call_abort}.{_check_token(user, 'user name')}"
+
+    def program_end_as(self, user: str) -> str:
+        return f"{self.program_end}.{_check_token(user, 'user name')}"
+
+    @staticmethod
+    def sender(subject: str, base: str) -> str:
+        """The user token of ``base.<user>`` (``""`` for ``base`` itself: an unauthenticated sender)."""
+        return subject[len(base) + 1 :] if subject.startswith(base + ".") else ""
+
     # -- clients -> tracker ---------------------------------------------------------------------
     @property
     def program_end(self) -> str:

@@ -126,6 +126,7 @@ class EngineService:
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
+        await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
         await nc.flush()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
@@ -242,6 +243,10 @@ class EngineService:
             return
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
+            return
+        sender = self.subjects.sender(msg.subject, self.subjects.call_abort)
+        if sender and sender != flight.call.owner:  # an authenticated user aborts only its own calls
+            self._throttle.log(self.log, "abort of another user's call refused", call_id=abort.call_id, by=sender)
             return
         attempt = max(flight.call.attempt, self._pending_aborts.get(abort.call_id, -1))
         self._pending_aborts[abort.call_id] = attempt

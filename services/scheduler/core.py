@@ -251,7 +251,8 @@ class SchedulerCore:
             return request
         return msgspec.structs.replace(request, call_id=call_id)
 
-    def stamp(self, request: CallRequest, reply_to: str, now: float) -> StampedCall:
+    def stamp(self, request: CallRequest, reply_to: str, now: float, owner: str = "") -> StampedCall:
+        """``owner``: the authenticated user the submission came from (its subject says), "" without auth."""
         account = self.programs.get(request.program_id)
         return StampedCall(
             call_id=request.call_id,
@@ -274,6 +275,7 @@ class SchedulerCore:
             resume_token_ids=request.resume_token_ids,
             attempt=request.attempt,
             deadline_at=now + self.deadline_for(request),
+            owner=owner,
         )
 
     def deadline_for(self, request: CallRequest) -> float:

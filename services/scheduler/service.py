@@ -34,6 +34,7 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.services.auth import inbox_prefix
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -73,6 +74,7 @@ class SchedulerService:
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
         await nc.subscribe(s.call_completed, cb=self._on_completed)
         await nc.subscribe(s.call_submit, queue=SCHEDULER_QUEUE, cb=self._on_submit)
+        await nc.subscribe(f"{s.call_submit}.*", queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
         self._watchdog = asyncio.create_task(self._watch_engines())
@@ -134,7 +136,17 @@ class SchedulerService:
         if not reply_to:
             self._throttle.log(self.log, "call without a reply subject dropped", call_id=request.call_id)
             return
-        if await self._dispatch(request, reply_to, now):
+        owner = self.subjects.sender(msg.subject, self.subjects.call_submit)
+        if owner and not reply_to.startswith(inbox_prefix(owner) + "."):
+            # an authenticated caller's stream goes to its own inboxes only, never into another's
+            message = f"reply_to must be one of your inboxes ({inbox_prefix(owner)}.…), got {reply_to[:80]!r}"
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.BAD_FIELD, message=message
+            )
+            if msg.reply.startswith(inbox_prefix(owner) + "."):
+                await self._reject(error, msg.reply)
+            return
+        if await self._dispatch(request, reply_to, now, owner):
             return
         self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
         error = CallError(
@@ -143,7 +155,9 @@ class SchedulerService:
             code=ErrorCode.NO_ENGINE,
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
-        self._park(lambda: self._dispatch(request, reply_to, now), now + self.config.no_engine_wait_s, error, reply_to)
+        self._park(
+            lambda: self._dispatch(request, reply_to, now, owner), now + self.config.no_engine_wait_s, error, reply_to
+        )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
         self._throttle.log(
@@ -160,8 +174,8 @@ class SchedulerService:
         elif self._nc is not None:
             await self._nc.publish(reply_to, encode(error))
 
-    async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float) -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted))
+    async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float, owner: str = "") -> bool:
+        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner))
         if engine_id is None:
             return False
         if request.ack:
@@ -189,6 +203,7 @@ class SchedulerService:
                     priority=stamped.priority,
                     parents=stamped.parents,
                     dispatched_at=now,
+                    owner=stamped.owner,
                 )
             ),
         )

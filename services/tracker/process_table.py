@@ -31,6 +31,8 @@ class ProgramEntry:
     active_calls: dict[str, float] = field(default_factory=dict)
     #: service of calls handed back by a draining engine, added when the call completes elsewhere
     partial_service_s: dict[str, float] = field(default_factory=dict)
+    #: the authenticated user whose call started the program ("" without auth): only it may end it
+    owner: str = ""
 
     def summary(self, ended: bool = False) -> ProgramSummary:
         a = self.account
@@ -64,6 +66,7 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     last_activity_at: float
     #: when each active call was dispatched (records written before this field: restore time)
     active_since: dict[str, float] = {}
+    owner: str = ""
 
 
 def to_record(entry: ProgramEntry) -> ProgramRecord:
@@ -82,6 +85,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         first_seen_at=entry.first_seen_at,
         last_activity_at=entry.last_activity_at,
         active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        owner=entry.owner,
     )
 
 
@@ -101,6 +105,7 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         engines=set(r.engines),
         active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
         partial_service_s=dict(r.partial_service_s),
+        owner=r.owner,
     )
 
 
@@ -136,6 +141,8 @@ class ProcessTable:
 
     def on_dispatched(self, event: CallDispatched, now: float) -> None:
         entry = self._entry(event.program_id, now)
+        if not entry.owner:
+            entry.owner = event.owner
         entry.active_calls[event.call_id] = now
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
@@ -177,6 +184,11 @@ class ProcessTable:
             ended=ended,
             updated_at=now,
         )
+
+    def owner(self, program_id: str) -> str:
+        """The user that owns a program ("" when unknown or not authenticated)."""
+        entry = self._programs.get(program_id)
+        return entry.owner if entry is not None else ""
 
     def end(self, program_id: str, now: float) -> tuple[ProgramSummary, ProgramService] | None:
         """Remove a program; returns its final row and the ``ended`` update to publish."""

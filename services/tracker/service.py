@@ -65,6 +65,7 @@ class TrackerService:
         await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
         await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
+        await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
@@ -137,6 +138,11 @@ class TrackerService:
         except msgspec.MsgspecError as exc:
             code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
             await respond({"ok": False, "code": code, "error": f"bad request: {explain(exc)}"})
+            return
+        sender = self.subjects.sender(msg.subject, self.subjects.program_end)
+        owner = self.table.owner(request.program_id)
+        if sender and owner and sender != owner:  # an authenticated user ends only its own programs
+            await respond({"ok": False, "error": "not_owner: the program belongs to another user"})
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
