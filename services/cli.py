@@ -195,7 +195,14 @@ def cmd_service(args: argparse.Namespace) -> int:
     async def main() -> int:
         return await run_until_signal([service])
 
-    return _run(main())
+    status = _run(main())
+    if status == 1:
+        # the service failed: exit now, even if a stuck worker thread (a hung model step) would
+        # keep the interpreter from exiting at all
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 # -- everything on one machine ------------------------------------------------------------------

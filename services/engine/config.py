@@ -32,6 +32,8 @@ class EngineConfig:
     preempt_mode: str = "auto"
     #: calls held beyond a full running batch; a call past it is shed with ``rate_limited``
     max_waiting: int = 1024
+    #: a model step running longer than this means the engine is stuck: it stops heartbeating and exits
+    step_stuck_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -61,4 +63,5 @@ class EngineConfig:
             schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
             max_waiting=int(env.get("AUTELLIX_MAX_WAITING", d.max_waiting)),
+            step_stuck_s=float(env.get("AUTELLIX_STEP_STUCK_S", d.step_stuck_s)),
         )

@@ -90,6 +90,7 @@ class EngineService:
         self._cache_stats = CacheStats()
         self._cache_stats_due = True
         self._stepping = False
+        self._step_started = 0.0  # monotonic start of the step now running
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
@@ -164,7 +165,7 @@ class EngineService:
         self._state = "down"
         await self._heartbeat()
         await self._nc.drain()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=self.health.ok)  # a stuck step's thread is not waited for
         self.log.info("stopped")
 
     # -- inputs -------------------------------------------------------------------------------
@@ -330,6 +331,7 @@ class EngineService:
         for p in plan.preemptions:
             self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
         self._stepping = True
+        self._step_started = time.monotonic()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, execute_plan, self.backend, plan)
         except Exception:
@@ -570,6 +572,8 @@ class EngineService:
         schedulers stop routing to it and tell its callers to resubmit."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            if self._stepping and (running := time.monotonic() - self._step_started) > self.config.step_stuck_s:
+                self.health.fail(f"a model step has run for {running:.0f} s (limit {self.config.step_stuck_s:g} s)")
             if not self.health.ok:
                 return
             try:
