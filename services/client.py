@@ -287,6 +287,7 @@ class Program:
         call_id: str | None = None,
         ignore_eos: bool = False,
         timeout_s: float | None = None,
+        deadline_s: float = 0.0,
     ) -> CallStream:
         request = CallRequest(
             program_id=self.program_id,
@@ -297,6 +298,7 @@ class Program:
             temperature=temperature,
             ignore_eos=ignore_eos,
             parents=list(parents) if parents is not None else None,
+            deadline_s=deadline_s,
         )
         return CallStream(self.client, request, timeout_s or self.client.timeout_s)
 

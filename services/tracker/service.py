@@ -16,6 +16,7 @@ from autellix.proto import (
     TRACKER_QUEUE,
     CallCompleted,
     CallDispatched,
+    ErrorCode,
     ProgramEnd,
     ProgramTable,
     Subjects,
@@ -31,6 +32,9 @@ from autellix.services.nats_conn import connect
 from .config import TrackerConfig
 from .process_table import ProcessTable
 from .store import ProgramStore
+
+#: ``code`` of a ``program.end`` reply for a program the tracker does not know
+UNKNOWN_PROGRAM = "unknown_program"
 
 
 class TrackerService:
@@ -132,7 +136,8 @@ class TrackerService:
         try:
             request = decode(msg.data, ProgramEnd)
         except msgspec.MsgspecError as exc:
-            await respond({"ok": False, "error": f"bad request: {explain(exc)}"})
+            code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
+            await respond({"ok": False, "code": code, "error": f"bad request: {explain(exc)}"})
             return
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)
@@ -141,7 +146,9 @@ class TrackerService:
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
-            await respond({"ok": False, "error": f"unknown program {request.program_id[:80]!r}"})
+            await respond(
+                {"ok": False, "code": UNKNOWN_PROGRAM, "error": f"unknown program {request.program_id[:80]!r}"}
+            )
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
