@@ -468,3 +468,24 @@ async def test_a_failed_service_ends_the_process_with_status_1() -> None:
     service = Failing()
     assert await asyncio.wait_for(run_until_signal([service]), 5) == 1
     assert service.stopped
+
+
+async def test_a_call_whose_output_cannot_be_sent_fails_alone(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = mesh.engines[0]
+    real_chunk = engine._chunk
+
+    async def chunk(flight, text: str) -> None:  # type: ignore[no-untyped-def]
+        if flight.call.program_id == "poison":
+            raise nats.errors.MaxPayloadError
+        await real_chunk(flight, text)
+
+    monkeypatch.setattr(engine, "_chunk", chunk)
+    poison = asyncio.create_task(mesh.client.program("poison").call("x", max_tokens=20))
+    good = [asyncio.create_task(mesh.client.program().call("y", max_tokens=20)) for _ in range(3)]
+    with pytest.raises(Exception) as info:
+        await asyncio.wait_for(poison, 10)
+    assert getattr(info.value, "code", None) == "internal"
+    assert [r.output_tokens for r in await asyncio.gather(*good)] == [20, 20, 20]
+    _alive(mesh)
+    await _until(lambda: not engine._inflight)
+    await _until(lambda: (e := mesh.tracker.table.get("poison")) is not None and not e.active_calls)
