@@ -14,7 +14,7 @@ from typing import Any
 import nats.errors
 import uvloop
 
-from autellix.engine.factory import BACKENDS
+from autellix.engine.factory import BACKENDS, DEFAULT_TIER_SCALE, RETENTIONS
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
@@ -50,6 +50,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
     p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
+    p.add_argument(
+        "--retention",
+        choices=RETENTIONS,
+        default=None,
+        help="engine: eviction order of retained contexts, lru or program (contained, ended programs', then LRU) "
+        "(env AUTELLIX_RETENTION; default program)",
+    )
+    p.add_argument(
+        "--kv-tier-tokens",
+        type=int,
+        default=None,
+        help=f"engine: CPU tier for evicted contexts of live programs, in tokens; 0 = none "
+        f"(env AUTELLIX_KV_TIER_TOKENS; default {DEFAULT_TIER_SCALE} x --kv-tokens)",
+    )
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
     p.add_argument(
@@ -137,6 +151,10 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         spec = replace(spec, max_batch=args.max_batch)
     if args.kv_tokens is not None:
         spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
+    if getattr(args, "retention", None) is not None:
+        spec = replace(spec, retention=args.retention)
+    if getattr(args, "kv_tier_tokens", None) is not None:
+        spec = replace(spec, kv_tier_tokens=args.kv_tier_tokens)
     if args.sim_time_scale is not None:
         spec = replace(spec, sim_time_scale=args.sim_time_scale)
     if args.threads is not None:

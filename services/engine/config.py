@@ -48,6 +48,8 @@ class EngineConfig:
             kv_capacity_tokens=int(env.get("AUTELLIX_KV_TOKENS", d.backend.kv_capacity_tokens)),
             sim_time_scale=float(env.get("AUTELLIX_SIM_TIME_SCALE", d.backend.sim_time_scale)),
             threads=int(env["AUTELLIX_THREADS"]) if env.get("AUTELLIX_THREADS") else None,
+            retention=env.get("AUTELLIX_RETENTION", d.backend.retention),
+            kv_tier_tokens=int(env["AUTELLIX_KV_TIER_TOKENS"]) if env.get("AUTELLIX_KV_TIER_TOKENS") else None,
         )
         return cls(
             nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from autellix.engine.backend import ModelBackend
+from autellix.engine.backend import CacheStats, ModelBackend, PrefixCache
 from autellix.engine.core import (
     CallSpec,
     CoreConfig,
@@ -39,6 +39,7 @@ from autellix.proto import (
     CallFinal,
     EngineHeartbeat,
     ErrorCode,
+    ProgramService,
     StampedCall,
     Subjects,
     decode,
@@ -83,6 +84,11 @@ class EngineService:
         self._silent_aborts: set[str] = set()
         #: newer attempts of calls held here that arrived mid-step: accepted after the step
         self._deferred: list[StampedCall] = []
+        #: programs the tracker says ended, to tell the backend's prefix cache between steps
+        self._ended_programs: list[str] = []
+        #: the prefix cache's figures, read between steps (a heartbeat during a step sends the last)
+        self._cache_stats = CacheStats()
+        self._cache_stats_due = True
         self._stepping = False
         self._step_started = 0.0  # monotonic start of the step now running
         self._wake = asyncio.Event()
@@ -127,6 +133,8 @@ class EngineService:
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
+        # ended programs leave the working set, and their contexts go first from the prefix cache
+        await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
         await nc.flush()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
@@ -255,6 +263,26 @@ class EngineService:
         if not self._stepping:
             await self._apply_aborts()
 
+    async def _on_program_service(self, msg: Msg) -> None:
+        try:
+            update = decode(msg.data, ProgramService)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad program update dropped", error=str(exc))
+            return
+        if update.ended:
+            self._ended_programs.append(update.program_id)
+            if not self._stepping:
+                self._apply_program_ends()
+
+    def _apply_program_ends(self) -> None:
+        """Tell the core (and so the prefix cache) which programs ended; between steps only."""
+        if not self._ended_programs or self.core is None:
+            return
+        ended, self._ended_programs = self._ended_programs, []
+        for program_id in ended:
+            self.core.end_program(program_id)
+        self.log.debug("programs ended", programs=len(ended))
+
     async def _apply_aborts(self) -> None:
         """Apply aborts (each only to the attempts it was meant for), then deferred newer attempts."""
         assert self.core is not None
@@ -319,6 +347,9 @@ class EngineService:
         finally:
             self._stepping = False
         await self._publish_events(self.core.update(plan, result, time.time()))
+        self._apply_program_ends()
+        if self._cache_stats_due:
+            self._read_cache_stats()
         await self._apply_aborts()
         await asyncio.sleep(0)  # let submissions and heartbeats in between steps
 
@@ -520,6 +551,11 @@ class EngineService:
     async def _heartbeat(self) -> None:
         assert self._nc is not None and self.backend is not None and self.core is not None
         load = self.core.load()
+        if self._stepping:
+            self._cache_stats_due = True  # read after this step, for the next heartbeat
+        else:
+            self._read_cache_stats()
+        cache = self._cache_stats
         hb = EngineHeartbeat(
             engine_id=self.engine_id,
             backend=self.backend.name,
@@ -535,8 +571,20 @@ class EngineService:
             max_context=self.backend.max_context,
             interval_s=self.config.heartbeat_s,
             sent_at=time.time(),
+            kv_tokens_capacity=self.core.kv_capacity,
+            kv_tokens_retained=cache.retained_tokens,
+            kv_tokens_idle_contexts=load.idle_context_tokens,
+            kv_tokens_tiered=cache.tiered_tokens,
+            prompt_tokens_total=cache.prompt_tokens,
+            prefix_hit_tokens_total=cache.hit_tokens,
+            prefix_hit_rate=cache.hit_rate,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
+
+    def _read_cache_stats(self) -> None:
+        self._cache_stats_due = False
+        if isinstance(self.backend, PrefixCache):
+            self._cache_stats = self.backend.cache_stats()
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeats say the engine takes work; one whose step loop died sends none, so the
