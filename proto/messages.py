@@ -283,6 +283,8 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     call_path_s: Seconds = 0.0
     ended: bool = False
     updated_at: Epoch = 0.0
+    #: the program's owner (its tenant; "" without auth): schedulers account service per tenant
+    owner: Id = ""
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):

@@ -188,6 +188,7 @@ class ProcessTable:
             call_path_s=call_path_s,
             ended=ended,
             updated_at=now,
+            owner=entry.owner,
         )
 
     def owner(self, program_id: str) -> str:

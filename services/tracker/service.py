@@ -37,6 +37,8 @@ from .store import ProgramStore
 
 #: ``code`` of a ``program.end`` reply for a program the tracker does not know
 UNKNOWN_PROGRAM = "unknown_program"
+#: program.end from an authenticated user that does not own the program
+NOT_OWNER = "not_owner"
 
 
 class TrackerService:
@@ -152,7 +154,7 @@ class TrackerService:
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)
         if sender and owner and sender != owner:  # an authenticated user ends only its own programs
-            await respond({"ok": False, "error": "not_owner: the program belongs to another user"})
+            await respond({"ok": False, "code": NOT_OWNER, "error": "the program belongs to another user"})
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
