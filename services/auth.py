@@ -112,6 +112,7 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
                 own_inbox,
                 s.call_completed,
                 s.call_dispatched,
+                s.engine_heartbeat,  # engines that die: their calls leave the active counts
                 s.program_end,
                 f"{s.program_end}.*",
                 s.tracker_table,

@@ -16,6 +16,7 @@ from autellix.proto import (
     TRACKER_QUEUE,
     CallCompleted,
     CallDispatched,
+    EngineHeartbeat,
     ErrorCode,
     ProgramEnd,
     ProgramTable,
@@ -31,6 +32,7 @@ from autellix.services.nats_conn import connect
 
 from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
 from .config import TrackerConfig
+from .engine_liveness import EngineLiveness
 from .process_table import ProcessTable
 from .store import ProgramStore
 
@@ -54,6 +56,7 @@ class TrackerService:
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.health = Health(self.name)
+        self.engines = EngineLiveness()
         self._throttle = LogThrottle()
 
     async def start(self) -> None:
@@ -70,6 +73,7 @@ class TrackerService:
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
+        await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
@@ -127,6 +131,12 @@ class TrackerService:
             return
         self.table.on_dispatched(event, time.time())
         self.store.mark(event.program_id)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.engines.on_heartbeat(decode(msg.data, EngineHeartbeat), time.time())
+        except msgspec.MsgspecError as exc:
+            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
 
     async def _on_completed(self, msg: Msg) -> None:
         try:
@@ -202,6 +212,12 @@ class TrackerService:
         await self.store.flush()
 
     async def _collect_idle(self) -> None:
+        for engine_id in self.engines.gone(time.time()):
+            changed = self.table.engine_gone(engine_id)
+            for program_id in changed:
+                self.store.mark(program_id)
+            if changed:
+                self.log.info("engine gone: its active calls dropped", engine_id=engine_id, programs=len(changed))
         for update in self.table.expire(time.time()):
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)
