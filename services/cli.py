@@ -87,27 +87,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _env_url(args: argparse.Namespace, client: bool = False) -> str:
-    """The URL to connect with: a credentials file (--creds, AUTELLIX_NATS_CREDS), else --nats or
-    AUTELLIX_NATS, else (clients only) the credentials `autellix up` wrote on this machine, else the
-    default URL."""
-    from .auth import default_credentials_path, read_credentials
+    """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
+    environment, and for clients the credentials `autellix up` wrote on this machine)."""
+    from .auth import resolve_url
 
-    creds = getattr(args, "creds", None) or os.environ.get("AUTELLIX_NATS_CREDS")
-    if creds:
-        try:
-            return read_credentials(creds)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"autellix: {exc}") from None
-    url = args.nats or os.environ.get("AUTELLIX_NATS")
-    if url:
-        return url
-    default = default_credentials_path()
-    if client and default.is_file():
-        try:
-            return read_credentials(default)
-        except (OSError, ValueError):
-            pass  # not ours to fix here: fall back to the open default
-    return DEFAULT_NATS_URL
+    try:
+        return resolve_url(args.nats, getattr(args, "creds", None), client=client)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"autellix: {exc}") from None
 
 
 def _env_root(args: argparse.Namespace) -> str:

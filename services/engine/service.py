@@ -45,6 +45,7 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.proto.messages import completed_message_id
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -365,17 +366,36 @@ class EngineService:
             self.health.fail("the NATS connection closed")
 
     async def _publish_events(self, events: list[CoreEvent]) -> None:
+        """Send each call's output. A call whose output cannot be sent (too large for the broker, say)
+        fails alone with ``internal``; the other calls of the step, and the step loop, go on."""
         assert self._nc is not None
         for event in events:
             flight = self._inflight.get(event.call_id)
             if flight is None:
                 continue
-            if isinstance(event, TokenEvent):
-                flight.pending_ids.extend(event.token_ids)
-                if flight.call.stream and event.text:
-                    await self._chunk(flight, event.text)
-            elif isinstance(event, FinishEvent):
-                await self._finish(flight, event)
+            try:
+                if isinstance(event, TokenEvent):
+                    flight.pending_ids.extend(event.token_ids)
+                    if flight.call.stream and event.text:
+                        await self._chunk(flight, event.text)
+                elif isinstance(event, FinishEvent):
+                    await self._finish(flight, event)
+            except Exception as exc:
+                if self._nc.is_closed:
+                    raise  # nothing can be sent: the service fails (its connection closed)
+                self._throttle.log(
+                    self.log, "call failed: its output could not be sent", call_id=event.call_id, error=repr(exc)[:300]
+                )
+                await self._drop_unsendable(event)
+
+    async def _drop_unsendable(self, event: CoreEvent) -> None:
+        assert self.core is not None
+        finished = self.core.abort(event.call_id)  # None: the core had finished it already
+        if finished is None and isinstance(event, FinishEvent):
+            finished = event
+        await self._fail(event.call_id, ErrorCode.INTERNAL, "the engine could not send the call's output")
+        if finished is not None:
+            await self._completed(finished)
 
     async def _chunk(self, flight: InFlight, text: str) -> None:
         """Send text with the token ids it came from (including any held back until now)."""
@@ -481,7 +501,9 @@ class EngineService:
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(done))
+        await self._nc.publish(
+            self.subjects.call_completed, encode(done), headers={"Nats-Msg-Id": completed_message_id(done)}
+        )
         self.log.info(
             "call finished",
             program_id=call.program_id,
@@ -521,7 +543,9 @@ class EngineService:
             parents=call.parents,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(rejected))  # type: ignore[union-attr]
+        await self._nc.publish(  # type: ignore[union-attr]
+            self.subjects.call_completed, encode(rejected), headers={"Nats-Msg-Id": completed_message_id(rejected)}
+        )
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)
