@@ -236,6 +236,12 @@ class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: Epoch = 0.0
 
 
+
+def completed_message_id(event: CallCompleted) -> str:
+    """The ``Nats-Msg-Id`` header engines publish a completed event with: JetStream keeps one event
+    per engine, call and outcome within its duplicate window (services/tracker/completions.py)."""
+    return f"{event.engine_id}:{event.call_id}:{event.finish_reason}"
+
 class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: RequiredToken
     backend: Name

@@ -45,6 +45,7 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.proto.messages import completed_message_id
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -500,7 +501,9 @@ class EngineService:
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(done))
+        await self._nc.publish(
+            self.subjects.call_completed, encode(done), headers={"Nats-Msg-Id": completed_message_id(done)}
+        )
         self.log.info(
             "call finished",
             program_id=call.program_id,
@@ -540,7 +543,9 @@ class EngineService:
             parents=call.parents,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(rejected))  # type: ignore[union-attr]
+        await self._nc.publish(  # type: ignore[union-attr]
+            self.subjects.call_completed, encode(rejected), headers={"Nats-Msg-Id": completed_message_id(rejected)}
+        )
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)

@@ -30,6 +30,7 @@ from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
+from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
 from .config import TrackerConfig
 from .engine_liveness import EngineLiveness
 from .process_table import ProcessTable
@@ -48,7 +49,7 @@ class TrackerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
-        self.store = ProgramStore(self.table, config.root)
+        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas)
         self.log = get_logger("tracker")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -67,7 +68,7 @@ class TrackerService:
                 "process table loaded", programs=restored, bucket=self.store.bucket, persisted=self.store.enabled
             )
         s = self.subjects
-        await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+        await self._subscribe_completions(nc)
         await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
@@ -93,6 +94,26 @@ class TrackerService:
             await self.store.flush()
             await self._nc.drain()
         self.log.info("stopped", programs=len(self.table))
+
+    async def _subscribe_completions(self, nc: NATS) -> None:
+        """Completed events through the durable JetStream consumer when the table is persisted (so a
+        restarted tracker applies what it missed), else a plain subscription."""
+        if self.store.enabled:
+            try:
+                await subscribe_completions(nc, self.subjects, self._on_completed_durable, self.config.kv_replicas)
+                self.log.info("completed events: durable consumer", stream=stream_name(self.subjects.root))
+                return
+            except JETSTREAM_ERRORS as exc:
+                self.log.warning("no durable consumer for completed events: a plain subscription", error=str(exc))
+        await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+
+    async def _on_completed_durable(self, msg: Msg) -> None:
+        """Apply, then acknowledge (a crash in between redelivers it; the table counts a call once)."""
+        await self._on_completed(msg)
+        try:
+            await msg.ack()
+        except JETSTREAM_ERRORS as exc:
+            self._throttle.log(self.log, "completed event not acknowledged (it will be redelivered)", error=str(exc))
 
     def _on_closed(self) -> None:
         if not self._stopping.is_set():
