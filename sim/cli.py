@@ -22,15 +22,15 @@ from autellix.policy.variants import POLICY_NAMES
 from autellix.sim.analysis import analyse, parse_targets
 from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
-from autellix.sim.simulator import SimConfig
-from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs
+from autellix.sim.simulator import MEMORY_NAMES, SimConfig
+from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs, variant_name
 from autellix.sim.trace import write_trace
 from autellix.sim.workload import WorkloadError
 
 DESCRIPTION = """\
 Simulate agent programs on engines in virtual time and compare scheduling policies.
 
-Every (balancer, policy, rate) point replays the same programs with arrivals scaled to the rate.
+Every (balancer, policy, memory, rate) point replays the same programs with arrivals scaled to the rate.
 Steady state: the first --warmup and last --drain fractions of programs (by arrival) are
 discarded from the figures; the run continues until every program has finished.
 """
@@ -57,7 +57,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
     p.add_argument("--rates", required=True, help="comma list of program arrival rates (programs/s), ascending")
     p.add_argument("--engines", default="1", help="number of engines (default %(default)s)")
-    p.add_argument("--lb", default="locality", help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s)")
+    p.add_argument(
+        "--balancer",
+        "--lb",
+        dest="lb",
+        default="locality",
+        help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s; --lb is an alias)",
+    )
+    p.add_argument(
+        "--memory",
+        default="lru",
+        help=f"comma list of {','.join(MEMORY_NAMES)}: KV memory management compared side by side "
+        "(default %(default)s; lru is always added as the baseline)",
+    )
+    p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV budget (default 4)")
     p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
     p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
@@ -140,7 +153,10 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
     policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--lb")
+    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
+    memories = _names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
+    if "lru" not in memories:
+        memories.insert(0, "lru")  # the ratios are to fcfs + lru
     engines = parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
@@ -165,6 +181,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         carry_context=not args.no_context,
         sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
         mlfq=mlfq,
+        tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
     )
     source = WorkloadSource(
         name=workload,
@@ -176,6 +193,8 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "source": source,
         "config": config,
         "policies": policies,
+        "memories": memories,
+        "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
         "rates": _rates(args.rates),
         "targets": targets,
@@ -199,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.trace_out:
         write_trace(args.trace_out, programs)
-    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"])
+    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
     from tqdm import tqdm
 
     bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
@@ -215,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    analysis = analyse(results, opts["policies"], opts["balancers"], opts["targets"], opts["fractions"])
+    analysis = analyse(results, opts["variants"], opts["balancers"], opts["targets"], opts["fractions"])
     config: SimConfig = opts["config"]
     cost = config.engine_cost()
     summary = {
@@ -226,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
         "kv_budget_tokens": cost.kv_budget_tokens,
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable({**asdict(config), "policy": opts["policies"], "balancer": opts["balancers"]}),
+        "config": _jsonable(
+            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+        ),
         "points": results,
         "analysis": analysis,
     }
@@ -235,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(points_table(results))
         print()
-    print(analysis_text(analysis, opts["policies"]))
+    print(analysis_text(analysis, opts["variants"]))
     if args.plot:
         title = f"{os.path.basename(source.name)}, {config.engines} engine(s), KV x{config.kv_scale:g}"
         plot(results, analysis, args.plot, title)

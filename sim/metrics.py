@@ -85,6 +85,15 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
     prompt = sum(s["prompt_tokens"] for s in stats)
     out["prefix_hit_rate"] = sum(s["cache_hit_tokens"] for s in stats) / prompt if prompt else 0.0
     out["preemptions"] = int(sum(s["preemptions"] for s in stats))
+    busy = sum(s["busy_s"] for s in stats)
+    out["evicted_active_tokens"] = int(sum(s.get("evicted_active_tokens", 0) for s in stats))
+    out["tier_in_tokens"] = int(sum(s.get("tier_in_tokens", 0) for s in stats))
+    out["tier_out_tokens"] = int(sum(s.get("tier_out_tokens", 0) for s in stats))
+    out["tier_busy_fraction"] = sum(s.get("tier_s", 0.0) for s in stats) / busy if busy > 0 else 0.0
+    door = np.array([p.door_wait_s for p in measured])
+    out["door_wait_s_mean"] = float(door.mean())
+    out["door_wait_s_p99"] = float(np.percentile(door, 99))
+    out["door_held_fraction"] = float((door > 0).mean())
     out["swap_s"] = float(sum(s["swap_s"] for s in stats))
     out["makespan_s"] = result.makespan_s
     out["wall_s"] = result.wall_s
