@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from autellix.engine.cost_model import profile
@@ -36,6 +36,9 @@ discarded from the figures; the run continues until every program has finished.
 """
 
 
+_DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
+
+
 class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
@@ -55,7 +58,15 @@ def register(subparsers: Any) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
-    p.add_argument("--rates", required=True, help="comma list of program arrival rates (programs/s), ascending")
+    p.add_argument("--rates", help="comma list of program arrival rates (programs/s), ascending")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead of a rate grid: find each (policy, memory) variant's highest rate that keeps up with its "
+        "load by bisection, and its sustainable rate at the latency targets; ratios to fcfs + lru",
+    )
+    p.add_argument("--tol", default="0.03", help="--capacity: bisection tolerance, relative (default %(default)s)")
+    p.add_argument("--start-rate", help="--capacity: first rate tried (default: 500 offered output tokens/s)")
     p.add_argument("--engines", default="1", help="number of engines (default %(default)s)")
     p.add_argument(
         "--balancer",
@@ -80,7 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="2x,5x,10x",
         help="token-latency targets: multiples of FCFS's low-load latency (10x) or s/token (0.3)",
     )
-    p.add_argument("--fractions", default="0.8,0.9,1.0,1.2", help="fractions of FCFS saturation throughput")
+    p.add_argument(
+        "--fractions",
+        default=_DEFAULT_FRACTIONS,
+        help="fractions of FCFS saturation throughput (with --capacity: of fcfs + lru's capacity; default 0.5,0.9)",
+    )
     p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
     p.add_argument(
         "--no-context",
@@ -168,6 +183,8 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.rates is None and not args.capacity:
+        raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
     warmup = parse_number(args.warmup, "--warmup", float, 0.0)
     drain = parse_number(args.drain, "--drain", float, 0.0)
     if warmup + drain >= 1.0:
@@ -196,12 +213,14 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "memories": memories,
         "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
-        "rates": _rates(args.rates),
+        "rates": _rates(args.rates) if args.rates is not None else [],
         "targets": targets,
         "fractions": _fractions(args.fractions),
         "warmup": warmup,
         "drain": drain,
         "jobs": parse_number(args.jobs, "--jobs", int, 1),
+        "tol": parse_number(args.tol, "--tol", float, 1e-4),
+        "start_rate": parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
     }
 
 
@@ -218,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.trace_out:
         write_trace(args.trace_out, programs)
+    if args.capacity:
+        return _run_capacity(args, opts, programs)
     points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
     from tqdm import tqdm
 
@@ -260,6 +281,60 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         title = f"{os.path.basename(source.name)}, {config.engines} engine(s), KV x{config.kv_scale:g}"
         plot(results, analysis, args.plot, title)
+    return 0
+
+
+def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list[Any]) -> int:
+    from autellix.sim.capacity import CapacityConfig, capacity_text, find_capacities
+
+    targets = tuple(m for _, m, _ in opts["targets"] if m is not None)
+    if not targets:
+        print("autellix sim: error: --capacity needs latency targets as multiples (10x)", file=sys.stderr)
+        return 2
+    config: SimConfig = opts["config"]
+    config = replace(config, balancer=opts["balancers"][0])
+    cap_config = CapacityConfig(
+        tol=opts["tol"], start_rate=opts["start_rate"], targets=targets,
+        harm_fractions=tuple(opts["fractions"]) if args.fractions != _DEFAULT_FRACTIONS else (0.5, 0.9),
+        warmup=opts["warmup"], drain=opts["drain"],
+    )
+    count = 0
+
+    def progress(point: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
+        if not args.no_progress:
+            print(
+                f"[{count}] {point['variant']} at {point['rate']:.4g}/s: "
+                f"{'keeps up' if point['keeps_up'] else 'falls behind'}, token latency "
+                f"{point['token_latency_s_mean']:.3g} s, hit {100 * point['prefix_hit_rate']:.0f}%, "
+                f"{point['wall_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result = find_capacities(programs, config, opts["policies"], opts["memories"], cap_config, progress)
+    source: WorkloadSource = opts["source"]
+    cost = config.engine_cost()
+    summary = {
+        "workload": source.name,
+        "programs": len(programs),
+        "seed": source.seed,
+        "engines": config.engines,
+        "kv_budget_tokens": cost.kv_budget_tokens,
+        "carry_context": config.carry_context,
+        "stable_definition": "keeps_up (sim/metrics.py): >= 95% of offered output tokens served in the "
+        "measurement window and the backlog's last-quarter mean <= 1.5 x its third-quarter mean + 3 programs",
+        "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
+        "config": _jsonable(
+            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+        ),
+        "capacity_config": _jsonable(asdict(cap_config)),
+        "capacity": result,
+    }
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(summary), f, indent=1)
+    print(capacity_text(result))
     return 0
 
 

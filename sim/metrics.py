@@ -14,6 +14,14 @@ generated. TTFT is per call: submission to first token.
 **Stable**: tokens served in the window reach 90% of the tokens offered in it (output tokens of
 the programs arriving in the window per second). An unstable run's latencies grow with the run's
 length: beyond that rate a finite run understates them.
+
+**Keeps up** (stricter; what ``autellix sim --capacity`` bisects on): the run served at least 95%
+of the output tokens offered in the window, *and* its backlog did not grow over the window's second
+half. The backlog is the number of programs in the system (arrived, at the door or running, not
+finished); "did not grow" means its time average over the window's last quarter is at most
+``1.5 x`` its time average over the third quarter plus 3 programs (the slack absorbs the noise of
+Poisson arrivals, which the same programs repeat at every rate; a run past its capacity grows by far
+more, its backlog rising for as long as arrivals last, and a run just past it fails the 95% test).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ import numpy as np
 from autellix.sim.simulator import SimResult
 
 STABLE_SERVED_FRACTION = 0.9
+KEEPS_UP_SERVED_FRACTION = 0.95
+BACKLOG_GROWTH_FACTOR = 1.5
+BACKLOG_GROWTH_SLACK = 3.0
 
 
 def _stats(values: np.ndarray, prefix: str) -> dict[str, float]:
@@ -47,6 +58,15 @@ def measured_slice(n: int, warmup: float, drain: float) -> tuple[int, int]:
     lo = math.floor(warmup * n)
     hi = n - math.floor(drain * n)
     return lo, max(hi, lo + 1)
+
+
+def backlog_mean(programs: list[Any], a: float, b: float, samples: int = 64) -> float:
+    """Time average of the programs in the system (arrived, not finished) over ``[a, b]``."""
+    arrivals = np.sort(np.array([p.arrival_s for p in programs]))
+    finishes = np.sort(np.array([p.finish_s for p in programs]))
+    ts = np.linspace(a, b, samples)
+    n = np.searchsorted(arrivals, ts, side="right") - np.searchsorted(finishes, ts, side="right")
+    return float(n.mean())
 
 
 def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dict[str, Any]:
@@ -74,9 +94,19 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
         out["throughput_tokens_s"] = served / span
         out["offered_tokens_s"] = offered / span
         out["stable"] = bool(served >= STABLE_SERVED_FRACTION * offered)
+        q3 = backlog_mean(programs, t0 + 0.5 * span, t0 + 0.75 * span)
+        q4 = backlog_mean(programs, t0 + 0.75 * span, t1)
+        out["served_fraction"] = served / offered if offered else 1.0
+        out["backlog_q3"] = q3
+        out["backlog_q4"] = q4
+        out["keeps_up"] = bool(
+            served >= KEEPS_UP_SERVED_FRACTION * offered and q4 <= BACKLOG_GROWTH_FACTOR * q3 + BACKLOG_GROWTH_SLACK
+        )
     else:
         out.update(throughput_programs_s=math.nan, throughput_tokens_s=math.nan, offered_tokens_s=math.nan)
+        out.update(served_fraction=1.0, backlog_q3=0.0, backlog_q4=0.0)
         out["stable"] = True
+        out["keeps_up"] = True
 
     wait = sum(p.wait_s for p in measured)
     service = sum(p.service_s for p in measured)
@@ -85,7 +115,7 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
     prompt = sum(s["prompt_tokens"] for s in stats)
     out["prefix_hit_rate"] = sum(s["cache_hit_tokens"] for s in stats) / prompt if prompt else 0.0
     out["preemptions"] = int(sum(s["preemptions"] for s in stats))
-    busy = sum(s["busy_s"] for s in stats)
+    busy = sum(s.get("busy_s", 0.0) for s in stats)
     out["evicted_active_tokens"] = int(sum(s.get("evicted_active_tokens", 0) for s in stats))
     out["tier_in_tokens"] = int(sum(s.get("tier_in_tokens", 0) for s in stats))
     out["tier_out_tokens"] = int(sum(s.get("tier_out_tokens", 0) for s in stats))

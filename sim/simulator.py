@@ -43,7 +43,6 @@ from autellix.policy.variants import make_queue, policy_spec, stamp
 from autellix.sim.engine_model import EngineConfig, SimCall, SimEngine
 from autellix.sim.workload import ProgramSpec, prompt_lengths
 
-
 MEMORY_NAMES: tuple[str, ...] = ("lru", "retain", "tier", "door", "all")
 
 
@@ -141,8 +140,19 @@ class SimResult:
 
 class _Program:
     __slots__ = (
-        "account", "calls", "children", "door_wait_s", "done", "first_token_s", "index", "pending",
-        "remaining_output", "service_s", "spec", "started", "wait_s",
+        "account",
+        "calls",
+        "children",
+        "done",
+        "door_wait_s",
+        "first_token_s",
+        "index",
+        "pending",
+        "remaining_output",
+        "service_s",
+        "spec",
+        "started",
+        "wait_s",
     )
 
     def __init__(self, index: int, spec: ProgramSpec, prompts: dict[str, int], carry: bool) -> None:
