@@ -9,8 +9,11 @@ the programs inside finish at full speed and the door's queue drains. Below the 
 fits, the door admits every program on arrival and costs nothing.
 
 **Working set** (from what the engines report): per engine, the KV of its running and queued calls
-plus the KV it retains for programs that are still active (not the contexts of ended programs, which
-may be evicted at no cost). Summed over engines and compared with the engines' summed KV capacity.
+plus, for each program still active and between calls (think or tool time), the context its next
+call will extend: its latest finished call's prompt + output, wherever it is now (cached, in a CPU
+tier, or evicted and owed a re-prefill). Not the cache's whole contents: a cache fills free KV with
+anything (ended programs' contexts, stale branches of a tree search) and would look full at any load.
+Summed over engines and compared with the engines' summed KV capacity.
 
 **Rule** (an analytic estimate; nothing is tuned per workload): with ``W`` the working set, ``n`` the
 active programs and ``C`` the capacity, a new program is expected to need about what an active
@@ -58,7 +61,7 @@ class EngineReport:
     capacity_tokens: int
     #: KV held by running calls plus KV the queued calls will need
     active_tokens: int
-    #: KV retained (cached, not running) for programs that have not ended
+    #: latest contexts of the active programs between calls (see the module docstring)
     retained_tokens: int
 
 

@@ -192,7 +192,7 @@ def find_capacities(
 
 _SHOWN = (
     "latency_s_mean", "latency_s_p99", "token_latency_s_mean", "throughput_tokens_s", "prefix_hit_rate",
-    "door_wait_s_mean", "tier_busy_fraction", "served_fraction", "backlog_q3", "backlog_q4",
+    "door_wait_s_mean", "tier_busy_fraction", "served_fraction", "latency_growth", "backlog_q3", "backlog_q4",
 )
 
 

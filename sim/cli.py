@@ -323,8 +323,9 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "engines": config.engines,
         "kv_budget_tokens": cost.kv_budget_tokens,
         "carry_context": config.carry_context,
-        "stable_definition": "keeps_up (sim/metrics.py): >= 95% of offered output tokens served in the "
-        "measurement window and the backlog's last-quarter mean <= 1.5 x its third-quarter mean + 3 programs",
+        "stable_definition": "keeps_up (sim/metrics.py): output tokens served in the measurement window "
+        "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
+        "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
         "config": _jsonable(
             {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}

@@ -27,9 +27,10 @@ running or waiting, and advances in *segments* of steps whose time comes from th
 - **memory** (``EngineConfig.retain``, ``tier_tokens``): the cache evicts least recently used first
   (``lru``), or in the shared retention order (contained entries, then ended programs' contexts, then
   LRU). With a CPU tier, a context evicted from GPU KV whose program is still active (and that no
-  other entry contains) is copied to a CPU pool of ``tier_tokens`` (swap-out time charged to the next
-  step); a later call whose longest cached prefix is there swaps it back in (swap-in time charged)
-  when that is cheaper than prefilling the tokens it adds over the GPU hit.
+  other entry contains) is copied to a CPU pool of ``tier_tokens`` (the copy out overlaps the steps
+  and is only counted); a later call whose longest cached prefix is there swaps it back in, its
+  swap-in time charged to the next step, when that is cheaper than prefilling the tokens it adds over
+  the GPU hit.
 - **service** of a call is the time the engine spent on steps while the call was in the batch.
 
 A segment is a single step when any call is prefilling, else a run of ``k`` pure decode steps with
@@ -133,10 +134,11 @@ class SimEngine:
         #: cached contexts in GPU KV, and (with a tier) in the CPU pool
         self.cache = ContextPool(config.retain)
         self.tier = ContextPool(config.retain) if config.tier_tokens else None
-        #: program id -> tokens of its contexts evicted from GPU KV since its last call came here
-        #: (still part of its working set: its next call brings them back, by prefill or swap)
-        self._evicted: dict[str, int] = {}
-        self.evicted_tokens = 0
+        #: program id -> its calls queued or running here; -> its latest finished call's context
+        self._inflight: dict[str, int] = {}
+        self._latest: dict[str, int] = {}
+        #: sum of the latest contexts of the active programs with no call here (see retained_tokens)
+        self.idle_context_tokens = 0
         # current segment
         self.busy = False
         self.version = 0
@@ -160,6 +162,7 @@ class SimEngine:
         self.stat_tier_out_tokens = 0
         self.stat_tier_in_tokens = 0
         self.stat_tier_s = 0.0
+        self.stat_tier_out_s = 0.0
 
     # --- views --------------------------------------------------------------------------------
     @property
@@ -170,13 +173,29 @@ class SimEngine:
         return EngineLoad(str(self.index), self.kv_used, self.queued_tokens)
 
     def retained_tokens(self) -> int:
-        """KV this engine holds or owes to active programs between calls: their cached contexts
-        (contained entries left out) plus what it evicted of them since their last call came."""
-        return self.cache.active_tokens + self.evicted_tokens
+        """The KV active programs between calls will want back: for each active program whose
+        latest call finished here and that has no call queued or running here, that call's context
+        (its next call extends it), whether it is still cached, in the tier or was evicted. Not the
+        cache's contents: the cache fills free KV with anything, stale branches of a tree search
+        included, and would look full at any load."""
+        return self.idle_context_tokens
+
+    def _idle_change(self, program_id: str, inflight: int, latest: int | None) -> None:
+        """Set a program's in-flight count (and latest context), keeping idle_context_tokens."""
+        before = self._latest.get(program_id, 0) if not self._inflight.get(program_id) else 0
+        if inflight:
+            self._inflight[program_id] = inflight
+        else:
+            self._inflight.pop(program_id, None)
+        if latest is not None:
+            self._latest[program_id] = latest
+        after = self._latest.get(program_id, 0) if not inflight else 0
+        self.idle_context_tokens += after - before
 
     def end_program(self, program_id: str) -> None:
         """The program's last call finished: its contexts go first when KV is needed."""
-        self.evicted_tokens -= self._evicted.pop(program_id, 0)
+        self._idle_change(program_id, self._inflight.get(program_id, 0), 0)
+        self._latest.pop(program_id, None)
         self.cache.end_program(program_id)
         if self.tier is not None:
             self.tier.end_program(program_id)
@@ -202,8 +221,7 @@ class SimEngine:
             )
         c.engine = self.index
         c.state = QUEUED
-        if self._evicted:
-            self.evicted_tokens -= self._evicted.pop(c.program_id, 0)
+        self._idle_change(c.program_id, self._inflight.get(c.program_id, 0) + 1, None)
         c.waiting_since = now
         self.calls[c.key] = c
         self.queue.add(c.key, priority, now, program_wait_s=program_wait_s, program_service_s=program_service_s)
@@ -304,6 +322,7 @@ class SimEngine:
         del self.running[c.key]
         del self.calls[c.key]
         self.queue.remove(c.key)
+        self._idle_change(c.program_id, self._inflight[c.program_id] - 1, c.prompt_tokens + c.output_tokens)
         if self.config.prefix_cache:
             self._cache_put(c)
 
@@ -511,12 +530,10 @@ class SimEngine:
             if not kept:
                 continue
             self.stat_evicted_active_tokens += tokens
-            self._evicted[c.program_id] = self._evicted.get(c.program_id, 0) + tokens
-            self.evicted_tokens += tokens
             if tier is not None:
-                swap = self.cost.swap_time(tokens)
-                self._extra_s += swap
-                self.stat_tier_s += swap
+                # the copy out overlaps the steps (a DMA on its own stream, as vLLM's CPU offloading
+                # does): counted, not charged; the copy back in is on the next call's critical path
+                self.stat_tier_out_s += self.cost.swap_time(tokens)
                 self.stat_tier_out_tokens += tokens
                 tier.put(c, tokens)
                 limit = self.config.tier_tokens

@@ -274,6 +274,7 @@ class Simulation:
                 "tier_out_tokens": e.stat_tier_out_tokens,
                 "tier_in_tokens": e.stat_tier_in_tokens,
                 "tier_s": e.stat_tier_s,
+                "tier_out_s": e.stat_tier_out_s,
             }
             for e in self.engines
         ]
