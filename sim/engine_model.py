@@ -65,6 +65,10 @@ class EngineConfig:
     retain: bool = False
     #: CPU pool for evicted contexts of active programs, in tokens; 0 = no tier
     tier_tokens: int = 0
+    #: the door's retained figure also counts the latest context of programs with a call in flight
+    #: (this model keeps that cached copy beside the running call's own KV; an engine that shares
+    #: blocks would not)
+    count_busy_contexts: bool = True
 
     def __post_init__(self) -> None:
         if self.sched_every_steps < 1:
@@ -182,14 +186,15 @@ class SimEngine:
 
     def _idle_change(self, program_id: str, inflight: int, latest: int | None) -> None:
         """Set a program's in-flight count (and latest context), keeping idle_context_tokens."""
-        before = self._latest.get(program_id, 0) if not self._inflight.get(program_id) else 0
+        count_busy = self.config.count_busy_contexts
+        before = self._latest.get(program_id, 0) if count_busy or not self._inflight.get(program_id) else 0
         if inflight:
             self._inflight[program_id] = inflight
         else:
             self._inflight.pop(program_id, None)
         if latest is not None:
             self._latest[program_id] = latest
-        after = self._latest.get(program_id, 0) if not inflight else 0
+        after = self._latest.get(program_id, 0) if count_busy or not inflight else 0
         self.idle_context_tokens += after - before
 
     def end_program(self, program_id: str) -> None:
