@@ -175,8 +175,7 @@ def cmd_service(args: argparse.Namespace) -> int:
         service = EngineService(_engine_config(args, url))
 
     async def main() -> int:
-        await run_until_signal([service])
-        return 0
+        return await run_until_signal([service])
 
     return _run(main())
 
@@ -188,7 +187,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
-    from .lifecycle import install_signal_handlers, stop_all
+    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
 
@@ -228,7 +227,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if starting not in done:
-                    starting.cancel()
+                    await abandon(starting)
                     return 130
                 starting.result()
                 started.append(service)
@@ -246,11 +245,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
                     await run_demo(client)
                 return 0
-            await stop.wait()
-            return 0
+            failed = await wait_for_stop(stop, started)
+            return 1 if failed else 0
         finally:
-            order = [s for s in [scheduler, *engines, tracker] if s in started]
-            await stop_all(order)
+            # engines drain in parallel: one drain timeout for the mesh, not one per engine
+            stages = [[scheduler], engines, [tracker]]
+            await stop_stages([[s for s in stage if s in started] for stage in stages])
 
     try:
         return _run(main())

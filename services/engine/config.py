@@ -30,6 +30,8 @@ class EngineConfig:
     schedule_every: int = 4
     #: auto | swap | recompute
     preempt_mode: str = "auto"
+    #: calls held beyond a full running batch; a call past it is shed with ``rate_limited``
+    max_waiting: int = 1024
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -56,4 +58,5 @@ class EngineConfig:
             policy=env.get("AUTELLIX_POLICY", d.policy),
             schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
+            max_waiting=int(env.get("AUTELLIX_MAX_WAITING", d.max_waiting)),
         )
