@@ -12,8 +12,9 @@ fits, the door admits every program on arrival and costs nothing.
 plus, for each program still active, the context its next call will extend: its latest finished
 call's prompt + output, wherever it is now (cached, in a CPU tier, or evicted and owed a re-prefill).
 (The simulator counts it for programs with a call in flight too, because its engine model keeps that
-cached copy beside the running call's KV; an engine that shares blocks can leave those out.) Not the cache's whole contents: a cache fills free KV with
-anything (ended programs' contexts, stale branches of a tree search) and would look full at any load.
+cached copy beside the running call's KV; an engine that shares blocks can leave those out.) Not
+the cache's whole contents: a cache fills free KV with anything (ended programs' contexts, stale
+branches of a tree search) and would look full at any load.
 Summed over engines and compared with the engines' summed KV capacity.
 
 **Rule** (an analytic estimate; nothing is tuned per workload): with ``W`` the working set, ``n`` the
