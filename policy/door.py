@@ -17,16 +17,16 @@ the cache's whole contents: a cache fills free KV with anything (ended programs'
 branches of a tree search) and would look full at any load.
 Summed over engines and compared with the engines' summed KV capacity.
 
-**Rule** (an analytic estimate; nothing is tuned per workload): with ``W`` the working set, ``n`` the
-active programs and ``C`` the capacity, a new program is expected to need about what an active
+**Rule** (an analytic estimate; nothing is tuned per workload): with ``W`` the working set, ``C``
+the capacity, ``pending`` the programs let in whose first call the reports do not show yet and ``n``
+the active programs the reports do show, a new program is expected to need about what an active
 program holds on average, ``W / n``. The program at the head of the door is admitted when
 
     W + (pending + 1) * W / n  <=  high_water * C
 
-where ``pending`` counts programs let in whose first call the reports do not show yet (so a burst of
-arrivals between two reports is not all let through on the same stale figure) and the average is
-taken over the programs the reports do show (while they show none, one program at a time goes in). Programs wait in
-arrival order (a program is never overtaken). **No deadlock**: when no admitted program is active, the
+(``pending`` keeps a burst of arrivals between two reports from all going in on the same stale
+figure; while the reports show no program, one program at a time goes in). Programs wait in arrival
+order (a program is never overtaken). **No deadlock**: when no admitted program is active, the
 head is admitted whatever its size, so a program larger than the budget still runs, alone.
 
 Use (a simulator or a scheduler drives it; the clock is passed in):
@@ -36,7 +36,7 @@ Use (a simulator or a scheduler drives it; the clock is passed in):
   to let in now, in arrival order; :meth:`Door.started` once a let-in program's first call is queued
   at an engine (its KV now appears in the reports); :meth:`Door.ended` when a program ends (its last
   call finished, an explicit end, or the tracker's idle TTL).
-- a program that was never at the door (admitted elsewhere) can be announced with :meth:`Door.enter`.
+- :meth:`Door.forget_engine` when an engine is gone (its report no longer counts).
 """
 
 from __future__ import annotations
@@ -91,11 +91,6 @@ class Door:
         if program_id in self._waiting or program_id in self._active:
             raise ValueError(f"program {program_id!r} is already at the door or inside")
         self._waiting[program_id] = now
-
-    def enter(self, program_id: str) -> None:
-        """Count a program admitted without the door (already running when the door started)."""
-        if program_id not in self._active:
-            self._active[program_id] = True
 
     def started(self, program_id: str) -> None:
         if self._active.get(program_id) is False:
