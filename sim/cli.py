@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--balancer",
         "--lb",
         dest="lb",
+        metavar="BALANCERS",
         default="locality",
         help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s; --lb is an alias)",
     )
