@@ -446,7 +446,8 @@ def _plot(path: str, points: list[dict[str, Any]], analysis: dict[str, Any] | No
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for pol in dict.fromkeys(p["policy"] for p in points):
         curve = sorted((p for p in points if p["policy"] == pol), key=lambda p: p["rate"])
-        ax.plot([p["rate"] for p in curve], [p.get("token_latency_s_mean") for p in curve], marker="o", label=pol)
+        latency = [p.get("token_latency_s_mean", float("nan")) for p in curve]
+        ax.plot([p["rate"] for p in curve], latency, marker="o", label=pol)
     ax.set_xlabel("program arrival rate (programs/s)")
     ax.set_ylabel("mean program token latency (s/token)")
     ax.set_title(title)

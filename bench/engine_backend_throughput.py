@@ -256,7 +256,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local HF model dir (default: SmolLM2 from the cache)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     if "generate" not in args.skip:
         with torch.inference_mode():
-            model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # warm-up
+            model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False)  # pyright: ignore[reportAttributeAccessIssue]
     pad_id = backend.tokenizer.pad_token_id or 0
 
     def generate_batch() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from autellix.engine.core import CallSpec, CoreConfig, EngineCore, execute_plan
 from autellix.engine.sim_backend import SimBackend
 
 
-def measure(batch: int, steps: int, policy: str, schedule_every: int, waiting: int) -> dict[str, float]:
+def measure(batch: int, steps: int, policy: str, schedule_every: int, waiting: int) -> dict[str, float | str]:
     backend = SimBackend(time_scale=0)
     core = EngineCore(
         backend,
@@ -77,7 +77,7 @@ def measure(batch: int, steps: int, policy: str, schedule_every: int, waiting: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--policies", default="fcfs,plas")

@@ -98,7 +98,7 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--heartbeat", type=float, default=1.0, help="engine heartbeat interval (s)")

@@ -31,7 +31,7 @@ def _median_us(fn: Callable[[], object], repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2000)
     args = parser.parse_args()
     prompt = " ".join(f"word{i}" for i in range(256))  # about a 256-token prompt

@@ -129,7 +129,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
         prime(service.core)
         t0 = time.perf_counter()
         for d in data:
-            await service._on_submit(_Msg(d))
+            await service._on_submit(_Msg(d))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
         assert service._nc is not None
         await service._nc.flush()
         out["service_path_calls_per_s"] = n / (time.perf_counter() - t0)
@@ -377,7 +377,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--json", required=True)
     p.add_argument("--only", default="stamps,ttft,stream,cpu")
     p.add_argument("--stamp-calls", type=int, default=20_000)

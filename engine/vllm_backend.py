@@ -41,8 +41,8 @@ class VLLMBackend:
         """``engine``: an object with vLLM's ``LLMEngine`` surface (``add_request``, ``step``,
         ``abort_request``, ``get_tokenizer``), for tests; otherwise one is built for ``model``."""
         try:
-            from vllm import SamplingParams
-            from vllm.sampling_params import RequestOutputKind
+            from vllm import SamplingParams  # pyright: ignore[reportMissingImports]  (optional, GPU only)
+            from vllm.sampling_params import RequestOutputKind  # pyright: ignore[reportMissingImports]
         except ImportError as exc:
             raise VLLMUnavailableError(
                 "the vllm backend needs vLLM and a GPU: pip install 'autellix[vllm]' on a CUDA machine"
@@ -50,12 +50,12 @@ class VLLMBackend:
         self._sampling_params = SamplingParams
         self._delta = RequestOutputKind.DELTA
         if engine is None:
-            from vllm import EngineArgs, LLMEngine
+            from vllm import EngineArgs, LLMEngine  # pyright: ignore[reportMissingImports]
 
             args = EngineArgs(model=model, enable_prefix_caching=True, **engine_args)
             engine = LLMEngine.from_engine_args(args)
-        self.engine = engine
-        self.tokenizer = engine.get_tokenizer()
+        self.engine: Any = engine
+        self.tokenizer = self.engine.get_tokenizer()
         self.model_name = model
         config = getattr(engine, "model_config", None)
         self.max_context = int(getattr(config, "max_model_len", 0) or 8192)

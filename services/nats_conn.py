@@ -50,7 +50,7 @@ async def connect(
         [u.strip() for u in url.split(",")],  # a cluster: every node, failed over between
         name=name,
         max_reconnect_attempts=2 if fail_fast else -1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=0.5,  # pyright: ignore[reportArgumentType]  (nats-py annotates int, takes seconds)
         connect_timeout=5,
         allow_reconnect=True,
         disconnected_cb=disconnected,

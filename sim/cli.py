@@ -43,6 +43,10 @@ class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
+
+def _tick(bar: Any) -> None:
+    bar.update(1)
+
 def register(subparsers: Any) -> None:
     """Add the ``sim`` sub-command to an argparse sub-parsers object."""
     p = subparsers.add_parser(
@@ -252,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=opts["warmup"],
             drain=opts["drain"],
             jobs=opts["jobs"],
-            on_done=lambda _: bar.update(1),
+            on_done=lambda _: _tick(bar),
         )
     finally:
         bar.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from autellix.proto import CallCompleted, encode

@@ -105,7 +105,10 @@ class TrackerService:
                 return
             except JETSTREAM_ERRORS as exc:
                 self.log.warning("no durable consumer for completed events: a plain subscription", error=str(exc))
-        await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+        await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed_plain)
+
+    async def _on_completed_plain(self, msg: Msg) -> None:
+        await self._on_completed(msg)
 
     async def _on_completed_durable(self, msg: Msg) -> None:
         """Apply now; acknowledge once the program's record holding it is written to the bucket. A
@@ -180,7 +183,8 @@ class TrackerService:
             request = decode(msg.data, ProgramEnd)
         except msgspec.MsgspecError as exc:
             code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
-            await respond({"ok": False, "code": code, "error": f"bad request: {explain(exc)}"})
+            detail = explain(exc) if isinstance(exc, msgspec.DecodeError) else str(exc)
+            await respond({"ok": False, "code": code, "error": f"bad request: {detail}"})
             return
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
