@@ -38,6 +38,7 @@ async def start_mesh(
     max_batched_tokens: int = 2048,
     backend_instance: ModelBackend | None = None,
     role_urls: dict[str, str] | None = None,
+    door: bool = False,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -51,6 +52,7 @@ async def start_mesh(
             policy=policy,
             max_tokens_ceiling=512,
             no_engine_wait_s=no_engine_wait_s,
+            door=door,
         )
     )
     engine_services = [
