@@ -89,6 +89,24 @@ def test_door_is_open_without_memory_reports_and_for_known_programs() -> None:
     assert [h.request.call_id for h, _ in gate.release(2.0)] == ["n1"]
 
 
+def test_programs_let_in_elsewhere_pass_and_count_only_in_the_working_set() -> None:
+    """A program the tracker knows (another scheduler let it in) is not one of the door's own: its KV
+    weighs in the working set, not in the door's program count, so the door admits cautiously."""
+    gate = DoorGate()
+    gate.on_heartbeat(hb(used=100, retained=300))
+    gate.on_program_service(ProgramService(program_id="elsewhere", service_s=1.0))
+    assert let_in(gate, "elsewhere", "e1", 0.0) == ["e1"]
+    assert let_in(gate, "A", "a1", 0.0) == ["a1"]  # none of the door's own is active: the head goes in
+    gate.started("A")
+    gate.on_heartbeat(hb(used=200, retained=300))
+    # 500 + 500 (the whole working set over the door's one program) > 0.9 * 1000: B waits
+    assert let_in(gate, "B", "b1", 1.0) == []
+    gate.on_program_service(ended("A"))
+    assert [h.request.call_id for h, _ in gate.release(2.0)] == ["b1"]
+    gate.on_program_service(ended("elsewhere"))
+    assert gate.submit(req("elsewhere", "e2"), "inbox", 3.0) is False  # ended: a new session queues
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     ops=st.lists(

@@ -11,9 +11,13 @@ programs at the door.
   stays open.
 - **programs**: a program is *inside* once the door let it in here, or once the tracker has figures
   for it (another scheduler of the queue group let it in, or it ran before this scheduler started);
-  its calls pass. A program the door has not let in waits with all its calls, in arrival order; the
-  programs ahead of it are never overtaken. A program leaves when the tracker says it ended
-  (explicitly or by idle TTL).
+  its calls pass. Only the programs the door let in by a decision are the door's own (``Door`` has no
+  way to enter a program that did not queue at it): the others' KV counts in the working set but not
+  in the door's program count, so its per-program estimate (working set / programs) is high and it
+  admits more cautiously while such programs are active; the programs it let in in order still
+  progress, and the no-deadlock rule below still holds. A program the door has not let in waits with
+  all its calls, in arrival order; the programs ahead of it are never overtaken. A program leaves when
+  the tracker says it ended (explicitly or by idle TTL).
 - **no deadlock**: the door lets the head in whenever no admitted program is active, so a program
   larger than every engine's budget still runs, alone.
 - **bounded**: at most ``max_waiting`` programs wait; one more is refused with
@@ -92,8 +96,7 @@ class DoorGate:
             self._unstarted.discard(pid)
             return
         if pid not in self._inside and pid not in self._waiting:
-            self._inside.add(pid)
-            self.door.enter(pid)
+            self._inside.add(pid)  # let in elsewhere: its calls pass (not one of the door's own)
 
     # -- submissions ---------------------------------------------------------------------------
     @property
@@ -137,7 +140,6 @@ class DoorGate:
             waiting = self._waiting.pop(pid)
             if self.open:
                 self.door.ended(pid)  # leave the door's queue: it is let in without a decision
-                self.door.enter(pid)
                 self._inside.add(pid)
             else:
                 self._inside.add(pid)
@@ -152,5 +154,5 @@ class DoorGate:
             self.door.started(program_id)
 
     def _let_in(self, program_id: str) -> None:
+        """Let a program in without a decision (the door is open: no engine reports a capacity)."""
         self._inside.add(program_id)
-        self.door.enter(program_id)
