@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -18,6 +19,7 @@ from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
 
+from .auth import redact_url
 from .logs import configure_logging
 from .nats_conn import DEFAULT_NATS_URL
 
@@ -32,6 +34,13 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 # -- shared flags -------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, nats_default: str | None = DEFAULT_NATS_URL) -> None:
     p.add_argument("--nats", default=None, help=f"NATS URL (env AUTELLIX_NATS; default {nats_default})")
+    p.add_argument(
+        "--creds",
+        default=None,
+        metavar="FILE",
+        help="credentials file (one line: nats://user:password@host:port), used instead of --nats "
+        "(env AUTELLIX_NATS_CREDS; default: the file `autellix up` wrote, if there is one)",
+    )
     p.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
     p.add_argument("--log-level", default=None, help="debug|info|warning|error (env AUTELLIX_LOG_LEVEL; default info)")
 
@@ -63,8 +72,28 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _env_url(args: argparse.Namespace) -> str:
-    return args.nats or os.environ.get("AUTELLIX_NATS", DEFAULT_NATS_URL)
+def _env_url(args: argparse.Namespace, client: bool = False) -> str:
+    """The URL to connect with: a credentials file (--creds, AUTELLIX_NATS_CREDS), else --nats or
+    AUTELLIX_NATS, else (clients only) the credentials `autellix up` wrote on this machine, else the
+    default URL."""
+    from .auth import default_credentials_path, read_credentials
+
+    creds = getattr(args, "creds", None) or os.environ.get("AUTELLIX_NATS_CREDS")
+    if creds:
+        try:
+            return read_credentials(creds)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"autellix: {exc}") from None
+    url = args.nats or os.environ.get("AUTELLIX_NATS")
+    if url:
+        return url
+    default = default_credentials_path()
+    if client and default.is_file():
+        try:
+            return read_credentials(default)
+        except (OSError, ValueError):
+            pass  # not ours to fix here: fall back to the open default
+    return DEFAULT_NATS_URL
 
 
 def _env_root(args: argparse.Namespace) -> str:
@@ -154,6 +183,9 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 # -- everything on one machine ------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
+    from autellix.proto import Subjects
+
+    from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
     from .lifecycle import install_signal_handlers, stop_all
@@ -164,11 +196,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
         return 2
     broker: EmbeddedNats | None = None
-    url = args.nats
+    url = args.nats or (read_credentials(args.creds) if args.creds else None)
+    urls: dict[str, str] = {}  # per role, with auth on
+    creds_path: Path | None = None
     if url is None:
-        broker = EmbeddedNats(host=args.host, port=args.port)
+        identities = {} if args.no_auth else make_identities()
+        config = server_config(identities, Subjects(_env_root(args))) if identities else ""
+        broker = EmbeddedNats(host=args.host, port=args.port, config=config)
         try:
             url = broker.start()
+            urls = {role: ident.url(url) for role, ident in identities.items()}
+            if urls:
+                creds_path = write_credentials(Path(args.creds_out or default_credentials_path()), urls["client"])
         except NatsServerError as exc:
             print(f"autellix up: could not start nats-server: {exc}", file=sys.stderr)
             if args.port:
@@ -178,9 +217,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        tracker = TrackerService(_tracker_config(args, url))
-        scheduler = SchedulerService(_scheduler_config(args, url))
-        engines = [EngineService(_engine_config(args, url)) for _ in range(args.engines)]
+        tracker = TrackerService(_tracker_config(args, urls.get("tracker", url)))
+        scheduler = SchedulerService(_scheduler_config(args, urls.get("scheduler", url)))
+        engines = [EngineService(_engine_config(args, urls.get("engine", url))) for _ in range(args.engines)]
         started: list[Any] = []
         try:
             for service in [tracker, scheduler, *engines]:
@@ -194,8 +233,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 starting.result()
                 started.append(service)
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
+            auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "
+                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}] | root {tracker.config.root} | Ctrl-C to stop",
                 flush=True,
             )
@@ -203,7 +243,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 from .client import Client
                 from .demo import run_demo
 
-                async with await Client.connect(url, root=tracker.config.root) as client:
+                async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
                     await run_demo(client)
                 return 0
             await stop.wait()
@@ -223,12 +263,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import Client
 
-    url = _env_url(args)
+    url = _env_url(args, client=True)
     try:
         return await asyncio.wait_for(Client.connect(url, root=_env_root(args), timeout_s=args.timeout), 10)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise SystemExit(
-            f"cannot reach NATS at {url} ({exc or type(exc).__name__}): is `autellix up` running?"
+            f"cannot reach NATS at {redact_url(url)} ({exc or type(exc).__name__}): is `autellix up` running? "
+            "(with auth on, pass the credentials file it names: --creds FILE)"
         ) from None
 
 
@@ -290,6 +331,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(main())
 
 
+def cmd_auth_init(args: argparse.Namespace) -> int:
+    from autellix.proto import Subjects
+
+    from .auth import init_deployment
+
+    written = init_deployment(Path(args.directory), Subjects(_env_root(args)))
+    for what, path in written.items():
+        print(f"{what:9} {path}")
+    print(
+        f"include {written['server']} in nats-server's configuration; give each service its <role>.creds "
+        "(--creds or AUTELLIX_NATS_CREDS), and clients client.creds"
+    )
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autellix", description="Program-level scheduling for LLM agents over NATS.")
@@ -304,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="embedded NATS without identities or permissions (local experiments only; default: auth on)",
+    )
+    up.add_argument(
+        "--creds-out",
+        default=None,
+        metavar="FILE",
+        help="where to write the client's credentials (default $AUTELLIX_CACHE/credentials/client.creds)",
+    )
     up.set_defaults(func=cmd_up)
 
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
@@ -341,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
     demo.set_defaults(func=cmd_demo)
+
+    auth = sub.add_parser("auth", help="credentials for an authenticated deployment")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
+    init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
+    init.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench
     from autellix.sim.cli import register as register_sim

@@ -37,18 +37,26 @@ async def start_mesh(
     no_engine_wait_s: float = 5.0,
     max_batched_tokens: int = 2048,
     backend_instance: ModelBackend | None = None,
+    role_urls: dict[str, str] | None = None,
 ) -> Mesh:
+    """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
+    authenticated broker; ``url`` for any role not named."""
+    urls = role_urls or {}
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2))
+    tracker = TrackerService(TrackerConfig(nats_url=urls.get("tracker", url), root=root, gc_interval_s=0.2))
     scheduler = SchedulerService(
         SchedulerConfig(
-            nats_url=url, root=root, policy=policy, max_tokens_ceiling=512, no_engine_wait_s=no_engine_wait_s
+            nats_url=urls.get("scheduler", url),
+            root=root,
+            policy=policy,
+            max_tokens_ceiling=512,
+            no_engine_wait_s=no_engine_wait_s,
         )
     )
     engine_services = [
         EngineService(
             EngineConfig(
-                nats_url=url,
+                nats_url=urls.get("engine", url),
                 root=root,
                 engine_id=f"e{i}-{root}",
                 backend=spec,
@@ -63,7 +71,7 @@ async def start_mesh(
     ]
     for service in [tracker, scheduler, *engine_services]:
         await service.start()
-    client = await Client.connect(url, root=root, timeout_s=60)
+    client = await Client.connect(urls.get("client", url), root=root, timeout_s=60)
     await wait_for_engines(scheduler, engines)
     return Mesh(url, root, tracker, scheduler, engine_services, client)
 

@@ -33,7 +33,7 @@ def _children(pid: int) -> list[int]:
 def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     proc = subprocess.Popen(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", *extra],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--no-auth", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -74,10 +74,59 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
             proc.kill()
 
 
-def test_up_demo_runs_and_exits() -> None:
+def test_up_runs_authenticated_by_default(tmp_path: Path) -> None:
+    """Auth is on unless --no-auth: the readiness line names the client's credentials file, a call
+    with it is answered, and a connection without it is refused with a hint."""
+    creds = tmp_path / "client.creds"
+    env = dict(os.environ, AUTELLIX_LOG_LEVEL="info")
+    proc = subprocess.Popen(
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--creds-out", str(creds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"client credentials in {creds}" in line, line
+        url = re.search(r"NATS (nats://\S+)", line)
+        assert url is not None and "@" not in url.group(1)
+        assert creds.stat().st_mode & 0o777 == 0o600
+        call = subprocess.run(
+            [*AUTELLIX, "call", "hello mesh", "--creds", str(creds), "--max-tokens", "3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert call.returncode == 0, call.stderr
+        assert call.stdout.strip() == "tok tok tok"
+        refused = subprocess.run(
+            [*AUTELLIX, "call", "hi", "--nats", url.group(1)], capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0 and "--creds" in refused.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        password = creds.read_text().split(":")[2].split("@")[0]
+        assert proc.stderr is not None and password not in proc.stderr.read(), "a log line shows the password"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_auth_init_writes_private_credentials(tmp_path: Path) -> None:
+    done = subprocess.run([*AUTELLIX, "auth", "init", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in ["nats-auth.conf", "client.creds", "gateway.creds", "scheduler.creds", "engine.creds", "tracker.creds"]:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "engine.creds").read_text().startswith("nats://engine:")
+
+
+def test_up_demo_runs_and_exits(tmp_path: Path) -> None:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
+    creds = str(tmp_path / "client.creds")
     done = subprocess.run(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0"],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", "--creds-out", creds],
         capture_output=True,
         text=True,
         timeout=120,
