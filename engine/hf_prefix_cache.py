@@ -119,7 +119,7 @@ class RetainedKV:
                 self.index.touch(same)
                 kv.free_slot(seq)
                 return
-            self._discard(same)  # the device copy replaces the tiered one
+            self._discard(same, evicted=False)  # the device copy replaces the tiered one
         key = next(self._keys)
         program = seq.prefix_key or ""
         entry = Entry(program, tokens, seq.slab, seq.slot)
@@ -225,20 +225,23 @@ class RetainedKV:
             victim = next((k for k in self.index if k != pinned), None)
             if victim is None:
                 break
-            self._evict_device(victim)
+            self._evict_device(victim, pinned)
         return kv.resident_tokens + self.index.tokens + extra <= budget
 
-    def _evict_device(self, key: int) -> None:
-        """Move a live entry to the CPU tier, or discard it (contained, ended, or no tier room)."""
+    def _evict_device(self, key: int, pinned: int | None = None) -> None:
+        """Move a live entry to the CPU tier, or discard it (contained, ended, or no tier room).
+
+        ``pinned`` (the source of a hit being served) is never pushed out of the tier to make room."""
         entry = self.entries[key]
         live = not self.tree.contained(key) and not self.index.is_ended(entry.program)
         n = len(entry.tokens)
         size = self.kv.region_elems(n)
         if live and size <= self.tier.capacity:
             offset = self.tier.allocate(size)
-            while offset is None and len(self.tier_index):
-                victim = self.tier_index.victim()
-                assert victim is not None
+            while offset is None:
+                victim = next((k for k in self.tier_index if k != pinned), None)
+                if victim is None:
+                    break
                 self._discard(victim)
                 offset = self.tier.allocate(size)
             if offset is not None:

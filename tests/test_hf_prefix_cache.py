@@ -171,3 +171,16 @@ def test_disabled_cache_frees_on_release() -> None:
     finish(kv, cache, "a")
     assert cache.attach("b", [1, 2, 3, 4], "p") == 0 and not cache.entries
     assert all(s.used == 0 for s in kv.slabs.values())
+
+
+def test_a_tiered_hit_source_is_never_pushed_out_while_it_is_copied() -> None:
+    kv, cache = store(capacity=10, tier_tokens=10)
+    feed(kv, "source", [3] * 6, "s")
+    finish(kv, cache, "source")
+    assert cache.make_room(10)  # the source moves to the tier
+    feed(kv, "other", [4] * 8, "o")
+    finish(kv, cache, "other")
+    # the hit needs room on the device: "other" must leave, and the tier is full of the source
+    assert cache.attach("hit", [3, 3, 3, 9], "x") == 3
+    assert held(kv, "hit") == [3, 3, 3]
+    assert [e.tokens[0] for e in cache.entries.values()] == [3]  # "other" was discarded instead
