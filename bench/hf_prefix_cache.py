@@ -126,7 +126,7 @@ def main() -> None:
     base = HFBackend(resolve_model(None), max_batch=32, kv_capacity_tokens=16_384, threads=args.threads)
     rounds = []
     for r in range(args.rounds):
-        cached = base.fork(prefix_cache=True, cpu_tier_bytes=256 << 20)
+        cached = base.fork(prefix_cache=True, cpu_tier_tokens=8192)
         plain = base.fork(prefix_cache=False)
         rows = chat_round(cached, plain, args.turns, args.reply_tokens, r)
         stats = cached.cache_stats()
@@ -150,7 +150,7 @@ def main() -> None:
     }
     summary["ttft_speedup"] = summary["ttft_uncached_s_median"] / summary["ttft_cached_s_median"]
     tput = decode_throughput(
-        {"cached": base.fork(prefix_cache=True, cpu_tier_bytes=256 << 20), "uncached": base.fork(prefix_cache=False)},
+        {"cached": base.fork(prefix_cache=True, cpu_tier_tokens=8192), "uncached": base.fork(prefix_cache=False)},
         args.decode_batch,
         args.decode_tokens,
         args.rounds,

@@ -30,7 +30,7 @@ import torch
 from .backend import CacheStats, StepBatch, StepOutput, SwapStats
 from .hf_kv import KVCapacityError, KVStore, SequenceStateError, SwapPoolFullError
 from .hf_model import SUPPORTED_MODEL_TYPES, LlamaStep, Plan
-from .hf_prefix_cache import RetainedKV, default_tier_bytes
+from .hf_prefix_cache import RetainedKV, default_tier_tokens
 from .sampling import Sampler
 
 __all__ = [
@@ -58,8 +58,11 @@ class HFBackend:
         swap_pool_bytes: size of the preallocated CPU swap pool.
         threads: torch intra-op threads; None leaves torch's default (one per physical core).
         prefix_cache: keep finished sequences' KV and reuse it by content (:class:`PrefixCache`).
-        cpu_tier_bytes: the prefix cache's CPU tier (evicted live contexts); None = a few times the
-            device KV budget, at most an eighth of physical memory (:func:`default_tier_bytes`); 0 = none.
+        cpu_tier_tokens: the prefix cache's CPU tier (evicted live contexts), in tokens; None = four
+            times ``kv_capacity_tokens``, at most an eighth of physical memory (:func:`default_tier_tokens`);
+            0 = no tier.
+        retention: eviction order of retained contexts: ``program`` (contained entries, then ended
+            programs', then least recently used) or ``lru``.
     """
 
     name = "hf"
@@ -74,7 +77,8 @@ class HFBackend:
         swap_pool_bytes: int = 1 << 30,
         threads: int | None = None,
         prefix_cache: bool = True,
-        cpu_tier_bytes: int | None = None,
+        cpu_tier_tokens: int | None = None,
+        retention: str = "program",
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +93,7 @@ class HFBackend:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         self._init_from_model(model, tokenizer, path.name)
-        self._init_state(max_batch, kv_capacity_tokens, swap_pool_bytes, prefix_cache, cpu_tier_bytes)
+        self._init_state(max_batch, kv_capacity_tokens, swap_pool_bytes, prefix_cache, cpu_tier_tokens, retention)
         self.load_s = time.perf_counter() - started
 
     @classmethod
@@ -104,14 +108,15 @@ class HFBackend:
         kv_capacity_tokens: int = 65_536,
         swap_pool_bytes: int = 1 << 30,
         prefix_cache: bool = True,
-        cpu_tier_bytes: int | None = None,
+        cpu_tier_tokens: int | None = None,
+        retention: str = "program",
     ) -> HFBackend:
         """Wrap an already loaded transformers model (e.g. random weights for a benchmark)."""
         self = cls.__new__(cls)
         self.device = torch.device(device)
         self.dtype = next(model.parameters()).dtype
         self._init_from_model(model, tokenizer, model_name)
-        self._init_state(max_batch, kv_capacity_tokens, swap_pool_bytes, prefix_cache, cpu_tier_bytes)
+        self._init_state(max_batch, kv_capacity_tokens, swap_pool_bytes, prefix_cache, cpu_tier_tokens, retention)
         self.load_s = 0.0
         return self
 
@@ -122,17 +127,21 @@ class HFBackend:
         kv_capacity_tokens: int | None = None,
         swap_pool_bytes: int | None = None,
         prefix_cache: bool | None = None,
-        cpu_tier_bytes: int | None = None,
+        cpu_tier_tokens: int | None = None,
+        retention: str | None = None,
     ) -> HFBackend:
         """A backend that shares this one's weights and tokenizer but has its own KV, swap pool and cache."""
         other = copy.copy(self)  # shares weights, tokenizer and model facts
         kv_tokens = self.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
+        if cpu_tier_tokens is None and kv_tokens == self.kv_capacity_tokens:
+            cpu_tier_tokens = self.cpu_tier_tokens  # else the default for the new KV capacity
         other._init_state(
             self.max_batch if max_batch is None else max_batch,
             kv_tokens,
             self.swap_pool_capacity_bytes if swap_pool_bytes is None else swap_pool_bytes,
             self.cache.enabled if prefix_cache is None else prefix_cache,
-            self.cpu_tier_bytes if cpu_tier_bytes is None and kv_tokens == self.kv_capacity_tokens else cpu_tier_bytes,
+            cpu_tier_tokens,
+            self.retention if retention is None else retention,
         )
         return other
 
@@ -152,7 +161,8 @@ class HFBackend:
         kv_capacity_tokens: int,
         swap_pool_bytes: int,
         prefix_cache: bool = True,
-        cpu_tier_bytes: int | None = None,
+        cpu_tier_tokens: int | None = None,
+        retention: str = "program",
     ) -> None:
         self.max_batch = max_batch
         self.kv_capacity_tokens = kv_capacity_tokens
@@ -169,10 +179,11 @@ class HFBackend:
             dtype=self.dtype,
             device=self.device,
         )
-        if cpu_tier_bytes is None:
-            cpu_tier_bytes = default_tier_bytes(kv_capacity_tokens * self.kv.bytes_per_token())
-        self.cpu_tier_bytes = cpu_tier_bytes if prefix_cache else 0
-        self.cache = RetainedKV(self.kv, enabled=prefix_cache, tier_bytes=self.cpu_tier_bytes)
+        if cpu_tier_tokens is None:
+            cpu_tier_tokens = default_tier_tokens(kv_capacity_tokens, self.kv.bytes_per_token())
+        self.cpu_tier_tokens = cpu_tier_tokens if prefix_cache else 0
+        self.retention = retention
+        self.cache = RetainedKV(self.kv, enabled=prefix_cache, tier_tokens=self.cpu_tier_tokens, retention=retention)
         self.sampler = Sampler(self.device)
         self._lock = threading.Lock()
 

@@ -39,19 +39,21 @@ from .backend import CacheStats
 from .hf_kv import CpuPool, KVStore, Region, Seq, Slab
 from .hf_prefix_tree import PrefixTree, common_prefix
 
-#: the CPU tier's default size, in multiples of the device KV budget's bytes ...
-DEFAULT_TIER_BUDGETS = 4
+#: the CPU tier's default size, in multiples of the device KV budget ...
+DEFAULT_TIER_SCALE = 4
 #: ... and at most this share of the machine's physical memory
 DEFAULT_TIER_MEMORY_SHARE = 1 / 8
+#: how entries are evicted: ``program`` (contained, then ended programs', then LRU) or plain ``lru``
+RETENTIONS = ("program", "lru")
 
 
-def default_tier_bytes(device_budget_bytes: int) -> int:
+def default_tier_tokens(kv_capacity_tokens: int, bytes_per_token: int) -> int:
     """A few times the device budget, bounded by a share of physical memory."""
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         physical = 16 << 30
-    return int(min(DEFAULT_TIER_BUDGETS * device_budget_bytes, physical * DEFAULT_TIER_MEMORY_SHARE))
+    return int(min(DEFAULT_TIER_SCALE * kv_capacity_tokens, physical * DEFAULT_TIER_MEMORY_SHARE // bytes_per_token))
 
 
 @dataclass(slots=True)
@@ -68,15 +70,19 @@ class Entry:
 class RetainedKV:
     """Retained entries of one :class:`KVStore`: lookup, hits, eviction and the CPU tier."""
 
-    def __init__(self, kv: KVStore, *, enabled: bool = True, tier_bytes: int = 0) -> None:
+    def __init__(self, kv: KVStore, *, enabled: bool = True, tier_tokens: int = 0, retention: str = "program") -> None:
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {', '.join(RETENTIONS)}, got {retention!r}")
         self.kv = kv
         self.enabled = enabled
+        #: ``lru`` ignores containment and ended programs (the baseline the program-aware order beats)
+        self.program_aware = retention == "program"
         self.tree: PrefixTree[int] = PrefixTree()
         self.entries: dict[int, Entry] = {}
         self.index: RetentionIndex[int] = RetentionIndex()
         self.tier_index: RetentionIndex[int] = RetentionIndex()
         with torch.inference_mode():
-            self.tier = CpuPool(tier_bytes if enabled else 0, kv.dtype, pin=kv.cuda)
+            self.tier = CpuPool(kv.region_elems(tier_tokens) * kv.itemsize if enabled else 0, kv.dtype, pin=kv.cuda)
         self._keys = itertools.count()
         self.stats = CacheStats()
 
@@ -99,6 +105,8 @@ class RetainedKV:
         return self.index if entry.slab is not None else self.tier_index
 
     def _recheck(self, keys: list[int]) -> None:
+        if not self.program_aware:
+            return
         for key in keys:
             entry = self.entries.get(key)
             if entry is not None:
@@ -128,10 +136,12 @@ class RetainedKV:
         self.entries[key] = entry
         affected = self.tree.insert(key, tokens)
         self.tier_index.revive_program(program)
-        self.index.add(key, program, n, contained=self.tree.contained(key))
+        self.index.add(key, program, n, contained=self.program_aware and self.tree.contained(key))
         self._recheck(affected)
 
     def end_program(self, program: str) -> None:
+        if not self.program_aware:
+            return
         self.index.end_program(program)
         self.tier_index.end_program(program)
 
@@ -233,7 +243,7 @@ class RetainedKV:
 
         ``pinned`` (the source of a hit being served) is never pushed out of the tier to make room."""
         entry = self.entries[key]
-        live = not self.tree.contained(key) and not self.index.is_ended(entry.program)
+        live = not self.program_aware or (not self.tree.contained(key) and not self.index.is_ended(entry.program))
         n = len(entry.tokens)
         size = self.kv.region_elems(n)
         if live and size <= self.tier.capacity:
@@ -252,7 +262,7 @@ class RetainedKV:
                 self.kv.release_slot(entry.slab, entry.slot)
                 entry.slab, entry.slot, entry.region = None, -1, Region(offset, n)
                 self.index.remove(key)
-                self.tier_index.add(key, entry.program, n, contained=self.tree.contained(key))
+                self.tier_index.add(key, entry.program, n, contained=self.program_aware and self.tree.contained(key))
                 return
         self._discard(key)
 

@@ -57,7 +57,7 @@ def chat(backend, program: str, questions: list[str]) -> list[list[int]]:  # typ
 @pytest.fixture
 def pair(hf_backend):  # type: ignore[no-untyped-def]
     """A cached and an uncached backend over the same weights."""
-    return hf_backend.fork(prefix_cache=True, cpu_tier_bytes=64 << 20), hf_backend.fork(prefix_cache=False)
+    return hf_backend.fork(prefix_cache=True, cpu_tier_tokens=2048), hf_backend.fork(prefix_cache=False)
 
 
 def test_multi_turn_chat_hits_and_generates_the_same_tokens(pair) -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +94,7 @@ def test_siblings_share_the_parent_history(pair) -> None:  # type: ignore[no-unt
 def test_hit_from_the_cpu_tier_gives_the_same_tokens(hf_backend) -> None:  # type: ignore[no-untyped-def]
     other = hf_backend.encode_chat([{"role": "user", "content": "Describe the ocean in detail. " * 6}])
     budget = len(other) + TOKENS + 8  # the other program's call leaves no room for the chat's context
-    cached = hf_backend.fork(prefix_cache=True, kv_capacity_tokens=budget, cpu_tier_bytes=64 << 20)
+    cached = hf_backend.fork(prefix_cache=True, kv_capacity_tokens=budget, cpu_tier_tokens=2048)
     plain = hf_backend.fork(prefix_cache=False, kv_capacity_tokens=budget)
     outputs = []
     for backend in (cached, plain):
@@ -108,7 +108,7 @@ def test_hit_from_the_cpu_tier_gives_the_same_tokens(hf_backend) -> None:  # typ
 
 def test_eviction_order_contained_then_ended_then_lru(hf_backend) -> None:  # type: ignore[no-untyped-def]
     ids = hf_backend.encode_chat([{"role": "user", "content": "Count from one to twenty, slowly please."}])
-    be = hf_backend.fork(prefix_cache=True, kv_capacity_tokens=4 * len(ids), cpu_tier_bytes=0)
+    be = hf_backend.fork(prefix_cache=True, kv_capacity_tokens=4 * len(ids), cpu_tier_tokens=0)
     order = [("live", ids[:8] + [100] * 4, "p-live"), ("short", ids[:-6], "p-a"), ("long", ids, "p-a")]
     order.append(("ended", ids[:8] + [200] * 4, "p-ended"))
     for sid, toks, program in order:

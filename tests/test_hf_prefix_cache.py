@@ -31,7 +31,7 @@ def store(capacity: int = 64, tier_tokens: int = 0) -> tuple[KVStore, RetainedKV
         dtype=torch.float32,
         device=torch.device("cpu"),
     )
-    return kv, RetainedKV(kv, tier_bytes=tier_tokens * kv.bytes_per_token())
+    return kv, RetainedKV(kv, tier_tokens=tier_tokens)
 
 
 def feed(kv: KVStore, seq_id: str, tokens: list[int], program: str) -> None:
@@ -166,7 +166,7 @@ def test_disabled_cache_frees_on_release() -> None:
         dtype=torch.float32,
         device=torch.device("cpu"),
     )
-    cache = RetainedKV(kv, enabled=False, tier_bytes=1 << 20)
+    cache = RetainedKV(kv, enabled=False, tier_tokens=100)
     feed(kv, "a", [1, 2, 3], "p")
     finish(kv, cache, "a")
     assert cache.attach("b", [1, 2, 3, 4], "p") == 0 and not cache.entries
@@ -184,3 +184,15 @@ def test_a_tiered_hit_source_is_never_pushed_out_while_it_is_copied() -> None:
     assert cache.attach("hit", [3, 3, 3, 9], "x") == 3
     assert held(kv, "hit") == [3, 3, 3]
     assert [e.tokens[0] for e in cache.entries.values()] == [3]  # "other" was discarded instead
+
+
+def test_lru_retention_ignores_containment() -> None:
+    for retention, kept in (("program", [15]), ("lru", [10])):
+        kv, cache = store(capacity=30)
+        cache = type(cache)(kv, retention=retention)
+        feed(kv, "long", list(range(15)), "a")
+        finish(kv, cache, "long")
+        feed(kv, "short", list(range(10)), "a")  # contained by "long", but the most recently used
+        finish(kv, cache, "short")
+        assert cache.make_room(10)  # 25 + 10 > 30: one goes
+        assert sorted(len(e.tokens) for e in cache.entries.values()) == kept
