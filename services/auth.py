@@ -7,7 +7,8 @@ sees it:
 ==========  ======================================================================================
 role        may publish / may subscribe
 ==========  ======================================================================================
-client      submit calls, abort calls, end programs, read the process table (request/reply) /
+client      submit calls, abort its own calls, end its own programs (each on ``<subject>.<user>``,
+            its own name only), read the process table (request/reply) /
             its own inbox prefix ``_I.<user>.>`` only
 gateway     what a client may, and read engine heartbeats (``/v1/models``, ``/ready``)
 scheduler   stamped calls to engines, dispatched events, replies to callers /
@@ -23,6 +24,13 @@ fake event can add service to a victim); only the tracker publishes service upda
 schedulers publish to engine subjects (no client can hand an engine a call stamped -1e9); no client
 reads another's prompts or token streams (each reads only its own inbox prefix, and events are not
 readable by clients at all).
+
+**Ownership.** A caller publishes submissions, aborts and program ends on ``<subject>.<user>`` and
+may use no other user's name, so the user token is proof of who sent it. The scheduler stamps the
+call with its ``owner`` and accepts only a ``reply_to`` inside the owner's inbox prefix (a stream
+can never be pointed at someone else's inbox); engines honour an abort on ``call.abort.<user>``
+only for that user's calls; the tracker records a program's owner from its first call and ends it
+only on that owner's request. Schedulers (and, without auth, anyone) abort on plain ``call.abort``.
 
 **Identities** are NATS users with random passwords, written by :func:`write_server_config` into a
 nats-server configuration file (mode 0600, in the server's own temporary directory). Each service
@@ -46,6 +54,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from autellix.proto import Subjects
+from autellix.proto.limits import is_token
 
 ROLES: tuple[str, ...] = ("client", "gateway", "scheduler", "engine", "tracker")
 
@@ -72,22 +81,19 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
     own_inbox = f"{inbox_prefix(user)}.>"
     any_inbox = f"{INBOX_ROOT}.>"
     engine_calls = f"{s.root}.engine.*.calls"
+    # callers publish under their own user name only: the subject says who sent it (Subjects.sender)
+    as_user = (s.call_submit_as(user), s.call_abort_as(user), s.program_end_as(user), s.tracker_table)
     if role == "client":
-        return Permissions(
-            publish=(s.call_submit, s.call_abort, s.program_end, s.tracker_table),
-            subscribe=(own_inbox,),
-        )
+        return Permissions(publish=as_user, subscribe=(own_inbox,))
     if role == "gateway":
-        return Permissions(
-            publish=(s.call_submit, s.call_abort, s.program_end, s.tracker_table),
-            subscribe=(own_inbox, s.engine_heartbeat),
-        )
+        return Permissions(publish=as_user, subscribe=(own_inbox, s.engine_heartbeat))
     if role == "scheduler":
         return Permissions(
-            publish=(engine_calls, s.call_dispatched, any_inbox),
+            publish=(engine_calls, s.call_dispatched, s.call_abort, any_inbox),
             subscribe=(
                 own_inbox,
                 s.call_submit,
+                f"{s.call_submit}.*",
                 s.call_handback,
                 s.engine_heartbeat,
                 s.call_completed,
@@ -97,12 +103,19 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
     if role == "engine":
         return Permissions(
             publish=(s.engine_heartbeat, s.call_completed, s.call_handback, any_inbox),
-            subscribe=(own_inbox, engine_calls, s.call_abort, s.program_service),
+            subscribe=(own_inbox, engine_calls, s.call_abort, f"{s.call_abort}.*", s.program_service),
         )
     if role == "tracker":
         return Permissions(
             publish=(s.program_service, "$JS.API.>", "$KV.>", "$JS.ACK.>"),
-            subscribe=(own_inbox, s.call_completed, s.call_dispatched, s.program_end, s.tracker_table),
+            subscribe=(
+                own_inbox,
+                s.call_completed,
+                s.call_dispatched,
+                s.program_end,
+                f"{s.program_end}.*",
+                s.tracker_table,
+            ),
             allow_responses=True,
         )
     raise ValueError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
@@ -119,9 +132,17 @@ class Identity:
         return with_credentials(server_url, self.user, self.password)
 
 
-def make_identities(roles: Iterable[str] = ROLES) -> dict[str, Identity]:
-    """One identity per role, the user named after the role, a fresh random password each."""
-    return {r: Identity(role=r, user=r, password=secrets.token_urlsafe(24)) for r in roles}
+def make_identities(roles: Iterable[str] = ROLES, clients: Iterable[str] = ("client",)) -> dict[str, Identity]:
+    """Identities by user name, each with a fresh random password: one per service role (the user
+    named after the role), and one client identity per name in ``clients`` (each its own owner,
+    and later its own tenant)."""
+    out: dict[str, Identity] = {}
+    for role in roles:
+        for user in clients if role == "client" else (role,):
+            if not is_token(user):
+                raise ValueError(f"user name {user!r} must be one NATS subject token")
+            out[user] = Identity(role=role, user=user, password=secrets.token_urlsafe(24))
+    return out
 
 
 def _conf_string(value: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import nats.errors
 import uvloop
 
-from autellix.engine.factory import BACKENDS
+from autellix.engine.factory import BACKENDS, DEFAULT_TIER_SCALE, RETENTIONS
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
@@ -50,6 +50,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
     p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
+    p.add_argument(
+        "--retention",
+        choices=RETENTIONS,
+        default=None,
+        help="engine: eviction order of retained contexts, lru or program (contained, ended programs', then LRU) "
+        "(env AUTELLIX_RETENTION; default program)",
+    )
+    p.add_argument(
+        "--kv-tier-tokens",
+        type=int,
+        default=None,
+        help=f"engine: CPU tier for evicted contexts of live programs, in tokens; 0 = none "
+        f"(env AUTELLIX_KV_TIER_TOKENS; default {DEFAULT_TIER_SCALE} x --kv-tokens)",
+    )
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
     p.add_argument(
@@ -137,6 +151,10 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         spec = replace(spec, max_batch=args.max_batch)
     if args.kv_tokens is not None:
         spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
+    if getattr(args, "retention", None) is not None:
+        spec = replace(spec, retention=args.retention)
+    if getattr(args, "kv_tier_tokens", None) is not None:
+        spec = replace(spec, kv_tier_tokens=args.kv_tier_tokens)
     if args.sim_time_scale is not None:
         spec = replace(spec, sim_time_scale=args.sim_time_scale)
     if args.threads is not None:
@@ -175,10 +193,16 @@ def cmd_service(args: argparse.Namespace) -> int:
         service = EngineService(_engine_config(args, url))
 
     async def main() -> int:
-        await run_until_signal([service])
-        return 0
+        return await run_until_signal([service])
 
-    return _run(main())
+    status = _run(main())
+    if status == 1:
+        # the service failed: exit now, even if a stuck worker thread (a hung model step) would
+        # keep the interpreter from exiting at all
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 # -- everything on one machine ------------------------------------------------------------------
@@ -188,7 +212,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
-    from .lifecycle import install_signal_handlers, stop_all
+    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
 
@@ -228,7 +252,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if starting not in done:
-                    starting.cancel()
+                    await abandon(starting)
                     return 130
                 starting.result()
                 started.append(service)
@@ -246,11 +270,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                 async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
                     await run_demo(client)
                 return 0
-            await stop.wait()
-            return 0
+            failed = await wait_for_stop(stop, started)
+            return 1 if failed else 0
         finally:
-            order = [s for s in [scheduler, *engines, tracker] if s in started]
-            await stop_all(order)
+            # engines drain in parallel: one drain timeout for the mesh, not one per engine
+            stages = [[scheduler], engines, [tracker]]
+            await stop_stages([[s for s in stage if s in started] for stage in stages])
 
     try:
         return _run(main())

@@ -13,7 +13,8 @@ import pytest
 from meshkit import Mesh, start_mesh, stop_mesh
 from nats.aio.client import Client as NATS
 
-from autellix.proto import Subjects
+from autellix.engine.factory import BackendSpec
+from autellix.proto import CallAbort, Subjects, encode
 from autellix.services.auth import (
     Identity,
     inbox_prefix,
@@ -25,6 +26,7 @@ from autellix.services.auth import (
     with_credentials,
     write_credentials,
 )
+from autellix.services.client import Client
 from autellix.services.embedded_nats import EmbeddedNats
 
 ROOT = "authmesh"
@@ -204,3 +206,89 @@ def test_no_log_line_shows_a_password(capsys: pytest.CaptureFixture[str]) -> Non
         assert "hunter2" not in line and "tracker:***@127.0.0.1" in line
     finally:
         configure_logging("warning", json=True)
+
+
+# -- ownership: with two client identities, neither can touch the other's calls or programs --------
+@pytest.fixture(scope="module")
+def two_clients() -> dict[str, Identity]:
+    return make_identities(clients=("alice", "bob"))
+
+
+@pytest.fixture(scope="module")
+def two_client_server(two_clients: dict[str, Identity]) -> Iterator[str]:
+    with EmbeddedNats(port=0, config=server_config(two_clients, Subjects(ROOT))) as server:
+        yield server.url
+
+
+@pytest.fixture
+async def two_client_mesh(two_clients: dict[str, Identity], two_client_server: str) -> AsyncIterator[Mesh]:
+    urls = role_urls(two_clients, two_client_server)
+    urls["client"] = urls["alice"]
+    m = await start_mesh(two_client_server, ROOT, role_urls=urls, backend=BackendSpec(name="sim", sim_time_scale=1.0))
+    try:
+        yield m
+    finally:
+        await stop_mesh(m)
+
+
+async def test_only_the_owner_aborts_a_call_or_ends_a_program(
+    two_client_mesh: Mesh, two_clients: dict[str, Identity], two_client_server: str
+) -> None:
+    alice = two_client_mesh.client
+    assert alice.user == "alice"
+    bob = await Client.connect(two_clients["bob"].url(two_client_server), root=ROOT, timeout_s=60)
+    try:
+        program = alice.program("alices-program")
+        call_id = "alices-long-call"
+        task = asyncio.create_task(program.call("a long answer please", max_tokens=400, call_id=call_id))
+        await until(lambda: any(call_id in e._inflight for e in two_client_mesh.engines))
+        await bob.nc.publish(bob.abort_subject, encode(CallAbort(call_id=call_id)))  # bob's abort: refused
+        refused = await bob.end_program("alices-program")
+        assert refused["ok"] is False and refused["code"] == "not_owner"
+        await asyncio.sleep(0.3)
+        assert not task.done(), "bob's abort must not end alice's call"
+        await alice.nc.publish(alice.abort_subject, encode(CallAbort(call_id=call_id)))  # alice's own: honoured
+        result = await asyncio.wait_for(task, 30)
+        assert result.finish_reason == "abort"
+        assert (await alice.end_program("alices-program"))["ok"] is True
+    finally:
+        await bob.close()
+
+
+async def test_a_caller_cannot_point_its_stream_at_another_inbox(
+    two_client_mesh: Mesh, two_clients: dict[str, Identity], two_client_server: str
+) -> None:
+    alice = two_client_mesh.client
+    bob, _ = await connect_as(two_clients["bob"].url(two_client_server))
+    seen: list[bytes] = []
+
+    async def cb(msg: object) -> None:
+        seen.append(getattr(msg, "data", b""))
+
+    try:
+        await bob.subscribe("_I.bob.victim", cb=cb)
+        await bob.flush()
+        inbox = alice.nc.new_inbox()
+        sub = await alice.nc.subscribe(inbox)
+        request = {"program_id": "p", "prompt": "hi", "max_tokens": 2, "reply_to": "_I.bob.victim"}
+        await alice.nc.publish(alice.submit_subject, json.dumps(request).encode(), reply=inbox)
+        error = json.loads((await sub.next_msg(timeout=10)).data)
+        assert error["type"] == "error" and error["code"] == "bad_field" and "inboxes" in error["message"]
+        await asyncio.sleep(0.3)
+        assert seen == []
+    finally:
+        await bob.close()
+
+
+async def test_a_caller_cannot_submit_in_another_users_name(
+    two_client_server: str, two_clients: dict[str, Identity]
+) -> None:
+    urls = role_urls(two_clients, two_client_server)
+    bob, errors = await connect_as(urls["bob"])
+    scheduler, _ = await connect_as(urls["scheduler"])
+    try:
+        assert not await _delivered(scheduler, f"{ROOT}.call.submit.alice", bob, b"{}")
+        await until(lambda: any("permissions violation" in e for e in errors))
+    finally:
+        await bob.close()
+        await scheduler.close()

@@ -18,6 +18,9 @@ class TrackerConfig:
     persist: bool = True
     #: changed programs are written to the bucket within this interval
     flush_interval_s: float = 0.02
+    #: an active call with no completed event after this long is dropped (its engine died, or its
+    #: event was lost); longer than the schedulers' call deadline
+    active_call_max_s: float = 900.0
 
     @classmethod
     def from_env(cls) -> TrackerConfig:
@@ -28,5 +31,6 @@ class TrackerConfig:
             root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
             idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
+            active_call_max_s=float(env.get("AUTELLIX_ACTIVE_CALL_MAX_S", d.active_call_max_s)),
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
         )
