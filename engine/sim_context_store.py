@@ -16,7 +16,7 @@ Order (:class:`autellix.policy.retention.RetentionIndex`):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from autellix.policy.retention import RetentionIndex
@@ -44,6 +44,21 @@ def _extends(longer: list[int], shorter: list[int]) -> bool:
     return len(shorter) <= len(longer) and longer[: len(shorter)] == shorter
 
 
+#: tokens per hashed block of the lookup index
+BLOCK = 64
+
+
+def block_chain(program_id: str, ids: list[int]) -> list[int]:
+    """A hash per whole block of ``ids``, each chained on the one before (as vLLM hashes its prefix
+    cache's blocks) and seeded with the program: equal chain hashes mean equal prefixes."""
+    out: list[int] = []
+    h = hash(program_id)
+    for end in range(BLOCK, len(ids) + 1, BLOCK):
+        h = hash((h, tuple(ids[end - BLOCK : end])))
+        out.append(h)
+    return out
+
+
 class ContextStore:
     def __init__(self, retention: Retention = "lru") -> None:
         if retention not in RETENTIONS:
@@ -57,6 +72,10 @@ class ContextStore:
         #: (kept with ``program`` retention only)
         self._extends: dict[str, set[str]] = {}
         self._containers: dict[str, set[str]] = {}
+        #: lookup index: each entry's block chain, and chain hash -> the entries with that prefix
+        self._chain: dict[str, list[int]] = {}
+        #: (dicts, not sets: ties go to the entry retained first, whatever the hash seed)
+        self._by_block: dict[int, dict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -83,14 +102,29 @@ class ContextStore:
 
     # -- lookups -------------------------------------------------------------------------------
     def longest(self, program_id: str, ids: list[int]) -> tuple[str | None, int]:
-        """The program's entry sharing the longest prefix with ``ids``, and that length."""
+        """The program's entry sharing the longest prefix with ``ids``, and that length.
+
+        The block index narrows the search to the entries sharing the most whole blocks with
+        ``ids``; only those are compared token by token past them."""
+        chain = block_chain(program_id, ids)
+        matched = 0
+        while matched < len(chain) and chain[matched] in self._by_block:
+            matched += 1
+        if matched:
+            start = matched * BLOCK
+            candidates: Iterable[str] = self._by_block[chain[matched - 1]]
+        else:  # no entry shares a whole block: the longest common prefix is shorter than one
+            start = 0
+            candidates = self._by_program.get(program_id, ())
         best, best_key = 0, None
-        for key in self._by_program.get(program_id, ()):
+        rest = ids[start : start + BLOCK] if not matched else ids[start:]
+        for key in candidates:
             entry = self._tokens[key]
-            if len(entry) > best and entry[:best] == ids[:best]:
-                common = common_prefix(entry, ids)
-                if common > best:
-                    best, best_key = common, key
+            if len(entry) <= best:
+                continue
+            common = start + common_prefix(entry[start : start + len(rest)], rest)
+            if common > best and (not start or entry[:start] == ids[:start]):  # a hash collision is no match
+                best, best_key = common, key
         return best_key, best
 
     def touch(self, key: str) -> None:
@@ -113,9 +147,13 @@ class ContextStore:
             self.remove(key)
         below: set[str] = set()
         above: set[str] = set()
+        chain = block_chain(program_id, tokens)
         if self.retention == "program":
             for other in self._by_program.get(program_id, ()):
                 theirs = self._tokens[other]
+                mine, its = len(chain), len(self._chain[other])
+                if mine and its and chain[min(mine, its) - 1] != self._chain[other][min(mine, its) - 1]:
+                    continue  # they differ within their shared whole blocks: neither holds the other
                 if _extends(tokens, theirs):  # equal lengths: the newer entry holds the older
                     below.add(other)
                     holders = self._containers[other]
@@ -129,6 +167,9 @@ class ContextStore:
         self._containers[key] = above
         self._tokens[key] = tokens
         self._program[key] = program_id
+        self._chain[key] = chain
+        for h in chain:
+            self._by_block.setdefault(h, {})[key] = None
         self._by_program.setdefault(program_id, {})[key] = None
         self._order.add(key, program_id, len(tokens), contained=bool(above))
 
@@ -141,6 +182,11 @@ class ContextStore:
         if not keys:
             del self._by_program[program_id]
         self._order.remove(key)
+        for h in self._chain.pop(key):
+            keys_with = self._by_block[h]
+            del keys_with[key]
+            if not keys_with:
+                del self._by_block[h]
         for other in self._containers.pop(key):
             self._extends[other].discard(key)
         for other in self._extends.pop(key):

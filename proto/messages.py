@@ -236,6 +236,12 @@ class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: Epoch = 0.0
 
 
+
+def completed_message_id(event: CallCompleted) -> str:
+    """The ``Nats-Msg-Id`` header engines publish a completed event with: JetStream keeps one event
+    per engine, call and outcome within its duplicate window (services/tracker/completions.py)."""
+    return f"{event.engine_id}:{event.call_id}:{event.finish_reason}"
+
 class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: RequiredToken
     backend: Name
@@ -267,6 +273,9 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens_total: Count = 0
     prefix_hit_tokens_total: Count = 0
     prefix_hit_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    # the calls (running, waiting, swapped) the engine holds at most; more are shed with
+    # "rate_limited", so schedulers route elsewhere while others have room (0: no limit said)
+    calls_limit: Count = 0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):

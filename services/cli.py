@@ -87,27 +87,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _env_url(args: argparse.Namespace, client: bool = False) -> str:
-    """The URL to connect with: a credentials file (--creds, AUTELLIX_NATS_CREDS), else --nats or
-    AUTELLIX_NATS, else (clients only) the credentials `autellix up` wrote on this machine, else the
-    default URL."""
-    from .auth import default_credentials_path, read_credentials
+    """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
+    environment, and for clients the credentials `autellix up` wrote on this machine)."""
+    from .auth import resolve_url
 
-    creds = getattr(args, "creds", None) or os.environ.get("AUTELLIX_NATS_CREDS")
-    if creds:
-        try:
-            return read_credentials(creds)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"autellix: {exc}") from None
-    url = args.nats or os.environ.get("AUTELLIX_NATS")
-    if url:
-        return url
-    default = default_credentials_path()
-    if client and default.is_file():
-        try:
-            return read_credentials(default)
-        except (OSError, ValueError):
-            pass  # not ours to fix here: fall back to the open default
-    return DEFAULT_NATS_URL
+    try:
+        return resolve_url(args.nats, getattr(args, "creds", None), client=client)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"autellix: {exc}") from None
 
 
 def _env_root(args: argparse.Namespace) -> str:
@@ -210,7 +197,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from autellix.proto import Subjects
 
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
-    from .embedded_nats import EmbeddedNats, NatsServerError
+    from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
     from .engine.service import EngineService
     from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
@@ -219,14 +206,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.engines < 1:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
         return 2
-    broker: EmbeddedNats | None = None
+    if args.cluster < 1:
+        print("autellix up: --cluster must be at least 1", file=sys.stderr)
+        return 2
+    broker: EmbeddedNats | EmbeddedNatsCluster | None = None
     url = args.nats or (read_credentials(args.creds) if args.creds else None)
     urls: dict[str, str] = {}  # per role, with auth on
     creds_path: Path | None = None
     if url is None:
         identities = {} if args.no_auth else make_identities()
         config = server_config(identities, Subjects(_env_root(args))) if identities else ""
-        broker = EmbeddedNats(host=args.host, port=args.port, config=config)
+        if args.cluster > 1:  # every node on a free port; services get every node's URL
+            broker = EmbeddedNatsCluster(args.cluster, host=args.host, config=config)
+        else:
+            broker = EmbeddedNats(host=args.host, port=args.port, config=config)
         try:
             url = broker.start()
             urls = {role: ident.url(url) for role, ident in identities.items()}
@@ -241,7 +234,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        tracker = TrackerService(_tracker_config(args, urls.get("tracker", url)))
+        tracker_config = _tracker_config(args, urls.get("tracker", url))
+        if args.cluster > 1:  # the process table and the completions on every node (at most 3)
+            tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
+        tracker = TrackerService(tracker_config)
         scheduler = SchedulerService(_scheduler_config(args, urls.get("scheduler", url)))
         engines = [EngineService(_engine_config(args, urls.get("engine", url))) for _ in range(args.engines)]
         started: list[Any] = []
@@ -385,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="embedded NATS as an N-node cluster (routes, JetStream, the tracker's data on min(3, N) replicas; "
+        "every node on a free port) instead of one server (default 1)",
+    )
     up.add_argument(
         "--no-auth",
         action="store_true",

@@ -38,12 +38,15 @@ async def start_mesh(
     max_batched_tokens: int = 2048,
     backend_instance: ModelBackend | None = None,
     role_urls: dict[str, str] | None = None,
+    kv_replicas: int = 1,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
     urls = role_urls or {}
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
-    tracker = TrackerService(TrackerConfig(nats_url=urls.get("tracker", url), root=root, gc_interval_s=0.2))
+    tracker = TrackerService(
+        TrackerConfig(nats_url=urls.get("tracker", url), root=root, gc_interval_s=0.2, kv_replicas=kv_replicas)
+    )
     scheduler = SchedulerService(
         SchedulerConfig(
             nats_url=urls.get("scheduler", url),

@@ -468,3 +468,76 @@ async def test_a_failed_service_ends_the_process_with_status_1() -> None:
     service = Failing()
     assert await asyncio.wait_for(run_until_signal([service]), 5) == 1
     assert service.stopped
+
+
+async def test_a_call_whose_output_cannot_be_sent_fails_alone(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = mesh.engines[0]
+    real_chunk = engine._chunk
+
+    async def chunk(flight, text: str) -> None:  # type: ignore[no-untyped-def]
+        if flight.call.program_id == "poison":
+            raise nats.errors.MaxPayloadError
+        await real_chunk(flight, text)
+
+    monkeypatch.setattr(engine, "_chunk", chunk)
+    poison = asyncio.create_task(mesh.client.program("poison").call("x", max_tokens=20))
+    good = [asyncio.create_task(mesh.client.program().call("y", max_tokens=20)) for _ in range(3)]
+    with pytest.raises(Exception) as info:
+        await asyncio.wait_for(poison, 10)
+    assert getattr(info.value, "code", None) == "internal"
+    assert [r.output_tokens for r in await asyncio.gather(*good)] == [20, 20, 20]
+    _alive(mesh)
+    await _until(lambda: not engine._inflight)
+    await _until(lambda: (e := mesh.tracker.table.get("poison")) is not None and not e.active_calls)
+
+
+def test_calls_on_a_gone_engine_leave_the_active_counts() -> None:
+    from autellix.proto import CallDispatched, EngineHeartbeat
+    from autellix.services.tracker.engine_liveness import EngineLiveness
+    from autellix.services.tracker.process_table import ProcessTable
+
+    live = EngineLiveness()
+    live.on_heartbeat(EngineHeartbeat(engine_id="a", backend="sim", model="m", interval_s=1.0), now=0)
+    live.on_heartbeat(EngineHeartbeat(engine_id="b", backend="sim", model="m", interval_s=1.0), now=0)
+    assert live.gone(2.9) == []
+    live.on_heartbeat(EngineHeartbeat(engine_id="b", backend="sim", model="m", state="down"), now=3)
+    assert live.gone(3.1) == ["b", "a"] and live.gone(10) == []
+
+    t = ProcessTable()
+    t.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="a", priority=0), now=0)
+    t.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="b", priority=0), now=0)
+    t.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="a", priority=0), now=1)  # resubmitted
+    assert t.engine_gone("b") == []  # c2 moved on to engine a
+    assert t.engine_gone("a") == ["p"] and not t.get("p").active_calls  # type: ignore[union-attr]
+
+
+async def test_tracker_drops_active_calls_of_an_engine_that_stopped(mesh: Mesh) -> None:
+    s = Subjects(mesh.root)
+    nc = await _raw(mesh)
+    try:
+        beat = {"engine_id": "ghost", "backend": "sim", "model": "m", "interval_s": 0.1}
+        await nc.publish(s.engine_heartbeat, json.dumps(beat).encode())
+        dispatched = {"call_id": "c-ghost", "program_id": "haunted", "engine_id": "ghost", "priority": 0}
+        await nc.publish(s.call_dispatched, json.dumps(dispatched).encode())
+        await nc.flush()
+        await _until(lambda: (e := mesh.tracker.table.get("haunted")) is not None and e.active_calls)
+        # no more heartbeats from the ghost: within 3 intervals and a GC round, its call is dropped
+        await _until(lambda: not mesh.tracker.table.get("haunted").active_calls, timeout_s=5)  # type: ignore[union-attr]
+    finally:
+        await nc.close()
+
+
+def test_scheduler_routes_around_full_engines() -> None:
+    from autellix.proto import EngineHeartbeat
+    from autellix.services.scheduler.core import SchedulerCore
+
+    core = SchedulerCore(balancer="round-robin")
+    for eid, waiting in (("full", 9), ("room", 0)):
+        hb = EngineHeartbeat(engine_id=eid, backend="sim", model="m", running=1, waiting=waiting, calls_limit=10)
+        core.on_heartbeat(hb, now=0)
+    request = core.parse(b'{"program_id": "p", "prompt": "x"}', "r")
+    assert {core.route(request, 0.1) for _ in range(5)} == {"room"}
+    assert core.engines["room"].pending_calls == 5
+    for _ in range(5):  # "room" is full too now (counting what was routed): either may take the call and shed it
+        core.route(request, 0.1)
+    assert core.route(request, 0.1) in ("full", "room")

@@ -50,6 +50,7 @@ from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
+from .completions_out import CompletionOutbox
 from .config import EngineConfig
 
 #: step-loop iterations failing in a row before the loop (and the service) gives up
@@ -97,6 +98,7 @@ class EngineService:
         self._state = "up"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
         self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: CompletionOutbox | None = None
         self.health = Health(self.name)
         self._throttle = LogThrottle()
         #: step-loop iterations in a row that raised; the loop gives up (and the service fails) after a few
@@ -130,6 +132,7 @@ class EngineService:
             ),
         )
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
+        self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
@@ -164,6 +167,8 @@ class EngineService:
             await self._hand_back(call_id)
         self._state = "down"
         await self._heartbeat()
+        if self._outbox is not None:
+            await self._outbox.drain()
         await self._nc.drain()
         self._executor.shutdown(wait=self.health.ok)  # a stuck step's thread is not waited for
         self.log.info("stopped")
@@ -365,17 +370,36 @@ class EngineService:
             self.health.fail("the NATS connection closed")
 
     async def _publish_events(self, events: list[CoreEvent]) -> None:
+        """Send each call's output. A call whose output cannot be sent (too large for the broker, say)
+        fails alone with ``internal``; the other calls of the step, and the step loop, go on."""
         assert self._nc is not None
         for event in events:
             flight = self._inflight.get(event.call_id)
             if flight is None:
                 continue
-            if isinstance(event, TokenEvent):
-                flight.pending_ids.extend(event.token_ids)
-                if flight.call.stream and event.text:
-                    await self._chunk(flight, event.text)
-            elif isinstance(event, FinishEvent):
-                await self._finish(flight, event)
+            try:
+                if isinstance(event, TokenEvent):
+                    flight.pending_ids.extend(event.token_ids)
+                    if flight.call.stream and event.text:
+                        await self._chunk(flight, event.text)
+                elif isinstance(event, FinishEvent):
+                    await self._finish(flight, event)
+            except Exception as exc:
+                if self._nc.is_closed:
+                    raise  # nothing can be sent: the service fails (its connection closed)
+                self._throttle.log(
+                    self.log, "call failed: its output could not be sent", call_id=event.call_id, error=repr(exc)[:300]
+                )
+                await self._drop_unsendable(event)
+
+    async def _drop_unsendable(self, event: CoreEvent) -> None:
+        assert self.core is not None
+        finished = self.core.abort(event.call_id)  # None: the core had finished it already
+        if finished is None and isinstance(event, FinishEvent):
+            finished = event
+        await self._fail(event.call_id, ErrorCode.INTERNAL, "the engine could not send the call's output")
+        if finished is not None:
+            await self._completed(finished)
 
     async def _chunk(self, flight: InFlight, text: str) -> None:
         """Send text with the token ids it came from (including any held back until now)."""
@@ -481,7 +505,8 @@ class EngineService:
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(done))
+        assert self._outbox is not None
+        await self._outbox.send(done)
         self.log.info(
             "call finished",
             program_id=call.program_id,
@@ -521,7 +546,8 @@ class EngineService:
             parents=call.parents,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(rejected))  # type: ignore[union-attr]
+        assert self._outbox is not None
+        await self._outbox.send(rejected)
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)
@@ -559,6 +585,7 @@ class EngineService:
             prompt_tokens_total=cache.prompt_tokens,
             prefix_hit_tokens_total=cache.hit_tokens,
             prefix_hit_rate=cache.hit_rate,
+            calls_limit=self.config.backend.max_batch + self.config.max_waiting,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
 

@@ -18,6 +18,8 @@ class TrackerConfig:
     persist: bool = True
     #: changed programs are written to the bucket within this interval
     flush_interval_s: float = 0.02
+    #: JetStream replicas of the process-table bucket and the completions stream (3 on a 3-node cluster)
+    kv_replicas: int = 1
     #: an active call with no completed event after this long is dropped (its engine died, or its
     #: event was lost); longer than the schedulers' call deadline
     active_call_max_s: float = 900.0
@@ -33,4 +35,5 @@ class TrackerConfig:
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
             active_call_max_s=float(env.get("AUTELLIX_ACTIVE_CALL_MAX_S", d.active_call_max_s)),
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
+            kv_replicas=int(env.get("AUTELLIX_KV_REPLICAS", d.kv_replicas)),
         )
