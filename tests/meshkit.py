@@ -39,6 +39,7 @@ async def start_mesh(
     backend_instance: ModelBackend | None = None,
     role_urls: dict[str, str] | None = None,
     kv_replicas: int = 1,
+    door: bool = False,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -54,6 +55,7 @@ async def start_mesh(
             policy=policy,
             max_tokens_ceiling=512,
             no_engine_wait_s=no_engine_wait_s,
+            door=door,
         )
     )
     engine_services = [
