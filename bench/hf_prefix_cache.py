@@ -113,7 +113,7 @@ def decode_throughput(backends: dict[str, HFBackend], batch: int, new_tokens: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--reply-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=2)

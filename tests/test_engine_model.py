@@ -8,7 +8,8 @@ from meshkit import start_mesh, stop_mesh
 from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 from autellix.services.client import CallFailed
 
-pytestmark = pytest.mark.model
+# the first test of a module loads (or converts) the model and makes references: slow on a loaded 2-core machine
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 LONG_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TOKENS = 24

@@ -27,7 +27,8 @@ from autellix.engine import model_store  # noqa: E402
 from autellix.engine.backend import ModelBackend, SeqWork, StepBatch  # noqa: E402
 from autellix.engine.hf_backend import HFBackend, SequenceStateError, SwapPoolFullError  # noqa: E402
 
-pytestmark = pytest.mark.model
+# the first test of a module loads (or converts) the model and makes references: slow on a loaded 2-core machine
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 NEW_TOKENS = 20
 PROMPTS = {

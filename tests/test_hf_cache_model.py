@@ -15,7 +15,8 @@ pytest.importorskip("torch")
 from autellix.engine.backend import PrefixCache, SeqWork, StepBatch
 from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
 
-pytestmark = pytest.mark.model
+# the first test of a module loads (or converts) the model and makes references: slow on a loaded 2-core machine
+pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
 
 TOKENS = 6
 SYSTEM = {"role": "system", "content": "You are a concise assistant. Answer in one short sentence."}
