@@ -48,6 +48,8 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
+    # The tenant the call is accounted to, set by the gateway from the caller's API key ("" = none).
+    tenant: str = ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,18 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
     return cfg
 
 
+def _gateway_config(args: argparse.Namespace, url: str, host: str | None = None, port: int | None = None):  # type: ignore[no-untyped-def]
+    from .gateway.config import GatewayConfig
+
+    cfg = GatewayConfig.from_env()
+    cfg = replace(cfg, nats_url=url, root=_env_root(args))
+    if host is not None:
+        cfg = replace(cfg, host=host)
+    if port is not None:
+        cfg = replace(cfg, port=port)
+    return cfg
+
+
 # -- one service --------------------------------------------------------------------------------
 def cmd_service(args: argparse.Namespace) -> int:
     from .lifecycle import run_until_signal
@@ -140,6 +152,10 @@ def cmd_service(args: argparse.Namespace) -> int:
         from .scheduler.service import SchedulerService
 
         service = SchedulerService(_scheduler_config(args, url))
+    elif args.command == "gateway":
+        from .gateway.service import GatewayService
+
+        service = GatewayService(_gateway_config(args, url, args.host, args.port))
     else:
         from .engine.service import EngineService
 
@@ -156,6 +172,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
+    from .gateway.service import GatewayService
     from .lifecycle import install_signal_handlers, stop_all
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
@@ -181,9 +198,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         tracker = TrackerService(_tracker_config(args, url))
         scheduler = SchedulerService(_scheduler_config(args, url))
         engines = [EngineService(_engine_config(args, url)) for _ in range(args.engines)]
+        gateway = None if args.no_gateway else GatewayService(_gateway_config(args, url, args.host, args.gateway_port))
         started: list[Any] = []
         try:
-            for service in [tracker, scheduler, *engines]:
+            for service in [tracker, scheduler, *engines, *([gateway] if gateway else [])]:
                 starting = asyncio.create_task(service.start())
                 waiter = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -191,12 +209,19 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if starting not in done:
                     starting.cancel()
                     return 130
-                starting.result()
+                try:
+                    starting.result()
+                except OSError as exc:
+                    if service is not gateway:
+                        raise
+                    print(f"autellix up: {exc} (try --gateway-port 0 for a free port)", file=sys.stderr)
+                    return 1
                 started.append(service)
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
+            http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
             print(
                 f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "
-                f"{len(engines)} engine(s) [{', '.join(models)}] | root {tracker.config.root} | Ctrl-C to stop",
+                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
                 flush=True,
             )
             if args.demo:
@@ -209,7 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             await stop.wait()
             return 0
         finally:
-            order = [s for s in [scheduler, *engines, tracker] if s in started]
+            order = [s for s in [gateway, scheduler, *engines, tracker] if s in started]
             await stop_all(order)
 
     try:
@@ -304,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
+    up.add_argument("--gateway-port", type=int, default=8000, help="OpenAI API port on --host, 0 = any free (8000)")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
     up.set_defaults(func=cmd_up)
 
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
@@ -324,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
     engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
     engine.set_defaults(func=cmd_service)
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    _add_common(gateway)
+    gateway.add_argument("--host", default=None, help="listen address (env AUTELLIX_GATEWAY_HOST; default 0.0.0.0)")
+    gateway.add_argument("--port", type=int, default=None, help="HTTP port (env AUTELLIX_GATEWAY_PORT; default 8000)")
+    gateway.set_defaults(func=cmd_service)
 
     call = sub.add_parser("call", help="send one call and stream the answer")
     _add_common(call)

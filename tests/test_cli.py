@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,10 @@ def _children(pid: int) -> list[int]:
     return found + [d for c in found for d in _children(c)]
 
 
-def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str]:
+def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str]:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     proc = subprocess.Popen(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", *extra],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--gateway-port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,15 +44,16 @@ def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     match = re.search(r"NATS (nats://\S+)", line)
-    if match is None:
+    http = re.search(r"OpenAI API (http://\S+/v1)", line)
+    if match is None or http is None:
         proc.kill()
         raise AssertionError(f"no readiness line; got {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, match.group(1)
+    return proc, match.group(1), http.group(1)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
-    proc, url = _start_up("--engines", "2")
+    proc, url, api = _start_up("--engines", "2")
     try:
         children = _children(proc.pid)
         assert children, "the embedded nats-server should be a child process"
@@ -63,6 +66,14 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
         assert call.returncode == 0, call.stderr
         assert call.stdout.strip() == "tok tok tok tok"
         assert "4 tokens" in call.stderr
+        with urllib.request.urlopen(f"{api}/models", timeout=30) as reply:
+            model = json.load(reply)["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        request = urllib.request.Request(
+            f"{api}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert json.load(reply)["choices"][0]["message"]["content"] == " tok tok"
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 5
@@ -77,14 +88,14 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
 def test_up_demo_runs_and_exits() -> None:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     done = subprocess.run(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0"],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", "--no-gateway"],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert "autellix is up" in done.stdout
+    assert "autellix is up" in done.stdout and "OpenAI API" not in done.stdout
     assert "[3 fan-out: its food]" in done.stdout
     assert "program latency" in done.stdout
 
