@@ -8,6 +8,9 @@ with ``run``.
 A sequence's life: ``run`` with its prompt tokens (prefill, possibly in chunks), then one token per
 step (decode). ``release`` frees its KV. ``swap_out``/``swap_in`` move its KV to CPU memory and back
 (preemption); ``drop`` discards it so the next ``run`` must recompute it from all its tokens.
+
+Optional capabilities are declared as protocols of their own (:class:`PrefixCache`) and tested
+with ``isinstance``, never probed with ``getattr``.
 """
 
 from __future__ import annotations
@@ -86,3 +89,51 @@ class ModelBackend(Protocol):
     def drop(self, seq_id: str) -> None: ...
 
     def kv_bytes_per_token(self) -> int: ...
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """What a :class:`PrefixCache` holds now and has saved so far (counters are cumulative)."""
+
+    #: prompt tokens of the sequences that asked for a prefix (``attach_prefix`` calls)
+    prompt_tokens: int = 0
+    #: of those, tokens served from retained KV instead of being prefilled (both tiers)
+    hit_tokens: int = 0
+    #: of the hits, tokens swapped back in from the CPU tier
+    tier_hit_tokens: int = 0
+    #: KV tokens retained in device memory now (finished sequences' contexts)
+    retained_tokens: int = 0
+    #: KV tokens retained in the CPU tier now
+    tiered_tokens: int = 0
+    #: retained entries evicted for good (not moved to the CPU tier)
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@runtime_checkable
+class PrefixCache(Protocol):
+    """Optional capability: the backend keeps finished sequences' KV and reuses it by content.
+
+    - ``release(seq_id)`` *retains* the sequence's KV (the tokens it was fed) as an entry owned by
+      its work's ``prefix_key`` (the engine sets it to the program id) instead of freeing it;
+      ``drop`` never retains. Retained KV lives in what running sequences leave free of the KV
+      budget and is evicted in :class:`autellix.policy.retention.RetentionIndex` order (contained
+      entries, then ended programs', then least recently used); a backend with a CPU tier moves an
+      evicted live entry there instead of discarding it.
+    - ``attach_prefix`` is called by the engine core between steps, when a call that holds no KV
+      is admitted (its first admission, or after its KV was dropped). It gives ``seq_id`` the
+      longest retained prefix of ``token_ids`` (at most ``len(token_ids) - 1`` tokens: the last
+      prompt token is always computed, so a token can be sampled) and returns how many tokens the
+      sequence now holds; the core then prefills only the rest. It must be cheap: a backend may
+      defer the copy or swap-in to its next ``run``, keeping the source entry pinned until then.
+    - ``end_prefix(prefix_key)``: the program ended (the tracker said so); its entries go first.
+    """
+
+    def attach_prefix(self, seq_id: str, token_ids: Sequence[int], prefix_key: str | None) -> int: ...
+
+    def end_prefix(self, prefix_key: str) -> None: ...
+
+    def cache_stats(self) -> CacheStats: ...

@@ -33,7 +33,7 @@ from autellix.policy.calibration import ServiceCalibrator
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.variants import CallQueue, make_queue, policy_spec
 
-from .backend import ModelBackend, SeqWork, StepBatch, StepOutput, SwapStats
+from .backend import ModelBackend, PrefixCache, SeqWork, StepBatch, StepOutput, SwapStats
 from .detokenizer import IncrementalDetokenizer
 
 PreemptMode = Literal["auto", "swap", "recompute"]
@@ -231,6 +231,8 @@ class EngineCore:
         self.queue: CallQueue = make_queue(self.config.policy, self.config.mlfq)
         self.calibrator = ServiceCalibrator(self.config.mlfq.calibration_percentile)
         self.costs = _CostEstimates(backend)
+        #: the backend's prefix cache, when it has one: a call admitted without KV starts from it
+        self.prefix_cache: PrefixCache | None = backend if isinstance(backend, PrefixCache) else None
         self._calls: dict[str, CallState] = {}
         self._running: list[str] = []
         self._seq = itertools.count()
@@ -394,6 +396,9 @@ class EngineCore:
         state = self._calls[call_id]
         if state.phase is CallPhase.SWAPPED:
             plan.swap_in.append(call_id)
+        elif state.kv_len == 0 and self.prefix_cache is not None:
+            spec = state.spec
+            state.kv_len = self.prefix_cache.attach_prefix(call_id, state.all_ids, spec.program_id)
         if state.waiting_since is not None:
             state.queue_wait_s += now - state.waiting_since
             state.waiting_since = None

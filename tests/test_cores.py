@@ -227,3 +227,38 @@ def test_long_calls_stay_with_their_program_and_short_ones_spread() -> None:
     assert homes == {first}  # its context lives there, even as that engine fills up
     spread = {core.route(short_req, now=0.1) for _ in range(6)}
     assert spread == {"e1", "e2", "e3"} - {first}  # short calls go to the least-used engines
+
+
+class _FixedPrefix(SimBackend):
+    """A backend whose prefix cache always holds the first ``hit`` tokens of every prompt."""
+
+    def __init__(self, hit: int) -> None:
+        super().__init__(time_scale=0, prefix_cache=False)
+        self.hit = hit
+        self.asked: list[tuple[str, int, str | None]] = []
+
+    def attach_prefix(self, seq_id: str, token_ids, prefix_key: str | None) -> int:
+        self.asked.append((seq_id, len(token_ids), prefix_key))
+        return min(self.hit, len(token_ids) - 1)
+
+    def end_prefix(self, prefix_key: str) -> None:
+        pass
+
+    def cache_stats(self):
+        from autellix.engine.backend import CacheStats
+
+        return CacheStats()
+
+
+def test_engine_core_prefills_only_past_the_attached_prefix() -> None:
+    backend = _FixedPrefix(hit=90)
+    core = EngineCore(backend, CoreConfig(kv_capacity_tokens=10_000))
+    assert core.prefix_cache is backend
+    core.add(CallSpec("c1", "p1", list(range(100)), max_tokens=3), now=0.0)
+    plan = core.schedule(0.0)
+    assert plan is not None
+    (work,) = plan.batch.work
+    assert (work.start_pos, len(work.token_ids), work.sample) == (90, 10, True)
+    assert backend.asked == [("c1", 100, "p1")]
+    events = run_to_end(core, backend)
+    assert [e.finish_reason for _, e in events if isinstance(e, FinishEvent)] == ["length"]
