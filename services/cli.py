@@ -63,6 +63,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics here, 0 = any free port (env AUTELLIX_METRICS_PORT; default off)",
+    )
+
+
+def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
+    port = getattr(args, "metrics_port", None)
+    return replace(cfg, metrics_port=port) if port is not None else cfg
+
+
 def _env_url(args: argparse.Namespace) -> str:
     return args.nats or os.environ.get("AUTELLIX_NATS", DEFAULT_NATS_URL)
 
@@ -78,7 +92,7 @@ def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-unty
     cfg = replace(cfg, nats_url=url, root=_env_root(args))
     if getattr(args, "program_ttl", None) is not None:
         cfg = replace(cfg, idle_ttl_s=args.program_ttl)
-    return cfg
+    return _metrics_port(cfg, args)
 
 
 def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
@@ -92,7 +106,7 @@ def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-un
         cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
     if getattr(args, "balancer", None):
         cfg = replace(cfg, balancer=args.balancer)
-    return cfg
+    return _metrics_port(cfg, args)
 
 
 def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = None):  # type: ignore[no-untyped-def]
@@ -123,7 +137,7 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         cfg = replace(cfg, preempt_mode=args.preempt_mode)
     if engine_id or getattr(args, "engine_id", None):
         cfg = replace(cfg, engine_id=engine_id or args.engine_id)
-    return cfg
+    return _metrics_port(cfg, args)
 
 
 def _gateway_config(args: argparse.Namespace, url: str, host: str | None = None, port: int | None = None):  # type: ignore[no-untyped-def]
@@ -169,6 +183,19 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 # -- everything on one machine ------------------------------------------------------------------
+def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Metrics ports for `up`: tracker, scheduler, engines on consecutive ports from --metrics-port
+    (0: each any free port), on --host; none with --no-metrics."""
+    os.environ["AUTELLIX_METRICS_HOST"] = args.host
+
+    def port(i: int) -> int | None:
+        if args.no_metrics:
+            return None
+        return 0 if args.metrics_port == 0 else args.metrics_port + i
+
+    return port
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
@@ -195,9 +222,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        tracker = TrackerService(_tracker_config(args, url))
-        scheduler = SchedulerService(_scheduler_config(args, url))
-        engines = [EngineService(_engine_config(args, url)) for _ in range(args.engines)]
+        ports = _up_metrics_ports(args)
+        tracker = TrackerService(replace(_tracker_config(args, url), metrics_port=ports(0)))
+        scheduler = SchedulerService(replace(_scheduler_config(args, url), metrics_port=ports(1)))
+        engines = [
+            EngineService(replace(_engine_config(args, url), metrics_port=ports(2 + i))) for i in range(args.engines)
+        ]
         gateway = None if args.no_gateway else GatewayService(_gateway_config(args, url, args.host, args.gateway_port))
         started: list[Any] = []
         try:
@@ -211,14 +241,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                     return 130
                 try:
                     starting.result()
-                except OSError as exc:
-                    if service is not gateway:
-                        raise
-                    print(f"autellix up: {exc} (try --gateway-port 0 for a free port)", file=sys.stderr)
+                except OSError as exc:  # a port taken
+                    print(f"autellix up: the {service.name} could not start: {exc}", file=sys.stderr)
+                    print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
                     return 1
                 started.append(service)
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
             http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
+            scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
+            if not args.no_metrics:
+                http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             print(
                 f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
@@ -331,11 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
     up.add_argument("--gateway-port", type=int, default=8000, help="OpenAI API port on --host, 0 = any free (8000)")
     up.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="Prometheus metrics: tracker on this port, scheduler +1, engines +2.. (0 = any free; default 9100)",
+    )
+    up.add_argument("--no-metrics", action="store_true", help="no metrics endpoints (the gateway's /metrics stays)")
     up.set_defaults(func=cmd_up)
 
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
     _add_common(tracker)
     tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
+    _add_metrics_port(tracker)
     tracker.set_defaults(func=cmd_service)
 
     scheduler = sub.add_parser("scheduler", help="run a scheduler service")
@@ -343,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
     scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
     scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
+    _add_metrics_port(scheduler)
     scheduler.set_defaults(func=cmd_service)
 
     engine = sub.add_parser("engine", help="run an engine service")
@@ -350,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(engine)
     engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
     engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
+    _add_metrics_port(engine)
     engine.set_defaults(func=cmd_service)
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")

@@ -35,6 +35,12 @@ def name(metric: str) -> str:
     return PREFIX + metric
 
 
+def metrics_host_from_env() -> str:
+    """Where the metrics endpoints listen: ``AUTELLIX_METRICS_HOST``, all interfaces by default
+    (containers); ``autellix up`` sets it to its ``--host``."""
+    return os.environ.get("AUTELLIX_METRICS_HOST", "0.0.0.0")
+
+
 def metrics_port_from_env() -> int | None:
     """``AUTELLIX_METRICS_PORT`` as a port (0 = any free one), or None when unset (metrics off)."""
     value = os.environ.get("AUTELLIX_METRICS_PORT", "").strip()
@@ -44,10 +50,10 @@ def metrics_port_from_env() -> int | None:
 class MetricsEndpoint:
     """One registry and, once started with a port, the HTTP server that exposes it on ``/metrics``."""
 
-    def __init__(self, port: int | None, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int | None, host: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self._want_port = port
-        self._host = host
+        self._host = host if host is not None else metrics_host_from_env()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -37,12 +37,19 @@ async def start_mesh(
     no_engine_wait_s: float = 5.0,
     max_batched_tokens: int = 2048,
     backend_instance: ModelBackend | None = None,
+    metrics: bool = False,
 ) -> Mesh:
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2))
+    port = 0 if metrics else None  # Prometheus endpoints on free ports
+    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2, metrics_port=port))
     scheduler = SchedulerService(
         SchedulerConfig(
-            nats_url=url, root=root, policy=policy, max_tokens_ceiling=512, no_engine_wait_s=no_engine_wait_s
+            nats_url=url,
+            root=root,
+            policy=policy,
+            max_tokens_ceiling=512,
+            no_engine_wait_s=no_engine_wait_s,
+            metrics_port=port,
         )
     )
     engine_services = [
@@ -56,6 +63,7 @@ async def start_mesh(
                 drain_timeout_s=5.0,
                 max_batched_tokens=max_batched_tokens,
                 policy=policy,
+                metrics_port=port,
             ),
             backend=backend_instance,
         )

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 AUTELLIX = [sys.executable, "-m", "autellix.services.cli"]
+#: no HTTP ports at all (the defaults, 8000 and 9100.., may be taken on a shared machine)
+QUIET = ["--no-gateway", "--no-metrics"]
 
 
 def _children(pid: int) -> list[int]:
@@ -32,10 +34,10 @@ def _children(pid: int) -> list[int]:
     return found + [d for c in found for d in _children(c)]
 
 
-def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str]:
+def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str, list[int]]:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     proc = subprocess.Popen(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--gateway-port", "0", *extra],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--gateway-port", "0", "--metrics-port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,15 +47,16 @@ def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str]:
     line = proc.stdout.readline()
     match = re.search(r"NATS (nats://\S+)", line)
     http = re.search(r"OpenAI API (http://\S+/v1)", line)
-    if match is None or http is None:
+    metrics = re.search(r"metrics on ports ([\d,]+)", line)
+    if match is None or http is None or metrics is None:
         proc.kill()
         raise AssertionError(f"no readiness line; got {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, match.group(1), http.group(1)
+    return proc, match.group(1), http.group(1), [int(p) for p in metrics.group(1).split(",")]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
-    proc, url, api = _start_up("--engines", "2")
+    proc, url, api, metrics = _start_up("--engines", "2")
     try:
         children = _children(proc.pid)
         assert children, "the embedded nats-server should be a child process"
@@ -74,6 +77,9 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
         )
         with urllib.request.urlopen(request, timeout=30) as reply:
             assert json.load(reply)["choices"][0]["message"]["content"] == " tok tok"
+        assert len(set(metrics)) == 4  # tracker, scheduler, two engines
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics[-1]}/metrics", timeout=30) as reply:
+            assert "autellix:generation_tokens_total" in reply.read().decode()
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 5
@@ -88,7 +94,7 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
 def test_up_demo_runs_and_exits() -> None:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     done = subprocess.run(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", "--no-gateway"],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", *QUIET],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from autellix.engine.factory import BackendSpec
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -30,6 +31,8 @@ class EngineConfig:
     schedule_every: int = 4
     #: auto | swap | recompute
     preempt_mode: str = "auto"
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -56,4 +59,5 @@ class EngineConfig:
             policy=env.get("AUTELLIX_POLICY", d.policy),
             schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
+            metrics_port=metrics_port_from_env(),
         )

@@ -47,6 +47,7 @@ from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
 from .config import EngineConfig
+from .metrics import EngineMetrics
 
 
 @dataclass(slots=True)
@@ -82,6 +83,7 @@ class EngineService:
         self._state = "up"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = EngineMetrics(config.metrics_port)
 
     @property
     def engine_id(self) -> str:
@@ -109,6 +111,7 @@ class EngineService:
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.flush()
+        self.metrics.endpoint.start()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
         self.log.info("ready", backend=self.backend.name, model=self.backend.model_name)
@@ -138,6 +141,7 @@ class EngineService:
         await self._heartbeat()
         await self._nc.drain()
         self._executor.shutdown(wait=True)
+        self.metrics.endpoint.stop()
         self.log.info("stopped")
 
     # -- inputs -------------------------------------------------------------------------------
@@ -246,6 +250,7 @@ class EngineService:
                 continue
             for p in plan.preemptions:
                 self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
+            self.metrics.on_preemptions(plan.preemptions)
             self._stepping = True
             try:
                 result = await loop.run_in_executor(self._executor, execute_plan, self.backend, plan)
@@ -382,6 +387,7 @@ class EngineService:
             completed_at=time.time(),
         )
         await self._nc.publish(self.subjects.call_completed, encode(done))
+        self.metrics.on_completed(done, state, done.completed_at)
         self.log.info(
             "call finished",
             program_id=call.program_id,
@@ -428,6 +434,7 @@ class EngineService:
             sent_at=time.time(),
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
+        self.metrics.on_heartbeat(hb)
 
     async def _heartbeat_loop(self) -> None:
         while True:

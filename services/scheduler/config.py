@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -19,6 +20,8 @@ class SchedulerConfig:
     no_engine_wait_s: float = 30.0
     #: engine choice: locality | least-used | round-robin
     balancer: str = "locality"
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -31,4 +34,5 @@ class SchedulerConfig:
             max_tokens_ceiling=int(env.get("AUTELLIX_MAX_TOKENS_CEILING", d.max_tokens_ceiling)),
             no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
             balancer=env.get("AUTELLIX_BALANCER", d.balancer),
+            metrics_port=metrics_port_from_env(),
         )

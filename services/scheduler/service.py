@@ -39,6 +39,7 @@ from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
 from .core import RejectedCall, SchedulerCore
+from .metrics import SchedulerMetrics
 
 
 class SchedulerService:
@@ -55,6 +56,7 @@ class SchedulerService:
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self.metrics = SchedulerMetrics(config.metrics_port, waiting=lambda: len(self._waiting))
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
@@ -67,6 +69,7 @@ class SchedulerService:
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
         self._watchdog = asyncio.create_task(self._watch_engines())
+        self.metrics.endpoint.start()
         self.log.info("ready", policy=self.config.policy, balancer=self.config.balancer)
 
     async def stop(self) -> None:
@@ -82,6 +85,7 @@ class SchedulerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._waiting, return_exceptions=True), timeout=5)
         await self._nc.drain()
+        self.metrics.endpoint.stop()
         self.log.info("stopped")
 
     # -- inputs -----------------------------------------------------------------------------
@@ -99,6 +103,7 @@ class SchedulerService:
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
+        self.metrics.engines.set(len(self.core.live_engines(time.time())))
         if not known and hb.state == "up":
             self.log.info("engine joined", engine_id=hb.engine_id, backend=hb.backend, model=hb.model)
         self._engine_seen.set()
@@ -127,6 +132,7 @@ class SchedulerService:
         self._park(lambda: self._dispatch(request, reply_to, now), now + self.config.no_engine_wait_s, error, reply_to)
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
+        self.metrics.errors.labels(error.code).inc()
         self.log.warning(
             "call rejected", call_id=error.call_id, program_id=error.program_id, code=error.code, reason=error.message
         )
@@ -151,6 +157,8 @@ class SchedulerService:
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
+        self.metrics.stamps.inc()
+        self.metrics.routes.labels(engine_id).inc()
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
         await self._nc.publish(
             self.subjects.call_dispatched,

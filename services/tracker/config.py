@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -18,6 +19,8 @@ class TrackerConfig:
     persist: bool = True
     #: changed programs are written to the bucket within this interval
     flush_interval_s: float = 0.02
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls) -> TrackerConfig:
@@ -29,4 +32,5 @@ class TrackerConfig:
             idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
+            metrics_port=metrics_port_from_env(),
         )

@@ -26,6 +26,7 @@ from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
 from .config import TrackerConfig
+from .metrics import TrackerMetrics
 from .process_table import ProcessTable
 from .store import ProgramStore
 
@@ -43,6 +44,7 @@ class TrackerService:
         self._gc_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self.metrics = TrackerMetrics(config.metrics_port, programs=lambda: len(self.table))
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
@@ -60,6 +62,7 @@ class TrackerService:
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
+        self.metrics.endpoint.start()
         self.log.info("ready", root=self.config.root)
 
     async def stop(self) -> None:
@@ -76,6 +79,7 @@ class TrackerService:
         if self._nc is not None and not self._nc.is_closed:
             await self.store.flush()
             await self._nc.drain()
+        self.metrics.endpoint.stop()
         self.log.info("stopped", programs=len(self.table))
 
     async def _publish(self, subject: str, message: msgspec.Struct) -> None:
@@ -122,6 +126,7 @@ class TrackerService:
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
+        self.metrics.on_ended(summary)
         self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
         await self._publish(self.subjects.program_service, update)
         await msg.respond(msgspec.json.encode({"ok": True, "program": summary}))
@@ -148,4 +153,5 @@ class TrackerService:
         for update in self.table.expire(time.time()):
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)
+            self.metrics.on_expired(update)
             await self._publish(self.subjects.program_service, update)
