@@ -189,7 +189,7 @@ def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     os.environ["AUTELLIX_METRICS_HOST"] = args.host
 
     def port(i: int) -> int | None:
-        if args.no_metrics:
+        if args.no_metrics or args.demo:
             return None
         return 0 if args.metrics_port == 0 else args.metrics_port + i
 
@@ -228,7 +228,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         engines = [
             EngineService(replace(_engine_config(args, url), metrics_port=ports(2 + i))) for i in range(args.engines)
         ]
-        gateway = None if args.no_gateway else GatewayService(_gateway_config(args, url, args.host, args.gateway_port))
+        # --demo runs the demo with the Python client and exits: no HTTP ports to claim
+        serve_http = not (args.no_gateway or args.demo)
+        gateway = GatewayService(_gateway_config(args, url, args.host, args.gateway_port)) if serve_http else None
         started: list[Any] = []
         try:
             for service in [tracker, scheduler, *engines, *([gateway] if gateway else [])]:
@@ -249,7 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
             http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
             scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
-            if not args.no_metrics:
+            if all(scraped):
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             print(
                 f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "

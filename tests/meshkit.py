@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from autellix.engine.backend import ModelBackend
 from autellix.engine.factory import BackendSpec
 from autellix.services.client import Client
 from autellix.services.engine.config import EngineConfig
 from autellix.services.engine.service import EngineService
+from autellix.services.gateway.config import GatewayConfig
+from autellix.services.gateway.service import GatewayService
 from autellix.services.lifecycle import stop_all
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
@@ -74,6 +79,17 @@ async def start_mesh(
     client = await Client.connect(url, root=root, timeout_s=60)
     await wait_for_engines(scheduler, engines)
     return Mesh(url, root, tracker, scheduler, engine_services, client)
+
+
+async def start_gateway(mesh: Mesh, **config: Any) -> GatewayService:
+    """A gateway on a free port in front of the mesh, once it has heard the engines' heartbeats."""
+    service = GatewayService(GatewayConfig(nats_url=mesh.url, root=mesh.root, host="127.0.0.1", port=0, **config))
+    await service.start()
+    deadline = time.monotonic() + 5
+    while mesh.engines and not service.live.engines(time.time()):
+        assert time.monotonic() < deadline, "the gateway saw no heartbeat"
+        await asyncio.sleep(0.02)
+    return service
 
 
 async def wait_for_engines(scheduler: SchedulerService, n: int, timeout_s: float = 10.0) -> None:

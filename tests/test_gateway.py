@@ -10,18 +10,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2 as httpx
 import nats
 import pytest
-from meshkit import Mesh, start_mesh, stop_mesh
+from meshkit import Mesh, start_gateway, start_mesh, stop_mesh
 from prometheus_client.parser import text_string_to_metric_families
 
 from autellix.engine.factory import BackendSpec
-from autellix.proto import CallError, CallRequest, decode, encode
+from autellix.proto import CallError, CallRequest, EngineHeartbeat, decode, encode
 from autellix.services.gateway.config import GatewayConfig
 from autellix.services.gateway.service import GatewayService
 
 openai = pytest.importorskip("openai")
+try:  # the HTTP client the installed openai SDK is built on (httpx2 in its newer releases)
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 
 @dataclass
@@ -36,17 +39,6 @@ class Gw:
 
     async def model(self) -> str:
         return (await self.sdk.models.list()).data[0].id
-
-
-async def start_gateway(mesh: Mesh, **config: Any) -> GatewayService:
-    service = GatewayService(GatewayConfig(nats_url=mesh.url, root=mesh.root, host="127.0.0.1", port=0, **config))
-    await service.start()
-    # the gateway learns the models from heartbeats
-    deadline = time.monotonic() + 5
-    while mesh.engines and not service.live.engines(time.time()):
-        assert time.monotonic() < deadline, "the gateway saw no heartbeat"
-        await asyncio.sleep(0.02)
-    return service
 
 
 def sdk_for(url: str, api_key: str = "none") -> Any:
@@ -284,9 +276,17 @@ async def test_bad_input_is_400_in_openai_shape(gw: Gw) -> None:
         assert info.value.status_code == 400
         assert info.value.code == code, (extra, info.value.body)
         assert info.value.type == "invalid_request_error"
+    # one model served: any name gets it (agents hard-code model names) ...
+    any_name = await gw.sdk.chat.completions.create(model="gpt-4o", messages=msgs, max_tokens=1)
+    assert any_name.model == model
+    # ... with several, the name must be one of them
+    other = EngineHeartbeat(
+        engine_id="elsewhere", backend="sim", model="other-model", interval_s=60, sent_at=time.time()
+    )
+    gw.service.live.on_heartbeat(other, time.time())
     with pytest.raises(openai.NotFoundError) as nf:
         await gw.sdk.chat.completions.create(model="gpt-nope", messages=msgs)
-    assert nf.value.code == "model_not_found"
+    assert nf.value.code == "model_not_found" and "other-model" in nf.value.message
     async with httpx.AsyncClient() as http:
         reply = await http.post(f"{gw.url}/v1/chat/completions", content=b"{not json")
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "bad_json"

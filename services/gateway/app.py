@@ -130,11 +130,16 @@ class Gateway:
         except Unauthorized as exc:
             raise ApiError(401, str(exc), "invalid_api_key") from None
 
-    def _check_model(self, model: str) -> None:
+    def _model(self, requested: str) -> str:
+        """The served model a request gets. A deployment serving one model answers any name with it
+        (agents often hard-code a model name); with several, the name must be one of them."""
         served = self.live.models(time.time())
-        if served and model not in served:
-            listed = ", ".join(sorted(served))
-            raise ApiError(404, f"model {model!r} is not served; served: {listed}", "model_not_found", param="model")
+        if requested in served or not served:
+            return requested
+        if len(served) == 1:
+            return next(iter(served))
+        listed = ", ".join(sorted(served))
+        raise ApiError(404, f"model {requested!r} is not served; served: {listed}", "model_not_found", param="model")
 
     # -- completions ------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -150,7 +155,7 @@ class Gateway:
             tenant = self._tenant(request)
             body = decode_body(await request.body())
             parsed = parse_chat(body, self.config.default_max_tokens) if chat else parse_completion(body)
-            self._check_model(parsed.model)
+            model = self._model(parsed.model)
             call_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             ident = resolve(request.headers, body, call_id, tenant)
         except IdentityError as exc:
@@ -189,7 +194,7 @@ class Gateway:
         if first is not None:
             self.metrics.ttft.observe(time.perf_counter() - started)
         if parsed.stream:
-            writer = ChunkWriter(call_id, parsed.model, chat, parsed.include_usage)
+            writer = ChunkWriter(call_id, model, chat, parsed.include_usage)
             events = self._events(endpoint, writer, first, pieces, stream, stop, ident, started)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         try:
@@ -206,7 +211,7 @@ class Gateway:
             await self._after(ident)
         shape = chat_completion if chat else text_completion
         self._finished(endpoint, 200, started, use)
-        return json_response(shape(call_id, parsed.model, "".join(parts), finish_reason, use), headers=headers)
+        return json_response(shape(call_id, model, "".join(parts), finish_reason, use), headers=headers)
 
     async def _events(
         self,
