@@ -1,5 +1,10 @@
 """The wire contract: messages, subject names and codecs."""
 
+# Imported as a top-level package (``import proto`` from the repository root) this folder would be a
+# second copy of ``autellix.proto``, with classes unequal to the real ones: refuse it.
+if not __name__.startswith("autellix."):
+    raise ImportError(f"import autellix.{__name__}, not {__name__}: the folder is a sub-package of autellix")
+
 from .codec import decode, decode_reply, encode
 from .messages import (
     CallAbort,

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -87,8 +86,9 @@ def _duration_s(value: str | int | float) -> float:
 
 
 def _package_dirs() -> list[str]:
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return sorted(set(pyproject["tool"]["setuptools"]["package-dir"].values()))
+    """autellix/ and the folders its symlinks point at (the sub-packages)."""
+    links = [p for p in (REPO / "autellix").iterdir() if p.is_symlink()]
+    return sorted(["autellix", *(p.resolve().relative_to(REPO).as_posix() for p in links)])
 
 
 def _source_text() -> str:
