@@ -8,9 +8,20 @@
 # torch is installed first, pinned, from the PyTorch wheel index named by TORCH_INDEX_URL (the CPU
 # index by default), so that `pip install .` finds torch==2.13.0 already satisfied and never pulls
 # an unpinned CUDA build (several GB) from PyPI.
-FROM python:3.11.13-slim-bookworm
+#
+# Where no image registry is reachable, build FROM a local stand-in (compose/make-local-base.sh makes
+# one from Debian's own mirror) and let pip find the CPU torch wheel where this machine keeps it:
+#
+#   docker build --network host --build-arg BASE_IMAGE=autellix-local/python:3.11-bookworm \
+#       --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg PIP_FIND_LINKS=http://127.0.0.1:8765/ .
+#
+# compose/smoke.sh does exactly that.
+ARG BASE_IMAGE=python:3.11.13-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# extra places pip looks for wheels (an ARG, so pip reads it from the environment only when given)
+ARG PIP_FIND_LINKS
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

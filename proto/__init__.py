@@ -7,6 +7,7 @@ if not __name__.startswith("autellix."):
 
 from .codec import decode, decode_reply, encode
 from .messages import (
+    REJECTED,
     CallAbort,
     CallAccepted,
     CallChunk,
@@ -30,6 +31,7 @@ from .subjects import DEFAULT_ROOT, SCHEDULER_QUEUE, TRACKER_QUEUE, Subjects
 
 __all__ = [
     "DEFAULT_ROOT",
+    "REJECTED",
     "SCHEDULER_QUEUE",
     "TRACKER_QUEUE",
     "CallAbort",

@@ -6,6 +6,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .limits import check_shape
 from .messages import CallReply
 
 T = TypeVar("T")
@@ -20,7 +21,9 @@ def encode(message: msgspec.Struct) -> bytes:
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    """Decode JSON bytes into ``kind``; raises msgspec.DecodeError / ValidationError."""
+    """Decode JSON bytes into ``kind``; raises msgspec.DecodeError / ValidationError, also for a
+    message too large or nested too deep (:func:`limits.check_shape`), before any parsing."""
+    check_shape(data)
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
@@ -29,4 +32,5 @@ def decode(data: bytes, kind: type[T]) -> T:
 
 def decode_reply(data: bytes) -> CallReply:
     """Decode one message of a call's reply stream (chunk, final or error)."""
+    check_shape(data)
     return _reply_decoder.decode(data)

@@ -6,16 +6,36 @@ Unix epoch seconds (``*_at``), durations end in ``_s``. IDs are strings.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+
+from .limits import (
+    MAX_MESSAGES,
+    Attempt,
+    Count,
+    Epoch,
+    Id,
+    Name,
+    Parents,
+    Priority,
+    ReplySubject,
+    RequiredToken,
+    ResumeTokens,
+    Seconds,
+    Text,
+    Token,
+)
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True):
     """One chat message."""
 
-    role: str
-    content: str
+    role: Name
+    content: Text
+
+
+Messages = Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,28 +48,31 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     through the model's chat template) or ``prompt`` (raw text) must be given.
     """
 
-    program_id: str = ""
-    call_id: str = ""
-    messages: list[Message] = []
-    prompt: str | None = None
+    program_id: Id = ""
+    call_id: Id = ""
+    messages: Messages = []
+    prompt: Text | None = None
     max_tokens: int = 128
     temperature: float = 0.0
     ignore_eos: bool = False
     # None: the client does not say (ATLAS uses its one-scalar approximation); []: a root call;
     # [ids]: the calls of the same program this call depends on (exact critical path).
-    parents: list[str] | None = None
+    parents: Parents | None = None
     stream: bool = True
-    reply_to: str = ""
-    submitted_at: float = 0.0
+    reply_to: ReplySubject = ""
+    submitted_at: Epoch = 0.0
     # Resubmission after a "retry" reply: the tokens already received (the call continues after
     # them) and the attempt number (replies of older attempts are to be ignored).
-    resume_token_ids: list[int] = []
-    attempt: int = 0
+    resume_token_ids: ResumeTokens = []
+    attempt: Attempt = 0
     # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
     # The tenant the call is accounted to, set by the gateway from the caller's API key ("" = none).
     tenant: str = ""
+    # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
+    # than the deployment's deadline): the deployment's.
+    deadline_s: Seconds = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +154,8 @@ class ErrorCode:
     NO_ENGINE = "no_engine"
     ENGINE_STOPPED = "engine_stopped"
     ABORTED = "aborted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    RATE_LIMITED = "rate_limited"
     INTERNAL = "internal"
 
 
@@ -140,103 +165,114 @@ class ErrorCode:
 class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     """A validated call with its program-level priority, routed to one engine."""
 
-    call_id: str
-    program_id: str
-    reply_to: str
-    messages: list[Message] = []
-    prompt: str | None = None
+    call_id: Id
+    program_id: Id
+    reply_to: ReplySubject
+    messages: Messages = []
+    prompt: Text | None = None
     max_tokens: int = 128
     temperature: float = 0.0
     ignore_eos: bool = False
-    parents: list[str] | None = None
+    parents: Parents | None = None
     stream: bool = True
-    priority: float = 0.0
-    policy: str = "plas"
-    submitted_at: float = 0.0
-    stamped_at: float = 0.0
-    scheduler_id: str = ""
+    priority: Priority = 0.0
+    policy: Name = "plas"
+    submitted_at: Epoch = 0.0
+    stamped_at: Epoch = 0.0
+    scheduler_id: Name = ""
     # Tokens already streamed to the caller by an earlier attempt (resume after an engine died).
-    resume_token_ids: list[int] = []
-    attempt: int = 0
+    resume_token_ids: ResumeTokens = []
+    attempt: Attempt = 0
     # The program's figures when stamped, for the engine's anti-starvation rule.
-    program_service_s: float = 0.0
-    program_wait_s: float = 0.0
+    program_service_s: Seconds = 0.0
+    program_wait_s: Seconds = 0.0
+    # When the call fails with "deadline_exceeded" (Unix seconds; 0: none). Kept across hand-backs.
+    deadline_at: Epoch = 0.0
+    # The authenticated user that submitted the call ("" without auth): only it may abort the call.
+    owner: Id = ""
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
-    call_id: str
-    reason: str = "client"
+    call_id: Id
+    reason: Name = "client"
     #: only this engine drops the call ("" = whichever holds it)
-    engine_id: str = ""
+    engine_id: Token = ""
 
 
 # ---------------------------------------------------------------------------------------------
 # events
 # ---------------------------------------------------------------------------------------------
 class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
-    call_id: str
-    program_id: str
-    engine_id: str
-    priority: float
-    parents: list[str] | None = None
-    dispatched_at: float = 0.0
+    call_id: Id
+    program_id: Id
+    engine_id: RequiredToken
+    priority: Priority
+    parents: Parents | None = None
+    dispatched_at: Epoch = 0.0
+    #: the authenticated user that submitted the call ("" without auth): the program's owner
+    owner: Id = ""
+
+
+#: ``finish_reason`` of a completed event for a call an engine refused before running it (it only
+#: releases the call's place among its program's active calls; no service is counted)
+REJECTED = "rejected"
 
 
 class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     """Published by the engine when a call finishes (successfully, aborted or failed)."""
 
-    call_id: str
-    program_id: str
-    engine_id: str
-    service_s: float
-    queue_wait_s: float
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str
-    priority: float = 0.0
-    parents: list[str] | None = None
-    preemptions: int = 0
-    swap_bytes: int = 0
-    swap_s: float = 0.0
-    recomputed_tokens: int = 0
-    completed_at: float = 0.0
+    call_id: Id
+    program_id: Id
+    engine_id: RequiredToken
+    service_s: Seconds
+    queue_wait_s: Seconds
+    prompt_tokens: Count
+    output_tokens: Count
+    finish_reason: Name
+    priority: Priority = 0.0
+    parents: Parents | None = None
+    preemptions: Count = 0
+    swap_bytes: Count = 0
+    swap_s: Seconds = 0.0
+    recomputed_tokens: Count = 0
+    completed_at: Epoch = 0.0
 
 
 class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    engine_id: str
-    backend: str
-    model: str
+    engine_id: RequiredToken
+    backend: Name
+    model: Name
     state: Literal["up", "draining", "down"] = "up"
-    running: int = 0
-    waiting: int = 0
-    swapped: int = 0
-    kv_tokens_used: int = 0
-    kv_tokens_free: int = 0
-    kv_tokens_queued: int = 0
-    swap_pool_used_bytes: int = 0
-    max_context: int = 0
-    interval_s: float = 1.0
-    sent_at: float = 0.0
+    running: Count = 0
+    waiting: Count = 0
+    swapped: Count = 0
+    kv_tokens_used: Count = 0
+    kv_tokens_free: Count = 0
+    kv_tokens_queued: Count = 0
+    swap_pool_used_bytes: Count = 0
+    max_context: Count = 0
+    interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 1.0
+    sent_at: Epoch = 0.0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     """The tracker's figures for one program, published after every update."""
 
-    program_id: str
-    service_s: float
-    critical_path_s: float = 0.0
-    waiting_s: float = 0.0
-    calls_completed: int = 0
+    program_id: Id
+    service_s: Seconds
+    critical_path_s: Seconds = 0.0
+    waiting_s: Seconds = 0.0
+    calls_completed: Count = 0
     # The call whose completion caused this update and its critical-path finish
     # (its priority + its own service), for exact ATLAS stamps of its children.
-    call_id: str = ""
-    call_path_s: float = 0.0
+    call_id: Id = ""
+    call_path_s: Seconds = 0.0
     ended: bool = False
-    updated_at: float = 0.0
+    updated_at: Epoch = 0.0
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
-    program_id: str = ""
+    program_id: Id = ""
 
 
 class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):

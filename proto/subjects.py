@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .limits import MAX_TOKEN_CHARS, is_token
+
 DEFAULT_ROOT = "autellix"
 
 #: Queue group the schedulers join on the submission subject (one scheduler takes each call).
@@ -17,8 +19,11 @@ TRACKER_QUEUE = "trackers"
 
 
 def _check_token(name: str, what: str) -> str:
-    if not name or any(c in name for c in " .*>\t\r\n"):
-        raise ValueError(f"{what} {name!r} is not a valid NATS subject token (no spaces, dots, * or >)")
+    if not is_token(name):
+        raise ValueError(
+            f"{what} {name!r} is not a valid NATS subject token (visible ASCII, no dots, * or >,"
+            f" at most {MAX_TOKEN_CHARS} characters)"
+        )
     return name
 
 
@@ -48,6 +53,24 @@ class Subjects:
     def call_abort(self) -> str:
         """JSON ``{"call_id": ...}``: every engine drops the call if it holds it."""
         return f"{self.root}.call.abort"
+
+    # -- an authenticated identity's own subjects ------------------------------------------------
+    # With auth on, nats-server lets each identity publish submissions, aborts and program ends only
+    # under its own user name (autellix.services.auth), so the subject's last token says, unforgeably,
+    # who sent them: a call's owner, who alone may abort it, and a program's owner, who alone may end it.
+    def call_submit_as(self, user: str) -> str:
+        return f"{self.call_submit}.{_check_token(user, 'user name')}"
+
+    def call_abort_as(self, user: str) -> str:
+        return f"{self.call_abort}.{_check_token(user, 'user name')}"
+
+    def program_end_as(self, user: str) -> str:
+        return f"{self.program_end}.{_check_token(user, 'user name')}"
+
+    @staticmethod
+    def sender(subject: str, base: str) -> str:
+        """The user token of ``base.<user>`` (``""`` for ``base`` itself: an unauthenticated sender)."""
+        return subject[len(base) + 1 :] if subject.startswith(base + ".") else ""
 
     # -- clients -> tracker ---------------------------------------------------------------------
     @property

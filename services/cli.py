@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -18,6 +19,7 @@ from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
 
+from .auth import redact_url
 from .logs import configure_logging
 from .nats_conn import DEFAULT_NATS_URL
 
@@ -32,6 +34,13 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 # -- shared flags -------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, nats_default: str | None = DEFAULT_NATS_URL) -> None:
     p.add_argument("--nats", default=None, help=f"NATS URL (env AUTELLIX_NATS; default {nats_default})")
+    p.add_argument(
+        "--creds",
+        default=None,
+        metavar="FILE",
+        help="credentials file (one line: nats://user:password@host:port), used instead of --nats "
+        "(env AUTELLIX_NATS_CREDS; default: the file `autellix up` wrote, if there is one)",
+    )
     p.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
     p.add_argument("--log-level", default=None, help="debug|info|warning|error (env AUTELLIX_LOG_LEVEL; default info)")
 
@@ -77,8 +86,28 @@ def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
     return replace(cfg, metrics_port=port) if port is not None else cfg
 
 
-def _env_url(args: argparse.Namespace) -> str:
-    return args.nats or os.environ.get("AUTELLIX_NATS", DEFAULT_NATS_URL)
+def _env_url(args: argparse.Namespace, client: bool = False) -> str:
+    """The URL to connect with: a credentials file (--creds, AUTELLIX_NATS_CREDS), else --nats or
+    AUTELLIX_NATS, else (clients only) the credentials `autellix up` wrote on this machine, else the
+    default URL."""
+    from .auth import default_credentials_path, read_credentials
+
+    creds = getattr(args, "creds", None) or os.environ.get("AUTELLIX_NATS_CREDS")
+    if creds:
+        try:
+            return read_credentials(creds)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"autellix: {exc}") from None
+    url = args.nats or os.environ.get("AUTELLIX_NATS")
+    if url:
+        return url
+    default = default_credentials_path()
+    if client and default.is_file():
+        try:
+            return read_credentials(default)
+        except (OSError, ValueError):
+            pass  # not ours to fix here: fall back to the open default
+    return DEFAULT_NATS_URL
 
 
 def _env_root(args: argparse.Namespace) -> str:
@@ -176,8 +205,7 @@ def cmd_service(args: argparse.Namespace) -> int:
         service = EngineService(_engine_config(args, url))
 
     async def main() -> int:
-        await run_until_signal([service])
-        return 0
+        return await run_until_signal([service])
 
     return _run(main())
 
@@ -197,10 +225,13 @@ def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from autellix.proto import Subjects
+
+    from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, NatsServerError
     from .engine.service import EngineService
     from .gateway.service import GatewayService
-    from .lifecycle import install_signal_handlers, stop_all
+    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
 
@@ -208,11 +239,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
         return 2
     broker: EmbeddedNats | None = None
-    url = args.nats
+    url = args.nats or (read_credentials(args.creds) if args.creds else None)
+    urls: dict[str, str] = {}  # per role, with auth on
+    creds_path: Path | None = None
     if url is None:
-        broker = EmbeddedNats(host=args.host, port=args.port)
+        identities = {} if args.no_auth else make_identities()
+        config = server_config(identities, Subjects(_env_root(args))) if identities else ""
+        broker = EmbeddedNats(host=args.host, port=args.port, config=config)
         try:
             url = broker.start()
+            urls = {role: ident.url(url) for role, ident in identities.items()}
+            if urls:
+                creds_path = write_credentials(Path(args.creds_out or default_credentials_path()), urls["client"])
         except NatsServerError as exc:
             print(f"autellix up: could not start nats-server: {exc}", file=sys.stderr)
             if args.port:
@@ -223,14 +261,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ports = _up_metrics_ports(args)
-        tracker = TrackerService(replace(_tracker_config(args, url), metrics_port=ports(0)))
-        scheduler = SchedulerService(replace(_scheduler_config(args, url), metrics_port=ports(1)))
+        tracker = TrackerService(replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0)))
+        scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
+        scheduler = SchedulerService(scheduler_cfg)
         engines = [
-            EngineService(replace(_engine_config(args, url), metrics_port=ports(2 + i))) for i in range(args.engines)
+            EngineService(replace(_engine_config(args, urls.get("engine", url)), metrics_port=ports(2 + i)))
+            for i in range(args.engines)
         ]
         # --demo runs the demo with the Python client and exits: no HTTP ports to claim
         serve_http = not (args.no_gateway or args.demo)
-        gateway = GatewayService(_gateway_config(args, url, args.host, args.gateway_port)) if serve_http else None
+        gateway_cfg = _gateway_config(args, urls.get("gateway", url), args.host, args.gateway_port)
+        gateway = GatewayService(gateway_cfg) if serve_http else None
         started: list[Any] = []
         try:
             for service in [tracker, scheduler, *engines, *([gateway] if gateway else [])]:
@@ -239,7 +280,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 if starting not in done:
-                    starting.cancel()
+                    await abandon(starting)
                     return 130
                 try:
                     starting.result()
@@ -253,8 +294,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
             if all(scraped):
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
+            auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {url} | tracker, scheduler ({scheduler.config.policy}), "
+                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
                 flush=True,
             )
@@ -262,14 +304,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                 from .client import Client
                 from .demo import run_demo
 
-                async with await Client.connect(url, root=tracker.config.root) as client:
+                async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
                     await run_demo(client)
                 return 0
-            await stop.wait()
-            return 0
+            failed = await wait_for_stop(stop, started)
+            return 1 if failed else 0
         finally:
-            order = [s for s in [gateway, scheduler, *engines, tracker] if s in started]
-            await stop_all(order)
+            # the gateway stops taking requests first; engines drain in parallel: one drain timeout for the mesh
+            stages = [[gateway], [scheduler], engines, [tracker]]
+            await stop_stages([[s for s in stage if s is not None and s in started] for stage in stages])
 
     try:
         return _run(main())
@@ -282,12 +325,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import Client
 
-    url = _env_url(args)
+    url = _env_url(args, client=True)
     try:
         return await asyncio.wait_for(Client.connect(url, root=_env_root(args), timeout_s=args.timeout), 10)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise SystemExit(
-            f"cannot reach NATS at {url} ({exc or type(exc).__name__}): is `autellix up` running?"
+            f"cannot reach NATS at {redact_url(url)} ({exc or type(exc).__name__}): is `autellix up` running? "
+            "(with auth on, pass the credentials file it names: --creds FILE)"
         ) from None
 
 
@@ -349,6 +393,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run(main())
 
 
+def cmd_auth_init(args: argparse.Namespace) -> int:
+    from autellix.proto import Subjects
+
+    from .auth import init_deployment
+
+    written = init_deployment(Path(args.directory), Subjects(_env_root(args)))
+    for what, path in written.items():
+        print(f"{what:9} {path}")
+    print(
+        f"include {written['server']} in nats-server's configuration; give each service its <role>.creds "
+        "(--creds or AUTELLIX_NATS_CREDS), and clients client.creds"
+    )
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autellix", description="Program-level scheduling for LLM agents over NATS.")
@@ -372,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus metrics: tracker on this port, scheduler +1, engines +2.. (0 = any free; default 9100)",
     )
     up.add_argument("--no-metrics", action="store_true", help="no metrics endpoints (the gateway's /metrics stays)")
+    up.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="embedded NATS without identities or permissions (local experiments only; default: auth on)",
+    )
+    up.add_argument(
+        "--creds-out",
+        default=None,
+        metavar="FILE",
+        help="where to write the client's credentials (default $AUTELLIX_CACHE/credentials/client.creds)",
+    )
     up.set_defaults(func=cmd_up)
 
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
@@ -418,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
     demo.set_defaults(func=cmd_demo)
+
+    auth = sub.add_parser("auth", help="credentials for an authenticated deployment")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
+    init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
+    init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
+    init.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench
     from autellix.sim.cli import register as register_sim

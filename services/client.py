@@ -50,9 +50,17 @@ from autellix.proto import (
     encode,
 )
 
+from .auth import INBOX_ROOT, url_user
 from .nats_conn import DEFAULT_NATS_URL, connect
 
 MessagesLike = str | Sequence[dict[str, str]] | Sequence[Message]
+
+
+def _user_of(nc: NATS) -> str:
+    """The user a connection authenticated as, from the inbox prefix its identity is granted
+    (``_I.<user>``, :mod:`autellix.services.auth`); "" for nats-py's default prefix."""
+    prefix = bytes(getattr(nc, "_inbox_prefix", b"")).decode()
+    return prefix[len(INBOX_ROOT) + 1 :] if prefix.startswith(INBOX_ROOT + ".") else ""
 
 
 class CallFailed(Exception):
@@ -165,7 +173,7 @@ class CallStream:
         )
         self._accepted = False
         self._submitted_at = time.perf_counter()
-        await self._client.nc.publish(self._client.subjects.call_submit, encode(request))
+        await self._client.nc.publish(self._client.submit_subject, encode(request))
 
     async def _resubmit(self, why: str) -> None:
         if self.attempt >= self._client.max_attempts - 1:
@@ -252,7 +260,7 @@ class CallStream:
             await self._sub.unsubscribe()
             self._sub = None
             if self.result is None and not self._client.nc.is_closed:
-                await self._client.nc.publish(self._client.subjects.call_abort, encode(CallAbort(call_id=self.call_id)))
+                await self._client.nc.publish(self._client.abort_subject, encode(CallAbort(call_id=self.call_id)))
 
     async def __aenter__(self) -> CallStream:
         return self
@@ -322,9 +330,18 @@ class Client:
         owns_connection: bool = False,
         ack_timeout_s: float = 5.0,
         max_attempts: int = 5,
+        user: str | None = None,
     ):
         self.nc = nc
         self.subjects = Subjects(root)
+        #: the authenticated user this connection is (None without auth): submissions, aborts and
+        #: program ends go to that user's own subjects, the only ones the broker lets it use
+        self.user = user if user is not None else _user_of(nc)
+        s = self.subjects
+        u = self.user
+        self.submit_subject = s.call_submit_as(u) if u else s.call_submit
+        self.abort_subject = s.call_abort_as(u) if u else s.call_abort
+        self.end_subject = s.program_end_as(u) if u else s.program_end
         #: longest wait for the next message of a call
         self.timeout_s = timeout_s
         #: how long a submission may go unacknowledged before it is resubmitted
@@ -344,6 +361,7 @@ class Client:
         nc = await connect(url, "autellix-client", fail_fast=True)
         return cls(
             nc,
+            user=url_user(url) or "",
             root=root,
             timeout_s=timeout_s,
             owns_connection=True,
@@ -356,7 +374,7 @@ class Client:
 
     async def end_program(self, program_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
         """Tell the tracker the program is over; returns its reply (``ok`` and the final figures)."""
-        msg = await self.nc.request(self.subjects.program_end, encode(ProgramEnd(program_id=program_id)), timeout_s)
+        msg = await self.nc.request(self.end_subject, encode(ProgramEnd(program_id=program_id)), timeout_s)
         reply: dict[str, Any] = msgspec.json.decode(msg.data)
         return reply
 

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .auth import write_private
+
 
 class NatsServerError(RuntimeError):
     pass
@@ -44,12 +46,17 @@ def _child_setup() -> None:
 
 
 class EmbeddedNats:
-    """A nats-server child process on ``host:port`` (port 0 picks a free one)."""
+    """A nats-server child process on ``host:port`` (port 0 picks a free one).
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 4222, jetstream: bool = True) -> None:
+    ``config``: nats-server configuration text (for example the ``authorization`` block that
+    :func:`autellix.services.auth.server_config` writes), kept in the server's own private
+    directory; the command-line address, port and JetStream flags still apply."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 4222, jetstream: bool = True, config: str = "") -> None:
         self.host = host
         self.port = port
         self.jetstream = jetstream
+        self.config = config
         self._dir = tempfile.TemporaryDirectory(prefix="autellix-nats-")
         self._proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -59,6 +66,9 @@ class EmbeddedNats:
         args = [find_nats_server(), "-a", self.host, "-p", str(self.port if self.port else -1), "-l", str(log_path)]
         if self.jetstream:
             args += ["-js", "-sd", str(Path(self._dir.name) / "jetstream")]
+        if self.config:
+            conf = write_private(Path(self._dir.name) / "nats.conf", self.config)
+            args += ["-c", str(conf)]
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,

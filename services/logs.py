@@ -4,9 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
+
+#: ``scheme://user:password@`` in any string a log line carries
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s,]*):[^@\s,]*@", re.IGNORECASE)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value) if "@" in value else value
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact(v) for v in value)
+    return value
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """No log line shows a password: any URL's ``user:password@`` becomes ``user:***@``, in every
+    field (a service's config line included), however deep."""
+    for key, value in event.items():
+        event[key] = _redact(value)
+    return event
 
 
 class _StderrLogger:
@@ -38,6 +62,7 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

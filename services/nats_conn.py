@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.aio.client import Client as NATS
 
+from .auth import inbox_prefix, redact_url, url_user
 from .logs import get_logger
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
-async def connect(url: str, name: str, fail_fast: bool = False) -> NATS:
+async def connect(
+    url: str, name: str, fail_fast: bool = False, on_closed: Callable[[], None] | None = None
+) -> NATS:
     """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
-    connection gives up after a few tries. Once connected, both reconnect forever."""
+    connection gives up after a few tries. Once connected, both reconnect forever, but nats-py closes
+    a connection for good on some protocol errors from the server: ``on_closed`` then tells the
+    service (which fails its health unless it is the one closing).
+
+    A URL with ``user:password@`` connects as that identity, with the inbox prefix its
+    permissions grant (:mod:`autellix.services.auth`); logs show the URL with the password
+    redacted."""
     log = get_logger(name)
+    shown = redact_url(url)
     nc = NATS()
 
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
-            log.warning("nats disconnected", url=url)
+            log.warning("nats disconnected", url=shown)
+
+    async def closed() -> None:
+        if on_closed is not None:
+            on_closed()
 
     async def reconnected() -> None:
-        log.info("nats reconnected", url=url)
+        log.info("nats reconnected", url=shown)
 
     async def error(exc: Exception) -> None:
         if nc.is_connected or nc.is_reconnecting or not fail_fast:
@@ -35,7 +51,9 @@ async def connect(url: str, name: str, fail_fast: bool = False) -> NATS:
         allow_reconnect=True,
         disconnected_cb=disconnected,
         reconnected_cb=reconnected,
+        closed_cb=closed,
         error_cb=error,
+        inbox_prefix=inbox_prefix(url_user(url)),
     )
     nc.options["max_reconnect_attempts"] = -1  # nats-py reads this on every reconnect
     return nc

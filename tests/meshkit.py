@@ -43,13 +43,19 @@ async def start_mesh(
     max_batched_tokens: int = 2048,
     backend_instance: ModelBackend | None = None,
     metrics: bool = False,
+    role_urls: dict[str, str] | None = None,
 ) -> Mesh:
+    """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
+    authenticated broker; ``url`` for any role not named."""
+    urls = role_urls or {}
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
     port = 0 if metrics else None  # Prometheus endpoints on free ports
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2, metrics_port=port))
+    tracker = TrackerService(
+        TrackerConfig(nats_url=urls.get("tracker", url), root=root, gc_interval_s=0.2, metrics_port=port)
+    )
     scheduler = SchedulerService(
         SchedulerConfig(
-            nats_url=url,
+            nats_url=urls.get("scheduler", url),
             root=root,
             policy=policy,
             max_tokens_ceiling=512,
@@ -60,7 +66,7 @@ async def start_mesh(
     engine_services = [
         EngineService(
             EngineConfig(
-                nats_url=url,
+                nats_url=urls.get("engine", url),
                 root=root,
                 engine_id=f"e{i}-{root}",
                 backend=spec,
@@ -76,7 +82,7 @@ async def start_mesh(
     ]
     for service in [tracker, scheduler, *engine_services]:
         await service.start()
-    client = await Client.connect(url, root=root, timeout_s=60)
+    client = await Client.connect(urls.get("client", url), root=root, timeout_s=60)
     await wait_for_engines(scheduler, engines)
     return Mesh(url, root, tracker, scheduler, engine_services, client)
 

@@ -271,8 +271,9 @@ def test_gpu_engine_reserves_one_gpu_under_a_profile(compose: dict[str, Any]) ->
 # -- the Dockerfile -----------------------------------------------------------------------------
 def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
     instructions = _dockerfile()
-    base = instructions[0]
-    assert base[0] == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base[1]), base
+    base_arg, base = instructions[0], instructions[1]
+    assert base_arg[0] == "ARG" and re.fullmatch(r"BASE_IMAGE=python:3\.11\.\d+-slim-bookworm", base_arg[1]), base_arg
+    assert base == ("FROM", "${BASE_IMAGE}"), "the public base image by default, a local stand-in by build argument"
     args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
 

@@ -33,6 +33,8 @@ class EngineConfig:
     preempt_mode: str = "auto"
     #: Prometheus metrics on this port (0 = any free one); None = off
     metrics_port: int | None = None
+    #: calls held beyond a full running batch; a call past it is shed with ``rate_limited``
+    max_waiting: int = 1024
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -60,4 +62,5 @@ class EngineConfig:
             schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
             metrics_port=metrics_port_from_env(),
+            max_waiting=int(env.get("AUTELLIX_MAX_WAITING", d.max_waiting)),
         )

@@ -31,6 +31,7 @@ from autellix.engine.core import (
 )
 from autellix.engine.factory import make_backend
 from autellix.proto import (
+    REJECTED,
     CallAbort,
     CallChunk,
     CallCompleted,
@@ -43,11 +44,16 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.services.lifecycle import Health
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
 from .config import EngineConfig
 from .metrics import EngineMetrics
+
+#: step-loop iterations failing in a row before the loop (and the service) gives up
+MAX_STEP_FAILURES = 5
 
 
 @dataclass(slots=True)
@@ -74,6 +80,8 @@ class EngineService:
         self._inflight: dict[str, InFlight] = {}
         #: aborts that arrived mid-step: call id -> the newest attempt they apply to
         self._pending_aborts: dict[str, int] = {}
+        #: pending aborts whose caller is not to be told (it already moved on to a newer attempt)
+        self._silent_aborts: set[str] = set()
         #: newer attempts of calls held here that arrived mid-step: accepted after the step
         self._deferred: list[StampedCall] = []
         self._stepping = False
@@ -84,6 +92,15 @@ class EngineService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = EngineMetrics(config.metrics_port)
+        self.health = Health(self.name)
+        self._throttle = LogThrottle()
+        #: step-loop iterations in a row that raised; the loop gives up (and the service fails) after a few
+        self._step_failures = 0
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """The lifecycle's budget for :meth:`stop`: the drain and a grace for the hand-backs."""
+        return self.config.drain_timeout_s + 10.0
 
     @property
     def engine_id(self) -> str:
@@ -107,13 +124,16 @@ class EngineService:
                 preempt_mode=cfg.preempt_mode,  # type: ignore[arg-type]
             ),
         )
-        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}")
+        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
+        await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
         await nc.flush()
         self.metrics.endpoint.start()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
+        for task in self._tasks:
+            task.add_done_callback(self._on_task_done)
         self.log.info("ready", backend=self.backend.name, model=self.backend.model_name)
 
     async def stop(self) -> None:
@@ -126,15 +146,14 @@ class EngineService:
             await self._calls_sub.unsubscribe()  # stop taking work
         await self._heartbeat()
         self.log.info("draining", calls=len(self._inflight), timeout_s=self.config.drain_timeout_s)
-        if self._inflight:
+        if self._inflight and self.health.ok:  # a dead step loop finishes nothing: hand back at once
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout=self.config.drain_timeout_s)
         self._stopping = True
         self._wake.set()
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # a loop's own failure is already reported
         for call_id in list(self._inflight):
             await self._hand_back(call_id)
         self._state = "down"
@@ -150,7 +169,7 @@ class EngineService:
         try:
             call = decode(msg.data, StampedCall)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad stamped call dropped", error=str(exc))
+            self._throttle.log(self.log, "bad stamped call dropped", error=str(exc)[:300])
             return
         await self._accept(call)
 
@@ -165,10 +184,24 @@ class EngineService:
                 # a newer attempt of a call held here (its caller gave up on us): the newer one wins
                 if self._stepping:
                     self._pending_aborts[call.call_id] = held.call.attempt
+                    self._silent_aborts.add(call.call_id)
                     self._deferred.append(call)
                     return
-                self.core.abort(call.call_id)
+                replaced = self.core.abort(call.call_id)
+                if replaced is not None:
+                    await self._completed(replaced, finish_reason="abort")
                 self._inflight.pop(call.call_id, None)
+            if len(self._inflight) >= self.config.backend.max_batch + self.config.max_waiting:
+                problem = (
+                    f"engine {self.engine_id} already holds {len(self._inflight)} calls, its limit;"
+                    " try again later"
+                )
+                await self._reject(call, ErrorCode.RATE_LIMITED, problem)
+                return
+            if call.max_tokens < 1:  # a stamped call straight from the wire, not from a scheduler
+                problem = f"max_tokens must be at least 1, got {call.max_tokens}"
+                await self._reject(call, ErrorCode.BAD_MAX_TOKENS, problem)
+                return
             if len(call.resume_token_ids) >= call.max_tokens:
                 await self._final_without_running(call)
                 return
@@ -179,15 +212,13 @@ class EngineService:
                 else:
                     prompt_ids = self.backend.encode_prompt(call.prompt or "")
             except Exception as exc:  # a template or tokenizer that rejects the input
-                self.log.warning("prompt could not be encoded", error=str(exc))
-                await self._error(call, ErrorCode.BAD_FIELD, f"the prompt could not be encoded: {exc}")
+                await self._reject(call, ErrorCode.BAD_FIELD, f"the prompt could not be encoded: {exc}")
                 return
             problem = self.core.validate(len(prompt_ids), call.max_tokens)
             if problem is None and not prompt_ids:
                 problem = "the prompt encodes to no tokens"
             if problem is not None:
-                self.log.warning("call rejected", code=ErrorCode.PROMPT_TOO_LONG, reason=problem)
-                await self._error(call, ErrorCode.PROMPT_TOO_LONG, problem)
+                await self._reject(call, ErrorCode.PROMPT_TOO_LONG, problem)
                 return
             spec = CallSpec(
                 call_id=call.call_id,
@@ -211,13 +242,19 @@ class EngineService:
         try:
             abort = decode(msg.data, CallAbort)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad abort dropped", error=str(exc))
+            self._throttle.log(self.log, "bad abort dropped", error=str(exc)[:300])
             return
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
             return
+        sender = self.subjects.sender(msg.subject, self.subjects.call_abort)
+        if sender and sender != flight.call.owner:  # an authenticated user aborts only its own calls
+            self._throttle.log(self.log, "abort of another user's call refused", call_id=abort.call_id, by=sender)
+            return
         attempt = max(flight.call.attempt, self._pending_aborts.get(abort.call_id, -1))
         self._pending_aborts[abort.call_id] = attempt
+        if abort.engine_id:  # the scheduler gave up on this engine and told the caller to resubmit
+            self._silent_aborts.add(abort.call_id)
         if not self._stepping:
             await self._apply_aborts()
 
@@ -226,48 +263,78 @@ class EngineService:
         assert self.core is not None
         while self._pending_aborts:
             call_id, attempt = self._pending_aborts.popitem()
+            silent = call_id in self._silent_aborts
+            self._silent_aborts.discard(call_id)
             flight = self._inflight.get(call_id)
             if flight is None or flight.call.attempt > attempt:
                 continue
             event = self.core.abort(call_id)
-            if event is not None:
-                self.log.info("call aborted", call_id=call_id)
-                await self._fail(call_id, ErrorCode.ABORTED, "the call was aborted")
+            if event is None:
+                continue
+            self.log.info("call aborted", call_id=call_id, told_caller=not silent)
+            if silent:
                 await self._completed(event)
+            else:  # the documented end of an aborted call: a final with finish_reason "abort"
+                await self._finish(flight, event)
         deferred, self._deferred = self._deferred, []
         for call in deferred:
             await self._accept(call)
 
     # -- the step loop --------------------------------------------------------------------------
     async def _step_loop(self) -> None:
-        assert self.core is not None and self.backend is not None
-        loop = asyncio.get_running_loop()
+        """Plan, run and publish steps until stopped. One failing iteration (a publish that raised,
+        a bug tripped by one call) is logged and the loop goes on; a few in a row end the loop and
+        fail the service (:meth:`_on_task_done`), so it is restarted rather than left up and idle."""
         while not self._stopping:
-            plan = self.core.schedule(time.time())
-            if plan is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            for p in plan.preemptions:
-                self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
-            self.metrics.on_preemptions(plan.preemptions)
-            self._stepping = True
             try:
-                result = await loop.run_in_executor(self._executor, execute_plan, self.backend, plan)
+                await self._step_once()
+                self._step_failures = 0
             except Exception:
-                self.log.exception("model step failed; failing the calls in it")
-                self._stepping = False
-                touched = [w.seq_id for w in plan.batch.work] + plan.swap_out + plan.swap_in + plan.drop
-                for call_id in dict.fromkeys(touched):
-                    event = self.core.abort(call_id)
-                    if event is not None:
-                        await self._fail(call_id, ErrorCode.INTERNAL, "the engine failed while running the call")
-                        await self._completed(event)
-                continue
+                self._step_failures += 1
+                self._throttle.log(self.log, "engine step failed", level="exception", failures=self._step_failures)
+                if self._step_failures >= MAX_STEP_FAILURES:
+                    raise
+                await asyncio.sleep(0.01 * self._step_failures)
+
+    async def _step_once(self) -> None:
+        assert self.core is not None and self.backend is not None
+        plan = self.core.schedule(time.time())
+        if plan is None:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        for p in plan.preemptions:
+            self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
+        self.metrics.on_preemptions(plan.preemptions)
+        self._stepping = True
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, execute_plan, self.backend, plan)
+        except Exception:
+            self.log.exception("model step failed; failing the calls in it")
             self._stepping = False
-            await self._publish_events(self.core.update(plan, result, time.time()))
-            await self._apply_aborts()
-            await asyncio.sleep(0)  # let submissions and heartbeats in between steps
+            touched = [w.seq_id for w in plan.batch.work] + plan.swap_out + plan.swap_in + plan.drop
+            for call_id in dict.fromkeys(touched):
+                event = self.core.abort(call_id)
+                if event is not None:
+                    await self._fail(call_id, ErrorCode.INTERNAL, "the engine failed while running the call")
+                    await self._completed(event)
+            return
+        finally:
+            self._stepping = False
+        await self._publish_events(self.core.update(plan, result, time.time()))
+        await self._apply_aborts()
+        await asyncio.sleep(0)  # let submissions and heartbeats in between steps
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """The step and heartbeat loops end only when the service stops; otherwise it is broken."""
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        self.health.fail(f"an engine loop ended: {exc!r}" if exc else "an engine loop ended")
+
+    def _on_closed(self) -> None:
+        if not self._stopping and self._state != "down":
+            self.health.fail("the NATS connection closed")
 
     async def _publish_events(self, events: list[CoreEvent]) -> None:
         assert self._nc is not None
@@ -347,13 +414,13 @@ class EngineService:
             output_tokens=len(state.output_ids),
             engine_id=self.engine_id,
             priority=call.priority,
-            queue_wait_s=state.queue_wait_s,
-            service_s=state.service_s,
+            queue_wait_s=max(0.0, state.queue_wait_s),
+            service_s=max(0.0, state.service_s),
             ttft_s=ttft,
             total_s=now - state.arrived_at,
             preemptions=state.preemptions,
             swap_bytes=state.swap_bytes,
-            swap_s=state.swap_s,
+            swap_s=max(0.0, state.swap_s),
             recomputed_tokens=state.recomputed_tokens,
             attempt=call.attempt,
         )
@@ -373,8 +440,8 @@ class EngineService:
             call_id=call.call_id,
             program_id=call.program_id,
             engine_id=self.engine_id,
-            service_s=state.service_s,
-            queue_wait_s=state.queue_wait_s,
+            service_s=max(0.0, state.service_s),
+            queue_wait_s=max(0.0, state.queue_wait_s),
             prompt_tokens=len(state.spec.prompt_ids),
             output_tokens=len(state.output_ids),
             finish_reason=finish_reason or event.finish_reason,
@@ -382,7 +449,7 @@ class EngineService:
             parents=call.parents,
             preemptions=state.preemptions,
             swap_bytes=state.swap_bytes,
-            swap_s=state.swap_s,
+            swap_s=max(0.0, state.swap_s),
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
@@ -407,6 +474,27 @@ class EngineService:
             call_id=call.call_id, program_id=call.program_id, code=code, message=message, attempt=call.attempt
         )
         await self._nc.publish(call.reply_to, encode(error))
+
+    async def _reject(self, call: StampedCall, code: str, message: str) -> None:
+        """Refuse a call before it runs: the caller gets the error, and a completed event with
+        finish_reason "rejected" releases the call's place among its program's active calls."""
+        self._throttle.log(self.log, "call rejected", key=f"rejected {code}", call_id=call.call_id, code=code,
+                           reason=message[:300])
+        await self._error(call, code, message)
+        rejected = CallCompleted(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            engine_id=self.engine_id,
+            service_s=0.0,
+            queue_wait_s=0.0,
+            prompt_tokens=0,
+            output_tokens=0,
+            finish_reason=REJECTED,
+            priority=call.priority,
+            parents=call.parents,
+            completed_at=time.time(),
+        )
+        await self._nc.publish(self.subjects.call_completed, encode(rejected))  # type: ignore[union-attr]
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)
@@ -437,6 +525,13 @@ class EngineService:
         self.metrics.on_heartbeat(hb)
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeats say the engine takes work; one whose step loop died sends none, so the
+        schedulers stop routing to it and tell its callers to resubmit."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            await self._heartbeat()
+            if not self.health.ok:
+                return
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # reconnecting with a full buffer: the next one may pass
+                self._throttle.log(self.log, "heartbeat not sent", error=str(exc) or type(exc).__name__)

@@ -72,7 +72,8 @@ STATUS_BY_CODE = {
     ErrorCode.ENGINE_STOPPED: 503,
     ErrorCode.ABORTED: 500,
     ErrorCode.INTERNAL: 500,
-    "rate_limited": 429,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
     "retries_exhausted": 503,  # the Python client gave up resubmitting (schedulers or engines gone)
     "timeout": 504,  # no message within the gateway's call timeout
 }

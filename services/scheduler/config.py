@@ -22,6 +22,10 @@ class SchedulerConfig:
     balancer: str = "locality"
     #: Prometheus metrics on this port (0 = any free one); None = off
     metrics_port: int | None = None
+    #: a routed call not finished within this many seconds fails with ``deadline_exceeded``
+    call_deadline_s: float = 600.0
+    #: calls of one program this scheduler has routed and not seen finish; more get ``rate_limited``
+    max_calls_per_program: int = 1024
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -35,4 +39,6 @@ class SchedulerConfig:
             no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
             balancer=env.get("AUTELLIX_BALANCER", d.balancer),
             metrics_port=metrics_port_from_env(),
+            max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
+            call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
         )

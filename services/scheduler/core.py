@@ -9,6 +9,7 @@ told to resubmit).
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from autellix.proto import (
     StampedCall,
     decode,
 )
+from autellix.proto.limits import MAX_TEMPERATURE, check_shape, explain, is_id, is_subject
 
 POLICIES = SERVING_POLICIES
 
@@ -59,6 +61,8 @@ class Routed:
     program_id: str
     reply_to: str
     attempt: int
+    #: when the call fails with ``deadline_exceeded`` (0: never)
+    deadline_at: float = 0.0
 
 
 def estimate_prompt_tokens(call: CallRequest | StampedCall) -> int:
@@ -75,6 +79,8 @@ class SchedulerCore:
         engine_timeout_factor: float = 3.0,
         scheduler_id: str = "",
         balancer: str = "locality",
+        call_deadline_s: float = 600.0,
+        max_calls_per_program: int = 1024,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -89,6 +95,14 @@ class SchedulerCore:
         self.balancer = make_balancer(balancer)
         #: engine id -> call id -> the call, for calls routed here and not completed yet
         self.routed: dict[str, dict[str, Routed]] = {}
+        if call_deadline_s <= 0:
+            raise ValueError(f"the call deadline must be > 0 seconds, got {call_deadline_s}")
+        self.call_deadline_s = call_deadline_s
+        self.max_calls_per_program = max_calls_per_program
+        #: program id -> calls routed here and not completed (the per-program limit)
+        self.active_by_program: dict[str, int] = {}
+        #: (deadline, engine id, call id) of routed calls, earliest first; stale entries skipped
+        self._deadlines: list[tuple[float, str, str]] = []
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
@@ -110,7 +124,7 @@ class SchedulerCore:
     def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
         if hb.state == "down":
             self.engines.pop(hb.engine_id, None)
-            self.routed.pop(hb.engine_id, None)
+            self._forget_engine(hb.engine_id)
             return
         self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
 
@@ -121,13 +135,50 @@ class SchedulerCore:
         return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
 
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
-        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt)
-        self.routed.setdefault(engine_id, {})[call.call_id] = routed
+        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at)
+        previous = self.routed.setdefault(engine_id, {}).get(call.call_id)
+        self.routed[engine_id][call.call_id] = routed
+        if previous is None:
+            self.active_by_program[call.program_id] = self.active_by_program.get(call.program_id, 0) + 1
+        if call.deadline_at:
+            heapq.heappush(self._deadlines, (call.deadline_at, engine_id, call.call_id))
+
+    def expired(self, now: float) -> list[tuple[str, Routed]]:
+        """Routed calls past their deadline, each with its engine; they are forgotten here."""
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, engine_id, call_id = heapq.heappop(self._deadlines)
+            routed = self.routed.get(engine_id, {}).get(call_id)
+            if routed is None or routed.deadline_at != deadline:
+                continue  # completed, or routed again since
+            del self.routed[engine_id][call_id]
+            self._release(routed.program_id)
+            out.append((engine_id, routed))
+        return out
 
     def on_completed(self, call_id: str, engine_id: str) -> None:
         calls = self.routed.get(engine_id)
-        if calls is not None:
-            calls.pop(call_id, None)
+        if calls is not None and (routed := calls.pop(call_id, None)) is not None:
+            self._release(routed.program_id)
+        if len(self._deadlines) > 1024 and len(self._deadlines) > 4 * sum(map(len, self.routed.values())):
+            # entries of completed calls wait for their deadline to be skipped: drop them in bulk
+            self._deadlines = [
+                d for d in self._deadlines if (r := self.routed.get(d[1], {}).get(d[2])) and r.deadline_at == d[0]
+            ]
+            heapq.heapify(self._deadlines)
+
+    def _release(self, program_id: str) -> None:
+        left = self.active_by_program.get(program_id, 0) - 1
+        if left > 0:
+            self.active_by_program[program_id] = left
+        else:
+            self.active_by_program.pop(program_id, None)
+
+    def _forget_engine(self, engine_id: str) -> list[Routed]:
+        orphans = list(self.routed.pop(engine_id, {}).values())
+        for routed in orphans:
+            self._release(routed.program_id)
+        return orphans
 
     def dead_engines(self, now: float) -> list[tuple[str, list[Routed]]]:
         """Engines whose heartbeats stopped, each with the calls routed there still in flight.
@@ -137,13 +188,16 @@ class SchedulerCore:
         out = []
         for engine_id in dead:
             del self.engines[engine_id]
-            orphans = list(self.routed.pop(engine_id, {}).values())
+            orphans = self._forget_engine(engine_id)
             out.append((engine_id, orphans))
         return out
 
     # -- a submission ---------------------------------------------------------------------------
     def parse(self, data: bytes, reply: str) -> CallRequest:
-        """Decode and validate a submission; raises :class:`RejectedCall` with the error to send."""
+        """Decode and validate a submission; raises :class:`RejectedCall` with the error to send.
+
+        Every bound is checked here, before anything is used (:mod:`autellix.proto.limits`); a
+        rejection keeps whatever call id, program id and reply subject were readable and valid."""
         try:
             request = decode(data, CallRequest)
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
@@ -153,9 +207,14 @@ class SchedulerCore:
                     CallError(call_id="", code=ErrorCode.BAD_JSON, message=f"the request is not valid JSON: {exc}"),
                     reply,
                 ) from None
-            call_id, reply_to = _salvage_ids(raw)
+            call_id, program_id, reply_to = _salvage_ids(raw)
             raise RejectedCall(
-                CallError(call_id=call_id, code=ErrorCode.BAD_FIELD, message=f"invalid call request: {exc}"),
+                CallError(
+                    call_id=call_id,
+                    program_id=program_id,
+                    code=ErrorCode.BAD_FIELD,
+                    message=f"invalid call request: {explain(exc)}",
+                ),
                 reply_to or reply,
             ) from None
         reply_to = request.reply_to or reply
@@ -178,13 +237,22 @@ class SchedulerCore:
             )
         if not request.messages and not request.prompt:
             raise reject(ErrorCode.EMPTY_MESSAGES, "the call has no messages and no prompt: give at least one")
-        if request.temperature < 0:
-            raise reject(ErrorCode.BAD_FIELD, f"temperature must be >= 0, got {request.temperature}")
+        if self.active_by_program.get(request.program_id, 0) >= self.max_calls_per_program and not request.attempt:
+            raise reject(
+                ErrorCode.RATE_LIMITED,
+                f"program {request.program_id[:80]!r} already has {self.max_calls_per_program} calls in flight, its"
+                " limit; wait for one to finish",
+            )
+        if not 0 <= request.temperature <= MAX_TEMPERATURE:
+            raise reject(
+                ErrorCode.BAD_FIELD, f"temperature must be within 0 .. {MAX_TEMPERATURE:g}, got {request.temperature}"
+            )
         if request.call_id:
             return request
         return msgspec.structs.replace(request, call_id=call_id)
 
-    def stamp(self, request: CallRequest, reply_to: str, now: float) -> StampedCall:
+    def stamp(self, request: CallRequest, reply_to: str, now: float, owner: str = "") -> StampedCall:
+        """``owner``: the authenticated user the submission came from (its subject says), "" without auth."""
         account = self.programs.get(request.program_id)
         return StampedCall(
             call_id=request.call_id,
@@ -206,7 +274,15 @@ class SchedulerCore:
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
             resume_token_ids=request.resume_token_ids,
             attempt=request.attempt,
+            deadline_at=now + self.deadline_for(request),
+            owner=owner,
         )
+
+    def deadline_for(self, request: CallRequest) -> float:
+        """The call's own deadline when it asks for a shorter one than the deployment's."""
+        if 0 < request.deadline_s < self.call_deadline_s:
+            return request.deadline_s
+        return self.call_deadline_s
 
     def route(self, call: CallRequest | StampedCall, now: float) -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
@@ -229,17 +305,22 @@ class SchedulerCore:
 
 
 def _raw_json(data: bytes) -> object | None:
-    """The request as untyped JSON; None when it is not JSON at all."""
+    """The request as untyped JSON; None when it is not JSON at all, or too large or deep to read."""
     try:
+        check_shape(data)
         return msgspec.json.decode(data)
     except msgspec.DecodeError:
         return None
 
 
-def _salvage_ids(raw: object) -> tuple[str, str]:
-    """call_id and reply_to from a request that failed validation, when they are readable."""
+def _salvage_ids(raw: object) -> tuple[str, str, str]:
+    """call_id, program_id and reply_to from a request that failed validation, each only when it is
+    readable and within its limits (an invalid reply_to is never used: the NATS reply subject is)."""
     if not isinstance(raw, dict):
-        return "", ""
-    call_id = raw.get("call_id")
-    reply_to = raw.get("reply_to")
-    return (call_id if isinstance(call_id, str) else ""), (reply_to if isinstance(reply_to, str) else "")
+        return "", "", ""
+    call_id, program_id, reply_to = raw.get("call_id"), raw.get("program_id"), raw.get("reply_to")
+    return (
+        call_id if is_id(call_id) else "",  # type: ignore[return-value]
+        program_id if is_id(program_id) else "",
+        reply_to if isinstance(reply_to, str) and is_subject(reply_to) else "",
+    )

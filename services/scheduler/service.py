@@ -34,6 +34,9 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.services.auth import inbox_prefix
+from autellix.services.lifecycle import Health
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
@@ -49,7 +52,11 @@ class SchedulerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.core = SchedulerCore(
-            policy=config.policy, max_tokens_ceiling=config.max_tokens_ceiling, balancer=config.balancer
+            policy=config.policy,
+            max_tokens_ceiling=config.max_tokens_ceiling,
+            balancer=config.balancer,
+            call_deadline_s=config.call_deadline_s,
+            max_calls_per_program=config.max_calls_per_program,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         self._nc: NATS | None = None
@@ -57,22 +64,36 @@ class SchedulerService:
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self.metrics = SchedulerMetrics(config.metrics_port, waiting=lambda: len(self._waiting))
+        self._throttle = LogThrottle()
+        self.health = Health(self.name)
+        self._stopping = False
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler")
+        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler", on_closed=self._on_closed)
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
         await nc.subscribe(s.call_completed, cb=self._on_completed)
         await nc.subscribe(s.call_submit, queue=SCHEDULER_QUEUE, cb=self._on_submit)
+        await nc.subscribe(f"{s.call_submit}.*", queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
         self._watchdog = asyncio.create_task(self._watch_engines())
         self.metrics.endpoint.start()
+        self._watchdog.add_done_callback(self._on_watchdog_done)
         self.log.info("ready", policy=self.config.policy, balancer=self.config.balancer)
 
+    def _on_closed(self) -> None:
+        if not self._stopping:
+            self.health.fail("the NATS connection closed")
+
+    def _on_watchdog_done(self, task: asyncio.Task[None]) -> None:
+        if not self._stopping and not task.cancelled():
+            self.health.fail(f"the engine watchdog ended: {task.exception()!r}")
+
     async def stop(self) -> None:
+        self._stopping = True
         if self._nc is None or self._nc.is_closed:
             return
         if self._watchdog is not None:
@@ -93,13 +114,13 @@ class SchedulerService:
         try:
             self.core.on_program_service(decode(msg.data, ProgramService))
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad program-service update dropped", error=str(exc))
+            self._throttle.log(self.log, "bad program-service update dropped", error=str(exc)[:300])
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
             hb = decode(msg.data, EngineHeartbeat)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad heartbeat dropped", error=str(exc))
+            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
@@ -118,9 +139,19 @@ class SchedulerService:
             return
         reply_to = request.reply_to or msg.reply
         if not reply_to:
-            self.log.warning("call without a reply subject dropped", call_id=request.call_id)
+            self._throttle.log(self.log, "call without a reply subject dropped", call_id=request.call_id)
             return
-        if await self._dispatch(request, reply_to, now):
+        owner = self.subjects.sender(msg.subject, self.subjects.call_submit)
+        if owner and not reply_to.startswith(inbox_prefix(owner) + "."):
+            # an authenticated caller's stream goes to its own inboxes only, never into another's
+            message = f"reply_to must be one of your inboxes ({inbox_prefix(owner)}.…), got {reply_to[:80]!r}"
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.BAD_FIELD, message=message
+            )
+            if msg.reply.startswith(inbox_prefix(owner) + "."):
+                await self._reject(error, msg.reply)
+            return
+        if await self._dispatch(request, reply_to, now, owner):
             return
         self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
         error = CallError(
@@ -129,18 +160,28 @@ class SchedulerService:
             code=ErrorCode.NO_ENGINE,
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
-        self._park(lambda: self._dispatch(request, reply_to, now), now + self.config.no_engine_wait_s, error, reply_to)
+        self._park(
+            lambda: self._dispatch(request, reply_to, now, owner), now + self.config.no_engine_wait_s, error, reply_to
+        )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
         self.metrics.errors.labels(error.code).inc()
-        self.log.warning(
-            "call rejected", call_id=error.call_id, program_id=error.program_id, code=error.code, reason=error.message
+        self._throttle.log(
+            self.log,
+            "call rejected",
+            key=f"rejected {error.code}",
+            call_id=error.call_id,
+            program_id=error.program_id,
+            code=error.code,
+            reason=error.message[:300],
         )
-        if reply_to and self._nc is not None:
+        if not reply_to:
+            self._throttle.log(self.log, "rejected call had no reply subject", call_id=error.call_id)
+        elif self._nc is not None:
             await self._nc.publish(reply_to, encode(error))
 
-    async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float) -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted))
+    async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float, owner: str = "") -> bool:
+        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner))
         if engine_id is None:
             return False
         if request.ack:
@@ -170,6 +211,7 @@ class SchedulerService:
                     priority=stamped.priority,
                     parents=stamped.parents,
                     dispatched_at=now,
+                    owner=stamped.owner,
                 )
             ),
         )
@@ -181,7 +223,7 @@ class SchedulerService:
         try:
             event = decode(msg.data, CallCompleted)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad call-completed event dropped", error=str(exc))
+            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
             return
         self.core.on_completed(event.call_id, event.engine_id)
 
@@ -190,7 +232,7 @@ class SchedulerService:
         try:
             call = decode(msg.data, StampedCall)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad handed-back call dropped", error=str(exc))
+            self._throttle.log(self.log, "bad handed-back call dropped", error=str(exc)[:300])
             return
         self.log.info(
             "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)
@@ -224,21 +266,41 @@ class SchedulerService:
                 await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
 
     async def _watch_engines(self) -> None:
-        """Tell the callers of calls on an engine that stopped heartbeating to resubmit them."""
-        assert self._nc is not None
+        """Every 0.1 s: calls past their deadline, engines that stopped heartbeating. A round that
+        fails (a publish refused while reconnecting) is logged and the next one goes on."""
         while True:
             await asyncio.sleep(0.1)
-            for engine_id, orphans in self.core.dead_engines(time.time()):
-                self.log.warning("engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
-                for routed in orphans:
-                    retry = CallRetry(
-                        call_id=routed.call_id,
-                        attempt=routed.attempt,
-                        reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
-                    )
-                    await self._nc.publish(routed.reply_to, encode(retry))
-                    abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
-                    await self._nc.publish(self.subjects.call_abort, encode(abort))
+            try:
+                await self._watch_once()
+            except Exception as exc:
+                self._throttle.log(self.log, "engine watchdog round failed", error=str(exc) or type(exc).__name__)
+
+    async def _watch_once(self) -> None:
+        assert self._nc is not None
+        now = time.time()
+        for engine_id, routed in self.core.expired(now):
+            self._throttle.log(self.log, "call deadline exceeded", call_id=routed.call_id, engine_id=engine_id)
+            error = CallError(
+                call_id=routed.call_id,
+                program_id=routed.program_id,
+                code=ErrorCode.DEADLINE_EXCEEDED,
+                message=f"the call did not finish within its deadline ({self.config.call_deadline_s:g} s at most)",
+                attempt=routed.attempt,
+            )
+            await self._nc.publish(routed.reply_to, encode(error))
+            abort = CallAbort(call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id)
+            await self._nc.publish(self.subjects.call_abort, encode(abort))
+        for engine_id, orphans in self.core.dead_engines(now):
+            self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
+            for routed in orphans:
+                retry = CallRetry(
+                    call_id=routed.call_id,
+                    attempt=routed.attempt,
+                    reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
+                )
+                await self._nc.publish(routed.reply_to, encode(retry))
+                abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                await self._nc.publish(self.subjects.call_abort, encode(abort))
 
     def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
         """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;

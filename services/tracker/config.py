@@ -21,6 +21,9 @@ class TrackerConfig:
     flush_interval_s: float = 0.02
     #: Prometheus metrics on this port (0 = any free one); None = off
     metrics_port: int | None = None
+    #: an active call with no completed event after this long is dropped (its engine died, or its
+    #: event was lost); longer than the schedulers' call deadline
+    active_call_max_s: float = 900.0
 
     @classmethod
     def from_env(cls) -> TrackerConfig:
@@ -31,6 +34,7 @@ class TrackerConfig:
             root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
             idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
+            active_call_max_s=float(env.get("AUTELLIX_ACTIVE_CALL_MAX_S", d.active_call_max_s)),
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
             metrics_port=metrics_port_from_env(),
         )

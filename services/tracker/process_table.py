@@ -2,6 +2,11 @@
 
 One entry per program: attained service (PLAS), critical path (ATLAS), waiting time, engines used,
 active calls, first and last activity. Updated from call-dispatched and call-completed events.
+
+Active calls are reconciled by age: a call whose completed event never comes (its engine died, or
+the event was lost while the tracker was down) is dropped after ``active_call_max_s`` (longer than
+any call may run: the schedulers' call deadline), so a phantom call never keeps its program from
+being forgotten when idle.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from autellix.policy.program_account import ProgramAccount
-from autellix.proto import CallCompleted, CallDispatched, ProgramService, ProgramSummary
+from autellix.proto import REJECTED, CallCompleted, CallDispatched, ProgramService, ProgramSummary
+from autellix.proto.limits import MAX_PERSISTED_CALL_PATHS
 
 
 @dataclass(slots=True)
@@ -21,9 +27,12 @@ class ProgramEntry:
     last_activity_at: float
     waiting_s: float = 0.0
     engines: set[str] = field(default_factory=set)
-    active_calls: set[str] = field(default_factory=set)
+    #: call id -> when it was dispatched (or restored)
+    active_calls: dict[str, float] = field(default_factory=dict)
     #: service of calls handed back by a draining engine, added when the call completes elsewhere
     partial_service_s: dict[str, float] = field(default_factory=dict)
+    #: the authenticated user whose call started the program ("" without auth): only it may end it
+    owner: str = ""
 
     def summary(self, ended: bool = False) -> ProgramSummary:
         a = self.account
@@ -55,6 +64,9 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     partial_service_s: dict[str, float]
     first_seen_at: float
     last_activity_at: float
+    #: when each active call was dispatched (records written before this field: restore time)
+    active_since: dict[str, float] = {}
+    owner: str = ""
 
 
 def to_record(entry: ProgramEntry) -> ProgramRecord:
@@ -64,17 +76,20 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         service_s=a.service_s,
         critical_path_s=a.critical_path_s,
         calls_completed=a.calls_completed,
-        call_path_s=dict(a.call_path_s),
+        # the newest paths only: a record must stay far below the broker's payload limit
+        call_path_s=dict(list(a.call_path_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
         waiting_s=entry.waiting_s,
         engines=sorted(entry.engines),
-        active_calls=sorted(entry.active_calls),
-        partial_service_s=dict(entry.partial_service_s),
+        active_calls=list(entry.active_calls)[-MAX_PERSISTED_CALL_PATHS:],
+        partial_service_s=dict(list(entry.partial_service_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
         first_seen_at=entry.first_seen_at,
         last_activity_at=entry.last_activity_at,
+        active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        owner=entry.owner,
     )
 
 
-def from_record(r: ProgramRecord) -> ProgramEntry:
+def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
     account = ProgramAccount(
         r.program_id,
         service_s=r.service_s,
@@ -88,16 +103,20 @@ def from_record(r: ProgramRecord) -> ProgramEntry:
         last_activity_at=r.last_activity_at,
         waiting_s=r.waiting_s,
         engines=set(r.engines),
-        active_calls=set(r.active_calls),
+        active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
         partial_service_s=dict(r.partial_service_s),
+        owner=r.owner,
     )
 
 
 class ProcessTable:
-    def __init__(self, idle_ttl_s: float = 600.0) -> None:
+    def __init__(self, idle_ttl_s: float = 600.0, active_call_max_s: float = 900.0) -> None:
         if idle_ttl_s <= 0:
             raise ValueError(f"idle TTL must be > 0 seconds, got {idle_ttl_s}")
+        if active_call_max_s <= 0:
+            raise ValueError(f"active call max age must be > 0 seconds, got {active_call_max_s}")
         self.idle_ttl_s = idle_ttl_s
+        self.active_call_max_s = active_call_max_s
         self._programs: dict[str, ProgramEntry] = {}
 
     def __len__(self) -> int:
@@ -122,13 +141,22 @@ class ProcessTable:
 
     def on_dispatched(self, event: CallDispatched, now: float) -> None:
         entry = self._entry(event.program_id, now)
-        entry.active_calls.add(event.call_id)
+        if not entry.owner:
+            entry.owner = event.owner
+        entry.active_calls[event.call_id] = now
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
 
     def on_completed(self, event: CallCompleted, now: float) -> ProgramService | None:
         """Account a finished call; returns the program's update to publish (None for a call handed
         back mid-way, whose service counts when it completes on its next engine)."""
+        if event.finish_reason == REJECTED:
+            # refused before it ran: it only leaves the active calls (never creates a program)
+            rejected = self._programs.get(event.program_id)
+            if rejected is not None:
+                rejected.active_calls.pop(event.call_id, None)
+                rejected.last_activity_at = now
+            return None
         entry = self._entry(event.program_id, now)
         entry.engines.add(event.engine_id)
         entry.waiting_s += event.queue_wait_s
@@ -136,7 +164,7 @@ class ProcessTable:
         if event.finish_reason == "handback":
             entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
             return None
-        entry.active_calls.discard(event.call_id)
+        entry.active_calls.pop(event.call_id, None)
         service = event.service_s + entry.partial_service_s.pop(event.call_id, 0.0)
         path = entry.account.complete(event.call_id, event.parents, service)
         return self._service(entry, now, call_id=event.call_id, call_path_s=path)
@@ -157,6 +185,11 @@ class ProcessTable:
             updated_at=now,
         )
 
+    def owner(self, program_id: str) -> str:
+        """The user that owns a program ("" when unknown or not authenticated)."""
+        entry = self._programs.get(program_id)
+        return entry.owner if entry is not None else ""
+
     def end(self, program_id: str, now: float) -> tuple[ProgramSummary, ProgramService] | None:
         """Remove a program; returns its final row and the ``ended`` update to publish."""
         entry = self._programs.pop(program_id, None)
@@ -165,7 +198,12 @@ class ProcessTable:
         return entry.summary(ended=True), self._service(entry, now, ended=True)
 
     def expire(self, now: float) -> list[ProgramService]:
-        """Forget programs idle for longer than the TTL with no active call."""
+        """Forget programs idle for longer than the TTL with no active call (after dropping active
+        calls older than ``active_call_max_s``: their completion is never coming)."""
+        for e in self._programs.values():
+            stale = [c for c, since in e.active_calls.items() if now - since > self.active_call_max_s]
+            for call_id in stale:
+                del e.active_calls[call_id]
         expired = [
             pid
             for pid, e in self._programs.items()

@@ -22,6 +22,9 @@ from autellix.proto import (
     decode,
     encode,
 )
+from autellix.proto.limits import explain
+from autellix.services.lifecycle import Health
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
@@ -37,7 +40,7 @@ class TrackerService:
     def __init__(self, config: TrackerConfig) -> None:
         self.config = config
         self.subjects = Subjects(config.root)
-        self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s)
+        self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
         self.store = ProgramStore(self.table, config.root)
         self.log = get_logger("tracker")
         self._nc: NATS | None = None
@@ -45,10 +48,12 @@ class TrackerService:
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.metrics = TrackerMetrics(config.metrics_port, programs=lambda: len(self.table))
+        self.health = Health(self.name)
+        self._throttle = LogThrottle()
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-tracker")
+        nc = self._nc = await connect(self.config.nats_url, "autellix-tracker", on_closed=self._on_closed)
         if self.config.persist:
             restored = await self.store.open(nc)
             self.log.info(
@@ -58,6 +63,7 @@ class TrackerService:
         await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
         await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
+        await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
@@ -82,6 +88,10 @@ class TrackerService:
         self.metrics.endpoint.stop()
         self.log.info("stopped", programs=len(self.table))
 
+    def _on_closed(self) -> None:
+        if not self._stopping.is_set():
+            self.health.fail("the NATS connection closed")
+
     async def _publish(self, subject: str, message: msgspec.Struct) -> None:
         assert self._nc is not None
         await self._nc.publish(subject, encode(message))
@@ -90,7 +100,7 @@ class TrackerService:
         try:
             event = decode(msg.data, CallDispatched)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad call-dispatched event dropped", error=str(exc))
+            self._throttle.log(self.log, "bad call-dispatched event dropped", error=str(exc)[:300])
             return
         self.table.on_dispatched(event, time.time())
         self.store.mark(event.program_id)
@@ -99,7 +109,7 @@ class TrackerService:
         try:
             event = decode(msg.data, CallCompleted)
         except msgspec.MsgspecError as exc:
-            self.log.warning("bad call-completed event dropped", error=str(exc))
+            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
             return
         update = self.table.on_completed(event, time.time())
         self.store.mark(event.program_id)
@@ -115,23 +125,38 @@ class TrackerService:
         await self._publish(self.subjects.program_service, update)
 
     async def _on_end(self, msg: Msg) -> None:
+        """End a program. Replies ``{"ok": true, "program": {...}}``, or ``{"ok": false, "error": ...}``
+        for a program the tracker does not know (never started, already ended or forgotten) or a
+        malformed request; a request without a reply subject still ends the program."""
+
+        async def respond(body: object) -> None:
+            if msg.reply:
+                await msg.respond(msgspec.json.encode(body))
+
         try:
             request = decode(msg.data, ProgramEnd)
         except msgspec.MsgspecError as exc:
-            await msg.respond(msgspec.json.encode({"ok": False, "error": f"bad request: {exc}"}))
+            await respond({"ok": False, "error": f"bad request: {explain(exc)}"})
+            return
+        sender = self.subjects.sender(msg.subject, self.subjects.program_end)
+        owner = self.table.owner(request.program_id)
+        if sender and owner and sender != owner:  # an authenticated user ends only its own programs
+            await respond({"ok": False, "error": "not_owner: the program belongs to another user"})
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
-            await msg.respond(msgspec.json.encode({"ok": False, "error": f"unknown program {request.program_id!r}"}))
+            await respond({"ok": False, "error": f"unknown program {request.program_id[:80]!r}"})
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
         self.metrics.on_ended(summary)
         self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
         await self._publish(self.subjects.program_service, update)
-        await msg.respond(msgspec.json.encode({"ok": True, "program": summary}))
+        await respond({"ok": True, "program": summary})
 
     async def _on_table(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
         await msg.respond(encode(ProgramTable(programs=self.table.summaries())))
 
     async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
@@ -144,7 +169,9 @@ class TrackerService:
             try:
                 await work()
             except Exception:
-                self.log.exception("periodic tracker work failed; will retry", work=work.__name__)
+                self._throttle.log(
+                    self.log, "periodic tracker work failed; will retry", level="exception", work=work.__name__
+                )
 
     async def _flush(self) -> None:
         await self.store.flush()

@@ -3,21 +3,29 @@
 A restarted tracker reads every entry back, so programs keep their attained service across restarts.
 Writes are batched: a program changed by an event is marked dirty and written within
 ``flush_interval_s`` (and at shutdown), so a tracker killed outright loses at most that window.
-Keys are the program ids, base64url-encoded (program ids may hold characters keys may not).
+Keys name the program ids through :func:`autellix.proto.limits.storage_key` (base64url, or a hash
+for long ids: program ids may hold characters keys may not, and no id may make a key too long).
+A write that fails leaves only its own program dirty, to retry at the next flush; it never holds
+back the others.
 """
 
 from __future__ import annotations
 
-import base64
+import time
 
 import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
+from autellix.proto.limits import storage_key
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 
 from .process_table import ProcessTable, ProgramRecord, from_record, to_record
+
+#: writes of one record that may fail in a row before it waits for the program's next change
+MAX_WRITE_FAILURES = 5
 
 
 def bucket_name(root: str) -> str:
@@ -25,7 +33,7 @@ def bucket_name(root: str) -> str:
 
 
 def _key(program_id: str) -> str:
-    return base64.urlsafe_b64encode(program_id.encode()).decode().rstrip("=") or "_"
+    return storage_key(program_id)
 
 
 class ProgramStore:
@@ -38,6 +46,9 @@ class ProgramStore:
         self._deleted: set[str] = set()
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(ProgramRecord)
+        self._throttle = LogThrottle()
+        #: program id -> writes of its record that failed in a row
+        self._failures: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -65,7 +76,7 @@ class ProgramStore:
                 if not entry.value:
                     continue
                 try:
-                    self.table.restore(from_record(self._decoder.decode(entry.value)))
+                    self.table.restore(from_record(self._decoder.decode(entry.value), time.time()))
                     restored += 1
                 except msgspec.MsgspecError as exc:
                     self.log.warning("unreadable program record skipped", key=entry.key, error=str(exc))
@@ -91,10 +102,29 @@ class ProgramStore:
         pending = list(dirty)
         try:
             while pending:
-                entry = self.table.get(pending[-1])
-                if entry is not None:
-                    await self._kv.put(_key(pending[-1]), self._encoder.encode(to_record(entry)))
-                pending.pop()
+                program_id = pending.pop()
+                entry = self.table.get(program_id)
+                if entry is None:
+                    continue
+                try:
+                    await self._kv.put(_key(program_id), self._encoder.encode(to_record(entry)))
+                except (nats.js.errors.Error, nats.errors.Error) as exc:
+                    if not _lasting(exc):
+                        raise
+                    failures = self._failures[program_id] = self._failures.get(program_id, 0) + 1
+                    if failures < MAX_WRITE_FAILURES:
+                        self._dirty.add(program_id)  # only this program waits for the next flush
+                    else:
+                        del self._failures[program_id]  # written again at its next change
+                    self._throttle.log(
+                        self.log,
+                        "program record not written",
+                        program_id=program_id[:80],
+                        failures=failures,
+                        error=str(exc)[:200],
+                    )
+                else:
+                    self._failures.pop(program_id, None)
         except BaseException:
             self._dirty.update(pending)  # written next time
             self._deleted.update(deleted)
@@ -103,4 +133,12 @@ class ProgramStore:
             try:
                 await self._kv.purge(_key(program_id))
             except nats.js.errors.Error as exc:
-                self.log.warning("could not delete program record", program_id=program_id, error=str(exc))
+                self._throttle.log(
+                    self.log, "could not delete program record", program_id=program_id[:80], error=str(exc)[:200]
+                )
+
+
+def _lasting(exc: Exception) -> bool:
+    """A write error tied to this record (too large, refused), not to the connection: the other
+    records can still be written."""
+    return not isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.TimeoutError)
