@@ -13,7 +13,9 @@ Modes:
   ``--nats`` when given, replay the same programs, and print the figures side by side with ratios to
   the first policy (and to the first balancer); with several ``--rates`` and FCFS among the policies,
   the simulator's analysis (highest sustainable rate under each latency target, per balancer, at the
-  same absolute targets, and each balancer's rate over round-robin's).
+  same absolute targets, and each balancer's rate over round-robin's). ``--memory lru,tier`` runs each
+  point once per engine KV memory variant (``lru``: LRU prefix cache; ``retain``: program-aware
+  eviction order; ``tier``: that plus a CPU tier of 4x the KV budget), with ratios to the first.
 
 ``--with-sim`` also runs ``autellix sim`` on the same programs, policy, rate and engines and prints
 live / sim per figure.
@@ -83,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")
     p.add_argument(
+        "--memory",
+        default="lru",
+        help="comma list of the in-process engines' KV memory variants, lru|retain|tier, each on its own mesh "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--sim-time-scale",
         default="0.5",
         help="real seconds per modelled second of the sim engines (default %(default)s)",
@@ -128,6 +136,14 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"unknown balancer {lb!r} in --balancer; expected {', '.join(BALANCER_NAMES)}")
     if not balancers:
         raise UsageError("--balancer needs at least one balancer")
+    from autellix.bench.live import MEMORY_VARIANTS
+
+    memories = list(dict.fromkeys(x.strip() for x in args.memory.split(",") if x.strip()))
+    for m in memories:
+        if m not in MEMORY_VARIANTS:
+            raise UsageError(f"unknown memory variant {m!r} in --memory; expected {', '.join(MEMORY_VARIANTS)}")
+    if not memories:
+        raise UsageError("--memory needs at least one variant")
     scale = _num(args.sim_time_scale, "--sim-time-scale", float, 0.0)
     if scale <= 0:
         raise UsageError("--sim-time-scale must be > 0 (figures are divided by it)")
@@ -145,6 +161,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "rates": rates,
         "policies": policies,
         "balancers": balancers,
+        "memories": memories,
         "kv_scale": _num(args.kv_scale, "--kv-scale", float, 1e-3),
         "local": args.nats is None or bool(args.compare),
         "engines": _num(args.engines, "--engines", int, 1),
@@ -237,16 +254,19 @@ async def _run_all(
             programs = unit[: counts[rate]]
             for balancer in opts["balancers"]:
                 for policy in opts["policies"]:
-                    label = policy if len(opts["balancers"]) == 1 else f"{policy}/{balancer}"
-                    point = await _run_one(args, opts, url, programs, policy, balancer, rate, f"{label} @ {rate:g}/s",
-                                           config, cost)
-                    points.append(point)
-                    if args.with_sim:
-                        sims.append(
-                            simulate_point(programs, policy, rate, opts["engines"], config, cost=cost,
-                                           balancer=balancer)
-                            | {"engines": opts["engines"], "programs": len(programs)}
-                        )
+                    for memory in opts["memories"]:
+                        label = policy if len(opts["balancers"]) == 1 else f"{policy}/{balancer}"
+                        if len(opts["memories"]) > 1:
+                            label += f"+{memory}"
+                        point = await _run_one(args, opts, url, programs, policy, balancer, memory, rate,
+                                               f"{label} @ {rate:g}/s", config, cost)
+                        points.append(point)
+                        if args.with_sim:
+                            sims.append(
+                                simulate_point(programs, policy, rate, opts["engines"], config, cost=cost,
+                                               balancer=balancer, memory=memory)
+                                | {"engines": opts["engines"], "programs": len(programs)}
+                            )
     finally:
         if broker is not None:
             broker.stop()
@@ -255,7 +275,7 @@ async def _run_all(
 
 async def _run_one(
     args: argparse.Namespace, opts: dict[str, Any], url: str, programs: list[Any], policy: str, balancer: str,
-    rate: float, desc: str, config: Any, cost: Any,
+    memory: str, rate: float, desc: str, config: Any, cost: Any,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -275,7 +295,7 @@ async def _run_one(
     try:
         point = await run_point(
             url, args.root, programs, PointSpec(policy, rate), config, opts["engines"], opts["local"],
-            cost=cost, on_program=on_program, pace=not args.no_pace, balancer=balancer,
+            cost=cost, on_program=on_program, pace=not args.no_pace, balancer=balancer, memory=memory,
         )
     finally:
         bar.close()
@@ -313,16 +333,20 @@ def _report(
         "units": "modelled seconds (real seconds / time_scale)",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
         "points": points,
-        "ratios": _ratios(points, opts["policies"], opts["balancers"]),
+        "memories": opts["memories"],
+        "ratios": _ratios(points, opts["policies"], opts["balancers"], opts["memories"]),
     }
-    if "fcfs" in opts["policies"] and all("token_latency_s_mean" in p for p in points):
+    if "fcfs" in opts["policies"] and len(opts["memories"]) == 1 and all("token_latency_s_mean" in p for p in points):
         report["analysis"] = analyse(
             points, opts["policies"], opts["balancers"], opts["targets"], opts["fractions"]
         )
     if sims:
         report["sim_points"] = sims
         report["agreement"] = [
-            {"policy": p["policy"], "balancer": p["balancer"], "rate": p["rate"], "live_over_sim": agreement(p, s)}
+            {
+                "policy": p["policy"], "balancer": p["balancer"], "memory": p.get("memory", "lru"), "rate": p["rate"],
+                "live_over_sim": agreement(p, s),
+            }
             for p, s in zip(points, sims, strict=True)
         ]
     return report
@@ -341,22 +365,34 @@ RATIO_KEYS = (
 )
 
 
-def _ratios(points: list[dict[str, Any]], policies: list[str], balancers: list[str]) -> list[dict[str, Any]]:
-    """Each point's figures over the first policy's with the same balancer and rate, and, with several
-    balancers, over the same policy's with the first balancer (below 1 = lower latency)."""
+def _ratios(
+    points: list[dict[str, Any]], policies: list[str], balancers: list[str], memories: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Each point's figures over the first policy's with the same balancer, memory and rate, and, with
+    several balancers (memory variants), over the same point's with the first balancer (memory
+    variant) (below 1 = lower latency)."""
     out = []
+    first_memory = (memories or ["lru"])[0]
 
-    def find(policy: str, balancer: str, rate: float) -> dict[str, Any] | None:
+    def find(policy: str, balancer: str, memory: str, rate: float) -> dict[str, Any] | None:
         return next(
-            (b for b in points if b["policy"] == policy and b["balancer"] == balancer and b["rate"] == rate), None
+            (
+                b for b in points
+                if b["policy"] == policy and b["balancer"] == balancer and b.get("memory", first_memory) == memory
+                and b["rate"] == rate
+            ),
+            None,
         )
 
     for p in points:
         bases = []
+        memory = p.get("memory", first_memory)
         if p["policy"] != policies[0]:
-            bases.append((find(policies[0], p["balancer"], p["rate"]), policies[0]))
+            bases.append((find(policies[0], p["balancer"], memory, p["rate"]), policies[0]))
         if p["balancer"] != balancers[0]:
-            bases.append((find(p["policy"], balancers[0], p["rate"]), balancers[0]))
+            bases.append((find(p["policy"], balancers[0], memory, p["rate"]), balancers[0]))
+        if memory != first_memory:
+            bases.append((find(p["policy"], p["balancer"], first_memory, p["rate"]), first_memory))
         for base, over in bases:
             if base is None:
                 continue
@@ -365,7 +401,10 @@ def _ratios(points: list[dict[str, Any]], policies: list[str], balancers: list[s
                 a, b = p.get(k), base.get(k)
                 ratios[k] = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
             out.append(
-                {"policy": p["policy"], "balancer": p["balancer"], "rate": p["rate"], "over": over, "ratios": ratios}
+                {
+                    "policy": p["policy"], "balancer": p["balancer"], "memory": memory, "rate": p["rate"],
+                    "over": over, "ratios": ratios,
+                }
             )
     return out
 
@@ -380,7 +419,8 @@ def _ratios_text(ratios: list[dict[str, Any]]) -> str:
     lines += [head, "-" * len(head)]
     for r in ratios:
         cells = " ".join(f"{'-' if v is None else f'{v:.3f}':>14}" for v in r["ratios"].values())
-        lines.append(f"{r['policy'] + '/' + r['balancer']:<18} {r['over']:<12} {r['rate']:>7.3g} | {cells}")
+        name = f"{r['policy']}/{r['balancer']}" + (f"+{r['memory']}" if r.get("memory", "lru") != "lru" else "")
+        lines.append(f"{name:<18} {r['over']:<12} {r['rate']:>7.3g} | {cells}")
     return "\n".join(lines)
 
 
@@ -388,7 +428,8 @@ def _agreement_text(rows: list[dict[str, Any]]) -> str:
     lines = ["live / sim (same programs, policy, rate, engines, cost model)"]
     for row in rows:
         cells = [f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in row["live_over_sim"].items()]
-        lines.append(f"  {row['policy']}/{row['balancer']} @ {row['rate']:g}/s: " + "  ".join(cells))
+        name = f"{row['policy']}/{row['balancer']}+{row.get('memory', 'lru')}"
+        lines.append(f"  {name} @ {row['rate']:g}/s: " + "  ".join(cells))
     return "\n".join(lines)
 
 

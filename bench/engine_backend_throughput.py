@@ -142,7 +142,7 @@ def bench_backend(backend: HFBackend, prompts: list[list[int]], new_tokens: int)
 
 def bench_engine(backend: HFBackend, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """The whole engine core around the backend: admission, queues, scheduling points, detokenisation."""
-    from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+    from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 
     core = EngineCore(backend, CoreConfig(max_batch=len(prompts), kv_capacity_tokens=1 << 20, max_batched_tokens=8192))
     started = time.perf_counter()
@@ -151,10 +151,9 @@ def bench_engine(backend: HFBackend, prompts: list[list[int]], new_tokens: int) 
     outputs: dict[str, list[int]] = {}
     first_step_s = None
     while not core.idle:
-        plan = core.schedule(time.perf_counter())
-        assert plan is not None
-        result = execute_plan(backend, plan)
-        for event in core.update(plan, result, time.perf_counter()):
+        outcome = core.step(time.perf_counter)
+        assert outcome is not None
+        for event in outcome.events:
             if isinstance(event, FinishEvent):
                 outputs[event.call_id] = event.state.output_ids
         if first_step_s is None:

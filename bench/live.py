@@ -57,6 +57,15 @@ from autellix.sim.workload import ProgramSpec, scaled_arrivals
 
 FILLER = "www"
 
+#: the engines' KV memory per variant (the simulator's ``--memory`` names): retention order and CPU tier
+#: size in multiples of the KV budget. ``lru`` is LRU with no tier; ``retain`` the program-aware order
+#: (contained, ended programs', LRU); ``tier`` that plus a CPU tier of 4x the budget.
+MEMORY_VARIANTS: dict[str, tuple[str, float]] = {
+    "lru": ("lru", 0.0),
+    "retain": ("program", 0.0),
+    "tier": ("program", 4.0),
+}
+
 
 def load_programs(workload: str, programs: int, seed: int, think_scale: float = 1.0) -> list[ProgramSpec]:
     """The simulator's programs for ``workload`` (a generator name or a trace path) at unit rate."""
@@ -333,11 +342,12 @@ class LocalMesh:
             core = e.core
             stats.append(
                 {
-                    "prompt_tokens": cache["prompt_tokens"],
-                    "cache_hit_tokens": cache["cache_hit_tokens"],
+                    "prompt_tokens": cache.prompt_tokens,
+                    "cache_hit_tokens": cache.hit_tokens,
+                    "tier_hit_tokens": cache.tier_hit_tokens,
                     "preemptions": core.total_preemptions if core is not None else 0,
                     "swap_s": 0.0,
-                    "steps": cache["steps"],
+                    "steps": b.stat_steps,
                 }
             )
         return stats
@@ -363,19 +373,29 @@ async def start_local_mesh(
     schedule_every: int = 8,
     pace: bool = True,
     root: str | None = None,
+    memory: str = "lru",
 ) -> LocalMesh:
     """Tracker, scheduler and ``engines`` sim engines in this process, on ``url``, every service
-    set to ``policy``; the engines' limits are the cost model's (as in the simulator)."""
+    set to ``policy``; the engines' limits are the cost model's (as in the simulator), their KV
+    memory one of :data:`MEMORY_VARIANTS`."""
+    if memory not in MEMORY_VARIANTS:
+        raise ValueError(f"unknown memory variant {memory!r}; expected one of {', '.join(MEMORY_VARIANTS)}")
+    retention, tier_scale = MEMORY_VARIANTS[memory]
     cost = cost or llama31_8b_h100()
     root = root or f"bench{uuid.uuid4().hex[:8]}"
     tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=1.0, persist=False))
     scheduler = SchedulerService(
         SchedulerConfig(nats_url=url, root=root, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context)
     )
+    tier_tokens = int(tier_scale * cost.kv_budget_tokens)
     spec = BackendSpec(
-        name="sim", max_batch=cost.max_batch, kv_capacity_tokens=cost.kv_budget_tokens, sim_time_scale=time_scale
+        name="sim", max_batch=cost.max_batch, kv_capacity_tokens=cost.kv_budget_tokens, sim_time_scale=time_scale,
+        retention=retention, kv_tier_tokens=tier_tokens,
     )
-    backends = [SimBackend(cost, time_scale=time_scale, pace=pace) for _ in range(engines)]
+    backends = [
+        SimBackend(cost, time_scale=time_scale, pace=pace, retention=retention, tier_tokens=tier_tokens)  # type: ignore[arg-type]
+        for _ in range(engines)
+    ]
     services = [
         EngineService(
             EngineConfig(
@@ -417,14 +437,15 @@ async def run_point(
     on_program: Callable[[bool], None] | None = None,
     pace: bool = True,
     balancer: str = "locality",
+    memory: str = "lru",
 ) -> dict[str, Any]:
     """Replay the programs at ``point.rate``: on a fresh in-process mesh set to ``point.policy``
-    (``local``), or on the mesh already running at ``url``/``root``."""
+    and ``memory`` (``local``), or on the mesh already running at ``url``/``root``."""
     programs = at_rate(programs_unit, point.rate)
     mesh: LocalMesh | None = None
     if local:
         mesh = await start_local_mesh(
-            url, point.policy, engines, config.time_scale, cost=cost, pace=pace, balancer=balancer
+            url, point.policy, engines, config.time_scale, cost=cost, pace=pace, balancer=balancer, memory=memory
         )
         root = mesh.root
     client = await Client.connect(url, root=root or "autellix", timeout_s=config.timeout_s, ack_timeout_s=30.0)
@@ -440,14 +461,16 @@ async def run_point(
         engine_stats=stats if mesh is not None else None,
         boundaries=bounds if mesh is not None else (),
     )
-    return {"balancer": balancer, "policy": point.policy, "rate": point.rate, **figs}
+    return {"balancer": balancer, "policy": point.policy, "memory": memory, "rate": point.rate, **figs}
 
 
 def simulate_point(
     programs_unit: Sequence[ProgramSpec], policy: str, rate: float, engines: int, config: ReplayConfig,
-    cost: CostModel | None = None, sched_every: int = 8, balancer: str = "locality",
+    cost: CostModel | None = None, sched_every: int = 8, balancer: str = "locality", memory: str = "lru",
 ) -> dict[str, Any]:
     """The same point in the simulator (``autellix sim``'s own code path)."""
+    if memory != "lru":
+        raise ValueError(f"the simulator here models only the lru memory variant, not {memory!r}")
     from autellix.sim.sweep import SweepPoint
     from autellix.sim.sweep import run_point as sim_run_point
 

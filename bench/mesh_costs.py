@@ -11,7 +11,7 @@ streams through NATS, CPU per call in each service.
   connection counts the stamped calls arriving on the engines' subjects. Four engines are made live
   with synthetic heartbeats; the tracker has published figures for every program.
 - **ttft**: one call at a time (256-token prompt), the ``sim`` backend at ``time_scale`` 1 (a modelled
-  prefill of ~17 ms): in process (``EngineCore`` + ``execute_plan``, the engine service's own loop
+  prefill of ~17 ms): in process (``EngineCore.step``, the engine service's own loop
   minus NATS), then through the mesh (client -> scheduler -> engine -> client over a real
   nats-server, streamed) two ways: every service in this process on one event loop (as
   ``autellix bench`` runs them), and tracker, scheduler and engine as separate ``autellix``
@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
 from autellix.services.embedded_nats import EmbeddedNats
@@ -184,10 +184,9 @@ def ttft_in_process(n: int, time_scale: float) -> list[float]:
         core.add(CallSpec(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
         first = None
         while not core.idle:
-            plan = core.schedule(time.time())
-            assert plan is not None
-            result = execute_plan(backend, plan)
-            for ev in core.update(plan, result, time.time()):
+            outcome = core.step(time.time)
+            assert outcome is not None
+            for ev in outcome.events:
                 if first is None and isinstance(ev, TokenEvent):
                     first = time.perf_counter() - t0
         assert first is not None

@@ -9,8 +9,9 @@ A sequence's life: ``run`` with its prompt tokens (prefill, possibly in chunks),
 step (decode). ``release`` frees its KV. ``swap_out``/``swap_in`` move its KV to CPU memory and back
 (preemption); ``drop`` discards it so the next ``run`` must recompute it from all its tokens.
 
-Optional capabilities are declared as protocols of their own (:class:`PrefixCache`) and tested
-with ``isinstance``, never probed with ``getattr``.
+Optional capabilities are declared as protocols of their own (:class:`SwapPool`,
+:class:`KVCapacity`, :class:`PrefixCache`) and tested with ``isinstance``, never probed with
+``getattr``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,27 @@ class ModelBackend(Protocol):
     def drop(self, seq_id: str) -> None: ...
 
     def kv_bytes_per_token(self) -> int: ...
+
+
+@runtime_checkable
+class SwapPool(Protocol):
+    """Optional capability: preempted sequences' KV goes to a CPU pool of bounded size.
+
+    The core swaps a displaced call out only while the pool has room for it, and recomputes it
+    otherwise. A backend without the capability is taken to have an unbounded pool; one with a
+    capacity of 0 always recomputes."""
+
+    swap_pool_capacity_bytes: int
+
+    def swap_pool_bytes_used(self) -> int: ...
+
+
+@runtime_checkable
+class KVCapacity(Protocol):
+    """Optional capability: the backend knows how many KV tokens it can hold at once; the core
+    admits no more than that (or its own configured capacity, whichever is smaller)."""
+
+    def kv_tokens_capacity(self) -> int: ...
 
 
 @dataclass(slots=True)

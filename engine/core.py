@@ -4,7 +4,8 @@ results mean.
 Pure and synchronous (no NATS, no asyncio, no clocks: ``now`` is passed in). The engine service
 calls :meth:`EngineCore.schedule` -> runs the returned :class:`StepPlan` on the backend with
 :func:`execute_plan` in a worker thread -> :meth:`EngineCore.update`, and adds or aborts calls
-between steps. Tests, benchmarks and the simulator-agreement checks drive it the same way.
+between steps. Tests, benchmarks and the simulator-agreement checks do the same in one call,
+:meth:`EngineCore.step`, adding or aborting calls between steps.
 
 - **Queues.** Every call on the engine (waiting, running or swapped) sits in the policy's call queue
   (:func:`autellix.policy.variants.make_queue`): multi-level queues for ``mlfq``/``plas``/``atlas``,
@@ -24,7 +25,7 @@ between steps. Tests, benchmarks and the simulator-agreement checks drive it the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
@@ -33,7 +34,7 @@ from autellix.policy.calibration import ServiceCalibrator
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.variants import CallQueue, make_queue, policy_spec
 
-from .backend import ModelBackend, PrefixCache, SeqWork, StepBatch, StepOutput, SwapStats
+from .backend import KVCapacity, ModelBackend, PrefixCache, SeqWork, StepBatch, StepOutput, SwapPool, SwapStats
 from .detokenizer import IncrementalDetokenizer
 
 PreemptMode = Literal["auto", "swap", "recompute"]
@@ -186,6 +187,15 @@ def execute_plan(backend: ModelBackend, plan: StepPlan) -> StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What one :meth:`EngineCore.step` did: the plan, the backend's result and the core's events."""
+
+    plan: StepPlan
+    result: StepResult
+    events: list[CoreEvent]
+
+
+@dataclass(frozen=True, slots=True)
 class CoreLoad:
     running: int
     waiting: int
@@ -194,6 +204,8 @@ class CoreLoad:
     kv_tokens_free: int
     kv_tokens_queued: int
     swap_pool_used_bytes: int
+    #: the latest context of each active program between calls here (see EngineCore.end_program)
+    idle_context_tokens: int = 0
 
 
 class _CostEstimates:
@@ -221,10 +233,11 @@ class EngineCore:
     def __init__(self, backend: ModelBackend, config: CoreConfig | None = None) -> None:
         self.backend = backend
         self.config = config or CoreConfig()
-        cap = getattr(backend, "kv_tokens_capacity", None)
-        self.kv_capacity = (
-            min(self.config.kv_capacity_tokens, cap()) if callable(cap) else self.config.kv_capacity_tokens
-        )
+        self.kv_capacity = self.config.kv_capacity_tokens
+        if isinstance(backend, KVCapacity):
+            self.kv_capacity = min(self.kv_capacity, backend.kv_tokens_capacity())
+        #: the backend's bounded swap pool, when it has one (else swapping always has room)
+        self.swap_pool: SwapPool | None = backend if isinstance(backend, SwapPool) else None
         spec = policy_spec(self.config.policy)
         self.preemptive = spec.preemptive
         self.calibrated = spec.calibrated
@@ -237,6 +250,10 @@ class EngineCore:
         self._running: list[str] = []
         self._seq = itertools.count()
         self._steps_since_plan = self.config.schedule_every  # first step is a scheduling point
+        #: per program: its calls on this engine; the context of its latest call that finished here
+        self._program_calls: dict[str, int] = {}
+        self._program_latest: dict[str, int] = {}
+        self.idle_context_tokens = 0
         self.finished = 0
         self.total_preemptions = 0
 
@@ -267,6 +284,7 @@ class EngineCore:
         if state.output_ids:  # streamed by an earlier attempt: their text is not sent again
             state.emitted_chars = len(state.detok.push(state.output_ids))
         self._calls[spec.call_id] = state
+        self._program_change(spec.program_id, +1, None)
         self.queue.add(
             spec.call_id,
             spec.priority,
@@ -283,6 +301,30 @@ class EngineCore:
         if state is None:
             return None
         return self._finish(state, "abort", now=None)
+
+    def end_program(self, program_id: str) -> None:
+        """The program ended (the tracker said so): its contexts leave the working set, and the
+        backend's prefix cache evicts them first. Call only between steps."""
+        self._program_change(program_id, 0, 0)
+        self._program_latest.pop(program_id, None)
+        if self.prefix_cache is not None:
+            self.prefix_cache.end_prefix(program_id)
+
+    def _program_change(self, program_id: str, calls: int, latest: int | None) -> None:
+        """Add ``calls`` to the program's calls here (and set its latest context), keeping
+        ``idle_context_tokens``: the KV active programs between calls will want back (their next
+        call extends their latest context, wherever it is now: cached, in a tier, or evicted). What
+        the schedulers' door counts; not the cache's contents, which fill free KV with anything."""
+        before = self._program_latest.get(program_id, 0) if not self._program_calls.get(program_id) else 0
+        n = self._program_calls.get(program_id, 0) + calls
+        if n:
+            self._program_calls[program_id] = n
+        else:
+            self._program_calls.pop(program_id, None)
+        if latest is not None:
+            self._program_latest[program_id] = latest
+        after = self._program_latest.get(program_id, 0) if not n else 0
+        self.idle_context_tokens += after - before
 
     def has(self, call_id: str) -> bool:
         return call_id in self._calls
@@ -310,7 +352,6 @@ class EngineCore:
                 swapped += 1
                 queued += state.context_len
         used = sum(self._calls[c].kv_len for c in self._running)
-        pool = getattr(self.backend, "swap_pool_bytes_used", None)
         return CoreLoad(
             running=len(self._running),
             waiting=waiting,
@@ -318,8 +359,25 @@ class EngineCore:
             kv_tokens_used=used,
             kv_tokens_free=max(0, self.kv_capacity - used),
             kv_tokens_queued=queued,
-            swap_pool_used_bytes=pool() if callable(pool) else 0,
+            swap_pool_used_bytes=self.swap_pool.swap_pool_bytes_used() if self.swap_pool is not None else 0,
+            idle_context_tokens=self.idle_context_tokens,
         )
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self, now: Callable[[], float] | float) -> StepOutcome | None:
+        """Schedule at ``now()``, execute the plan on the backend in this thread, update at ``now()``.
+
+        Returns None when there is nothing to run. For callers that own the thread (tests,
+        benchmarks, the simulator agreement driver); the engine service runs the three parts
+        itself so that the backend's step runs in its worker thread. ``now`` is read twice: with
+        a :class:`autellix.engine.sim_backend.VirtualClock` that the backend advances, the update
+        happens at the step's modelled end. A plain number is a time that stands still."""
+        clock = now if callable(now) else (lambda: now)
+        plan = self.schedule(clock())
+        if plan is None:
+            return None
+        result = execute_plan(self.backend, plan)
+        return StepOutcome(plan, result, self.update(plan, result, clock()))
 
     # -- the plan ----------------------------------------------------------------------------
     def _need(self, state: CallState) -> int:
@@ -434,14 +492,12 @@ class EngineCore:
         plan.preemptions.append(Preemption(call_id, "recompute" if recompute else "swap", reason, tokens))
 
     def _swap_room(self, plan: StepPlan, tokens: int) -> bool:
-        capacity = getattr(self.backend, "swap_pool_capacity_bytes", None)
-        if capacity is None:
+        pool = self.swap_pool
+        if pool is None:
             return True
-        pool = getattr(self.backend, "swap_pool_bytes_used", None)
-        used = pool() if callable(pool) else 0
         per = self.costs.kv_bytes_per_token
         planned = sum(self._calls[c].kv_len for c in plan.swap_out) * per
-        return used + planned + tokens * per <= int(capacity)
+        return pool.swap_pool_bytes_used() + planned + tokens * per <= int(pool.swap_pool_capacity_bytes)
 
     def _build_batch(self) -> StepBatch:
         budget = self.config.max_batched_tokens
@@ -542,6 +598,7 @@ class EngineCore:
         self.backend.release(call_id)
         state.phase = CallPhase.FINISHED
         del self._calls[call_id]
+        self._program_change(state.spec.program_id, -1, None if reason == "abort" else state.context_len)
         self.queue.remove(call_id)
         if reason != "abort":
             self._observe_service(state.service_s)

@@ -3,16 +3,33 @@
 Used to run the whole mesh at scale on a CPU. Text is "tokenised" one token per whitespace-
 separated word; generated tokens decode to ``" tok"`` each. The backend never emits an
 end-of-sequence token, so every call runs to ``max_tokens``. ``time_scale`` multiplies every
-modelled duration (0 makes steps instantaneous, 1 is real time on the modelled GPU).
+modelled duration (0 makes steps instantaneous, 1 is real time on the modelled GPU). A sampled
+token's id encodes its position, so a resumed or recomputed sequence can be checked for exactness.
 
-**Prefix cache** (on by default, as in the simulator, :mod:`autellix.sim.engine_model`): when a
-sequence is released its tokens stay cached, keyed by the work's ``prefix_key`` (the engine fills in
-the program id), least recently used first out, in the KV the resident sequences leave free. A
-prefill chunk is charged only for its positions past the longest common prefix with a cached
-sequence of the same key, so an agent call that re-sends its history prefills only its new input
-when its context parent ran on this engine. Generated tokens are cached as the text they decode
-to (``" tok"``), so a prompt that quotes an earlier answer matches it. At least one prompt token is
-always computed.
+**Prefix cache** (:class:`autellix.engine.backend.PrefixCache`; on by default, as in the simulator,
+:mod:`autellix.sim.engine_model`): ``release`` retains what a sequence was fed as an entry of its
+work's ``prefix_key`` (the engine fills in the program id) in the KV the resident sequences leave free
+of ``kv_budget_tokens``. ``attach_prefix`` gives a newly admitted sequence the longest common prefix
+with one of its program's entries, so an agent call that re-sends its history prefills only its new
+input when its context parent (or a sibling holding the same history) ran here. Generated tokens are
+retained as the text they decode to (``" tok"``), so a prompt that quotes an earlier answer matches
+it. At least one prompt token is always computed. As in the simulator, a running sequence holds its
+own KV beside the entry it started from (no block sharing is modelled).
+
+**Memory** (:mod:`autellix.engine.sim_context_store`): ``retention="lru"`` evicts the least recently
+used entry first (the simulator's ``lru``); ``"program"`` evicts entries another entry contains first,
+then ended programs' (:meth:`end_prefix`), then the least recently used. With ``tier_tokens > 0`` an
+evicted entry worth keeping (``lru``: any; ``program``: a live program's, not contained) moves to a CPU
+tier of that many tokens instead of being lost; a later call whose longest prefix is there swaps it
+back in when ``cost.swap_time`` of the entry is less than prefilling the tokens it adds over the
+device hit, else prefills them. The copy back in is charged to the next step (one contiguous copy:
+the next call waits for it); the copy out overlaps the steps (a DMA on its own stream, as vLLM's CPU
+offloading does) and is only counted, as in the simulator.
+
+**Virtual time** (``clock=VirtualClock()``): nothing sleeps; every modelled duration (a step, a
+swap) advances the clock and is reported as the elapsed time, so a driver that reads the clock
+(:meth:`autellix.engine.core.EngineCore.step`) sees the modelled GPU's timeline. ``time_scale`` does
+not apply.
 
 **Pacing** (``pace=True``, off by default): while sequences stay resident from one step to the
 next, the time the engine spent between two steps (its own scheduling, bookkeeping and
@@ -24,13 +41,16 @@ step's scaled time the engine falls behind and the step takes the overhead.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 
-from .backend import SeqWork, StepBatch, StepOutput, SwapStats
+from .backend import CacheStats, StepBatch, StepOutput, SwapStats
 from .cost_model import CostModel, llama31_8b_h100
+from .sim_context_store import ContextStore, Retention, common_prefix
+
+__all__ = ["SimBackend", "VirtualClock", "common_prefix"]
 
 #: Token ids below this are "words" of the prompt; generated tokens use ids from here on.
 _GENERATED = 50_000
@@ -44,19 +64,23 @@ def _word_id(word: str) -> int:
 _TOK_ID = _word_id("tok")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of ``a`` and ``b`` (slice comparisons, C speed)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _as_text(token_ids: Sequence[int]) -> list[int]:
+    """Token ids as the content they match: a generated token is the word it decodes to."""
+    return [_TOK_ID if t >= _GENERATED else t for t in token_ids]
+
+
+class VirtualClock:
+    """Modelled time for a :class:`SimBackend` that does not sleep: the backend advances it."""
+
+    def __init__(self, start_s: float = 0.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> float:
+        self.now_s += max(seconds, 0.0)
+        return max(seconds, 0.0)
 
 
 class SimBackend:
@@ -69,31 +93,43 @@ class SimBackend:
         prefix_cache: bool = True,
         pace: bool = False,
         kv_budget_tokens: int | None = None,
+        clock: VirtualClock | None = None,
+        swap_pool_bytes: int | None = None,
+        retention: Retention = "lru",
+        tier_tokens: int = 0,
     ) -> None:
         self.cost = cost or llama31_8b_h100()
         self.time_scale = time_scale
+        self.clock = clock
+        #: the preemption swap pool (CPU); None: unbounded, as the simulator models it
+        self.swap_pool_capacity_bytes = sys.maxsize if swap_pool_bytes is None else swap_pool_bytes
         self.prefix_cache = prefix_cache
         self.pace = pace
-        #: the cache lives in the KV that resident sequences leave free out of this budget
+        #: retained entries live in the KV that resident sequences leave free out of this budget
         self.kv_budget_tokens = kv_budget_tokens if kv_budget_tokens is not None else self.cost.kv_budget_tokens
+        if tier_tokens < 0:
+            raise ValueError(f"tier_tokens must be >= 0, got {tier_tokens}")
+        self.tier_tokens = tier_tokens
         self.model_name = f"sim:{self.cost.name}"
         self.max_context = self.cost.max_context
         self.eos_token_ids: frozenset[int] = frozenset()
         self._kv: dict[str, int] = {}
         self._swapped: dict[str, int] = {}
-        # prefix cache: tokens fed per live sequence (generated ones as _TOK_ID), its key, its hit
+        # per live sequence: what it was fed (as text), its key, whether its last work sampled
         self._fed: dict[str, list[int]] = {}
-        self._sampled: dict[str, int] = {}
         self._key: dict[str, str] = {}
-        self._hit: dict[str, int] = {}
-        #: (prefix key, seq id) -> cached token ids, least recently used first
-        self._cache: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
-        self._by_key: dict[str, set[str]] = {}
-        self._cache_tokens = 0
+        self._sampled: dict[str, bool] = {}
+        self._counted: set[str] = set()
+        self.device = ContextStore(retention)
+        self.tier = ContextStore(retention) if tier_tokens else None
+        #: tier swap-ins not yet charged: the next step pays them
+        self._pending_s = 0.0
         self._last_end: float | None = None
-        self.stat_prompt_tokens = 0
-        self.stat_cache_hit_tokens = 0
+        self.stats = CacheStats()
         self.stat_steps = 0
+        #: modelled time of tier copies in (charged) and out (overlapped, not charged)
+        self.stat_tier_s = 0.0
+        self.stat_tier_out_s = 0.0
 
     # -- text ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -111,13 +147,14 @@ class SimBackend:
 
     # -- execution ---------------------------------------------------------------------------
     def step_time(self, batch: StepBatch) -> float:
+        """The forward pass's modelled time (tier transfers owed are added by ``run``)."""
         prefill = decode = context = 0
         for w in batch.work:
             n = len(w.token_ids)
             if n == 1 and w.start_pos > 0:
                 decode += 1
             else:
-                prefill += n - self._cached_in(w)
+                prefill += n
             context += w.start_pos + n
         return self.cost.step_time(prefill, decode, context)
 
@@ -125,21 +162,31 @@ class SimBackend:
         started = time.perf_counter()
         resident = bool(self._kv)
         if self.prefix_cache:
+            fed_all, keys, sampled = self._fed, self._key, self._sampled
             for w in batch.work:
-                self._feed(w)
-        modelled = self.step_time(batch) * self.time_scale
-        elapsed = self._wait(modelled, started, resident)
+                fed = fed_all.get(w.seq_id)
+                if fed is None:  # never attached (a backend user without the engine core)
+                    fed = fed_all[w.seq_id] = []
+                    if w.prefix_key is not None:
+                        keys[w.seq_id] = w.prefix_key
+                del fed[w.start_pos :]
+                fed.extend(_as_text(w.token_ids))
+                sampled[w.seq_id] = w.sample
+        modelled = self.step_time(batch) + self._pending_s
+        self._pending_s = 0.0
+        if self.clock is not None:
+            elapsed = self.clock.advance(modelled)
+        else:
+            elapsed = self._wait(modelled * self.time_scale, started, resident)
         out: dict[str, int] = {}
         for w in batch.work:
             end = w.start_pos + len(w.token_ids)
             self._kv[w.seq_id] = end
             if w.sample:
                 out[w.seq_id] = _GENERATED + end % 1000
-                if self.prefix_cache:
-                    self._sampled[w.seq_id] = self._sampled.get(w.seq_id, 0) + 1
         self.stat_steps += 1
         if self.prefix_cache:
-            self._cache_trim()
+            self._trim()
         return StepOutput(next_tokens=out, elapsed_s=elapsed)
 
     def _wait(self, seconds: float, started: float, resident: bool) -> float:
@@ -158,12 +205,26 @@ class SimBackend:
         return (self._last_end - start) if self.pace else (time.perf_counter() - started)
 
     def release(self, seq_id: str) -> None:
+        """The sequence finished: free its KV and retain what it was fed."""
         self._kv.pop(seq_id, None)
         self._swapped.pop(seq_id, None)
+        self._counted.discard(seq_id)
         if self.prefix_cache:
-            self._cache_put(seq_id)
+            fed = self._fed.get(seq_id)
+            key = self._key.get(seq_id)
+            sampled = self._sampled.get(seq_id, False)
+            self._forget(seq_id)
+            if fed and key is not None:
+                if sampled:
+                    fed.append(_TOK_ID)  # the last sampled token, never fed back
+                self.device.put(seq_id, key, fed)
+                self._trim()
 
     def _sleep(self, seconds: float) -> float:
+        """Spend a modelled duration (unscaled): on the virtual clock, or asleep for its scaled time."""
+        if self.clock is not None:
+            return self.clock.advance(seconds)
+        seconds *= self.time_scale
         if seconds > 0:
             time.sleep(seconds)
         return seconds
@@ -171,19 +232,20 @@ class SimBackend:
     def swap_out(self, seq_id: str) -> SwapStats:
         tokens = self._kv.pop(seq_id, 0)
         self._swapped[seq_id] = tokens
-        elapsed = self._sleep(self.cost.swap_time(tokens) * self.time_scale)
+        elapsed = self._sleep(self.cost.swap_time(tokens))
         return SwapStats(bytes=tokens * self.cost.kv_bytes_per_token, elapsed_s=elapsed)
 
     def swap_in(self, seq_id: str) -> SwapStats:
         tokens = self._swapped.pop(seq_id, 0)
         self._kv[seq_id] = tokens
-        elapsed = self._sleep(self.cost.swap_time(tokens) * self.time_scale)
+        elapsed = self._sleep(self.cost.swap_time(tokens))
         return SwapStats(bytes=tokens * self.cost.kv_bytes_per_token, elapsed_s=elapsed)
 
     def drop(self, seq_id: str) -> None:
+        """Discard the sequence's KV (recomputed later, after a new ``attach_prefix``); not retained."""
         self._kv.pop(seq_id, None)
         self._swapped.pop(seq_id, None)
-        self._forget(seq_id)  # recomputed from scratch later: not a finished context to cache
+        self._forget(seq_id)
 
     def kv_bytes_per_token(self) -> int:
         return self.cost.kv_bytes_per_token
@@ -191,84 +253,93 @@ class SimBackend:
     def kv_tokens_used(self) -> int:
         return sum(self._kv.values())
 
+    def kv_tokens_capacity(self) -> int:
+        return self.kv_budget_tokens
+
+    def swap_pool_bytes_used(self) -> int:
+        return sum(self._swapped.values()) * self.cost.kv_bytes_per_token
+
     # -- prefix cache ------------------------------------------------------------------------
-    def _cached_in(self, w: SeqWork) -> int:
-        """How many of ``w``'s prefill tokens the prefix cache saves (0 for a decode token)."""
-        hit = self._hit.get(w.seq_id, 0)
-        if not self.prefix_cache or hit <= w.start_pos or (len(w.token_ids) == 1 and w.start_pos > 0):
+    def attach_prefix(self, seq_id: str, token_ids: Sequence[int], prefix_key: str | None) -> int:
+        stats = self.stats
+        first = seq_id not in self._counted
+        if first:
+            self._counted.add(seq_id)
+            stats.prompt_tokens += len(token_ids)
+        if not self.prefix_cache or prefix_key is None or not token_ids:
             return 0
-        saved = min(hit, w.start_pos + len(w.token_ids)) - w.start_pos
-        if saved >= len(w.token_ids) and w.sample:
-            saved = len(w.token_ids) - 1  # the last prompt token is always computed
-        return max(saved, 0)
+        ids = _as_text(token_ids)
+        limit = len(ids) - 1  # the last prompt token is always computed
+        self.device.revive_program(prefix_key)
+        if self.tier is not None:
+            self.tier.revive_program(prefix_key)
+        key, hit = self.device.longest(prefix_key, ids)
+        hit = min(hit, limit)
+        if key is not None:
+            self.device.touch(key)
+        tier = self.tier
+        if tier is not None and len(tier):
+            tkey, thit = tier.longest(prefix_key, ids)
+            thit = min(thit, limit)
+            if tkey is not None and thit > hit:
+                size = len(tier.tokens_of(tkey))
+                swap = self.cost.swap_time(size)
+                if swap < self.cost.recompute_time(thit - hit):
+                    self._pending_s += swap
+                    self.stat_tier_s += swap
+                    program_id, tokens = tier.remove(tkey)
+                    self.device.put(tkey, program_id, tokens)  # back in device KV: siblings hit it there
+                    if first:
+                        stats.tier_hit_tokens += thit
+                    hit = thit
+        if first:
+            stats.hit_tokens += hit
+        self._kv[seq_id] = hit
+        self._fed[seq_id] = ids[:hit]
+        self._key[seq_id] = prefix_key
+        self._sampled[seq_id] = False
+        self._trim()
+        return hit
 
-    def _feed(self, w: SeqWork) -> None:
-        """Record ``w``'s tokens; on a prefill chunk, find the longest cached common prefix."""
-        fed = self._fed.get(w.seq_id)
-        if fed is None or w.start_pos == 0:
-            fed = self._fed[w.seq_id] = []
-            self._hit[w.seq_id] = 0
-            self._sampled[w.seq_id] = 0
-            if w.prefix_key is not None:
-                self._key[w.seq_id] = w.prefix_key
-        del fed[w.start_pos :]
-        fed.extend(_TOK_ID if t >= _GENERATED else t for t in w.token_ids)
-        if len(w.token_ids) == 1 and w.start_pos > 0:
-            return  # a decode token
-        key = w.prefix_key
-        hit = self._hit[w.seq_id]
-        if key is not None and hit >= w.start_pos:  # still matching a cached sequence
-            best, best_sid = hit, None
-            for sid in self._by_key.get(key, ()):
-                entry = self._cache[(key, sid)]
-                if len(entry) > best and entry[:best] == fed[:best]:
-                    common = _common_prefix(entry, fed)
-                    if common > best:
-                        best, best_sid = common, sid
-            if best_sid is not None:
-                self._hit[w.seq_id] = best
-                self._cache.move_to_end((key, best_sid))
-        if w.sample:  # the prompt's last chunk: count it once
-            prompt = w.start_pos + len(w.token_ids)
-            self.stat_prompt_tokens += prompt
-            self.stat_cache_hit_tokens += min(self._hit[w.seq_id], prompt - 1)
+    def end_prefix(self, prefix_key: str) -> None:
+        self.device.end_program(prefix_key)
+        if self.tier is not None:
+            self.tier.end_program(prefix_key)
 
-    def _cache_put(self, seq_id: str) -> None:
-        fed = self._fed.get(seq_id)
-        key = self._key.get(seq_id)
-        sampled = self._sampled.get(seq_id, 0)
-        self._forget(seq_id)
-        if fed is None or key is None or not fed:
-            return
-        entry = list(fed)
-        if sampled:
-            entry.append(_TOK_ID)  # the last sampled token, never fed back
-        self._cache[(key, seq_id)] = entry
-        self._by_key.setdefault(key, set()).add(seq_id)
-        self._cache_tokens += len(entry)
-        self._cache_trim()
+    def cache_stats(self) -> CacheStats:
+        s = self.stats
+        return CacheStats(
+            prompt_tokens=s.prompt_tokens,
+            hit_tokens=s.hit_tokens,
+            tier_hit_tokens=s.tier_hit_tokens,
+            retained_tokens=self.device.tokens,
+            tiered_tokens=self.tier.tokens if self.tier is not None else 0,
+            evictions=s.evictions,
+        )
 
     def _forget(self, seq_id: str) -> None:
         self._fed.pop(seq_id, None)
-        self._sampled.pop(seq_id, None)
         self._key.pop(seq_id, None)
-        self._hit.pop(seq_id, None)
+        self._sampled.pop(seq_id, None)
 
-    def _cache_trim(self) -> None:
+    def _trim(self) -> None:
+        """Evict retained entries until they fit in what resident sequences leave free."""
+        device, tier = self.device, self.tier
         free = self.kv_budget_tokens - sum(self._kv.values())
-        while self._cache_tokens > free and self._cache:
-            (key, sid), entry = self._cache.popitem(last=False)
-            self._cache_tokens -= len(entry)
-            ids = self._by_key.get(key)
-            if ids is not None:
-                ids.discard(sid)
-                if not ids:
-                    del self._by_key[key]
-
-    def cache_stats(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.stat_prompt_tokens,
-            "cache_hit_tokens": self.stat_cache_hit_tokens,
-            "cached_tokens": self._cache_tokens,
-            "steps": self.stat_steps,
-        }
+        while device.tokens > free:
+            key = device.victim()
+            if key is None:
+                return
+            kept = device.is_kept(key)
+            program_id, tokens = device.remove(key)
+            if not kept or tier is None:
+                self.stats.evictions += 1
+                continue
+            self.stat_tier_out_s += self.cost.swap_time(len(tokens))
+            tier.put(key, program_id, tokens)
+            while tier.tokens > self.tier_tokens:
+                victim = tier.victim()
+                if victim is None:
+                    break
+                tier.remove(victim)
+                self.stats.evictions += 1

@@ -136,5 +136,8 @@ class VLLMBackend:
     def kv_bytes_per_token(self) -> int:
         return 1
 
+    def swap_pool_bytes_used(self) -> int:
+        return 0
+
     def kv_tokens_used(self) -> int:
         return sum(self._active.values())

@@ -238,6 +238,12 @@ class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     completed_at: Epoch = 0.0
 
 
+
+def completed_message_id(event: CallCompleted) -> str:
+    """The ``Nats-Msg-Id`` header engines publish a completed event with: JetStream keeps one event
+    per engine, call and outcome within its duplicate window (services/tracker/completions.py)."""
+    return f"{event.engine_id}:{event.call_id}:{event.finish_reason}"
+
 class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: RequiredToken
     backend: Name
@@ -253,6 +259,22 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     max_context: Count = 0
     interval_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 1.0
     sent_at: Epoch = 0.0
+    # Program-aware KV memory (0 from older engines; the retained, tiered and hit figures also from
+    # backends without a prefix cache): the KV the engine admits at most (running calls)
+    kv_tokens_capacity: Count = 0
+    # KV held in device memory by retained contexts of finished calls
+    kv_tokens_retained: Count = 0
+    # for each active program between calls (none queued or running here), the context of its latest
+    # call that finished here, wherever that KV is now (its next call extends it): with the running
+    # and queued KV, the working set the schedulers' door compares with the capacity
+    kv_tokens_idle_contexts: Count = 0
+    # KV held in the CPU tier
+    kv_tokens_tiered: Count = 0
+    # cumulative prompt tokens of calls admitted, and those served from retained KV instead of
+    # prefilled (the hit rate is their ratio; prefix_hit_rate is it, for readers of one heartbeat)
+    prompt_tokens_total: Count = 0
+    prefix_hit_tokens_total: Count = 0
+    prefix_hit_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
@@ -269,6 +291,8 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     call_path_s: Seconds = 0.0
     ended: bool = False
     updated_at: Epoch = 0.0
+    #: the program's owner (its tenant; "" without auth): schedulers account service per tenant
+    owner: Id = ""
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):

@@ -112,6 +112,7 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
                 own_inbox,
                 s.call_completed,
                 s.call_dispatched,
+                s.engine_heartbeat,  # engines that die: their calls leave the active counts
                 s.program_end,
                 f"{s.program_end}.*",
                 s.tracker_table,
@@ -232,6 +233,25 @@ def default_credentials_path() -> Path:
     """Where ``autellix up`` writes the client's credentials unless told otherwise."""
     cache = Path(os.environ.get("AUTELLIX_CACHE", "~/.cache/autellix")).expanduser()
     return cache / "credentials" / "client.creds"
+
+
+def resolve_url(url: str | None = None, creds: str | None = None, client: bool = False) -> str:
+    """The NATS URL to connect with, the same for the CLI and the Python client: a credentials file
+    (``creds``, else ``AUTELLIX_NATS_CREDS``), else ``url`` or ``AUTELLIX_NATS``, else, for clients
+    only, the credentials ``autellix up`` wrote on this machine, else nats://127.0.0.1:4222."""
+    creds = creds or os.environ.get("AUTELLIX_NATS_CREDS")
+    if creds:
+        return read_credentials(creds)
+    url = url or os.environ.get("AUTELLIX_NATS")
+    if url:
+        return url
+    default = default_credentials_path()
+    if client and default.is_file():
+        try:
+            return read_credentials(default)
+        except (OSError, ValueError):
+            pass  # a stale or foreign file: fall back to the open default
+    return "nats://127.0.0.1:4222"
 
 
 def init_deployment(directory: Path, subjects: Subjects) -> dict[str, Path]:

@@ -14,7 +14,7 @@ from typing import Any
 import nats.errors
 import uvloop
 
-from autellix.engine.factory import BACKENDS
+from autellix.engine.factory import BACKENDS, DEFAULT_TIER_SCALE, RETENTIONS
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import DEFAULT_ROOT
@@ -50,6 +50,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
     p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
     p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
+    p.add_argument(
+        "--retention",
+        choices=RETENTIONS,
+        default=None,
+        help="engine: eviction order of retained contexts, lru or program (contained, ended programs', then LRU) "
+        "(env AUTELLIX_RETENTION; default program)",
+    )
+    p.add_argument(
+        "--kv-tier-tokens",
+        type=int,
+        default=None,
+        help=f"engine: CPU tier for evicted contexts of live programs, in tokens; 0 = none "
+        f"(env AUTELLIX_KV_TIER_TOKENS; default {DEFAULT_TIER_SCALE} x --kv-tokens)",
+    )
     p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
     p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
     p.add_argument(
@@ -87,27 +101,14 @@ def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
 
 
 def _env_url(args: argparse.Namespace, client: bool = False) -> str:
-    """The URL to connect with: a credentials file (--creds, AUTELLIX_NATS_CREDS), else --nats or
-    AUTELLIX_NATS, else (clients only) the credentials `autellix up` wrote on this machine, else the
-    default URL."""
-    from .auth import default_credentials_path, read_credentials
+    """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
+    environment, and for clients the credentials `autellix up` wrote on this machine)."""
+    from .auth import resolve_url
 
-    creds = getattr(args, "creds", None) or os.environ.get("AUTELLIX_NATS_CREDS")
-    if creds:
-        try:
-            return read_credentials(creds)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"autellix: {exc}") from None
-    url = args.nats or os.environ.get("AUTELLIX_NATS")
-    if url:
-        return url
-    default = default_credentials_path()
-    if client and default.is_file():
-        try:
-            return read_credentials(default)
-        except (OSError, ValueError):
-            pass  # not ours to fix here: fall back to the open default
-    return DEFAULT_NATS_URL
+    try:
+        return resolve_url(args.nats, getattr(args, "creds", None), client=client)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"autellix: {exc}") from None
 
 
 def _env_root(args: argparse.Namespace) -> str:
@@ -151,6 +152,10 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         spec = replace(spec, max_batch=args.max_batch)
     if args.kv_tokens is not None:
         spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
+    if getattr(args, "retention", None) is not None:
+        spec = replace(spec, retention=args.retention)
+    if getattr(args, "kv_tier_tokens", None) is not None:
+        spec = replace(spec, kv_tier_tokens=args.kv_tier_tokens)
     if args.sim_time_scale is not None:
         spec = replace(spec, sim_time_scale=args.sim_time_scale)
     if args.threads is not None:
@@ -207,7 +212,14 @@ def cmd_service(args: argparse.Namespace) -> int:
     async def main() -> int:
         return await run_until_signal([service])
 
-    return _run(main())
+    status = _run(main())
+    if status == 1:
+        # the service failed: exit now, even if a stuck worker thread (a hung model step) would
+        # keep the interpreter from exiting at all
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 # -- everything on one machine ------------------------------------------------------------------

@@ -50,8 +50,8 @@ from autellix.proto import (
     encode,
 )
 
-from .auth import INBOX_ROOT, url_user
-from .nats_conn import DEFAULT_NATS_URL, connect
+from .auth import INBOX_ROOT, resolve_url, url_user
+from .nats_conn import connect
 
 MessagesLike = str | Sequence[dict[str, str]] | Sequence[Message]
 
@@ -287,6 +287,7 @@ class Program:
         call_id: str | None = None,
         ignore_eos: bool = False,
         timeout_s: float | None = None,
+        deadline_s: float = 0.0,
     ) -> CallStream:
         request = CallRequest(
             program_id=self.program_id,
@@ -297,6 +298,7 @@ class Program:
             temperature=temperature,
             ignore_eos=ignore_eos,
             parents=list(parents) if parents is not None else None,
+            deadline_s=deadline_s,
         )
         return CallStream(self.client, request, timeout_s or self.client.timeout_s)
 
@@ -352,12 +354,16 @@ class Client:
     @classmethod
     async def connect(
         cls,
-        url: str = DEFAULT_NATS_URL,
+        url: str | None = None,
         root: str = DEFAULT_ROOT,
         timeout_s: float = 300.0,
         ack_timeout_s: float = 5.0,
         max_attempts: int = 5,
     ) -> Client:
+        """Connect to the mesh. Without ``url``: ``AUTELLIX_NATS_CREDS`` (a credentials file), else
+        ``AUTELLIX_NATS``, else the credentials ``autellix up`` wrote on this machine, else the
+        open default nats://127.0.0.1:4222 (:func:`autellix.services.auth.resolve_url`)."""
+        url = url or resolve_url(client=True)
         nc = await connect(url, "autellix-client", fail_fast=True)
         return cls(
             nc,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 
 from .auth import inbox_prefix, redact_url, url_user
+from .log_throttle import LogThrottle
 from .logs import get_logger
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -38,9 +39,12 @@ async def connect(
     async def reconnected() -> None:
         log.info("nats reconnected", url=shown)
 
+    throttle = LogThrottle()
+
     async def error(exc: Exception) -> None:
+        # one line per kind of error now and then: a slow consumer or a refused reconnect repeats
         if nc.is_connected or nc.is_reconnecting or not fail_fast:
-            log.warning("nats error", error=str(exc) or type(exc).__name__)
+            throttle.log(log, "nats error", key=type(exc).__name__, error=str(exc)[:300] or type(exc).__name__)
 
     await nc.connect(
         url,

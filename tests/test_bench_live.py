@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autellix.bench.live import ReplayConfig, Replayer, at_rate, load_programs, start_local_mesh
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend
 from autellix.services.cli import main as autellix_main
@@ -82,7 +82,7 @@ async def test_replay_sends_the_trace_token_counts_and_forced_lengths(nats_url: 
     # a join runs after all its parents; a child after its parent
     by_id = {(p.program_id, c.call_id): c for p in programs for c in p.calls}
     assert by_id[("fan", "join")].parents == ("x0", "x1", "x2")
-    hits = sum(b.cache_stats()["cache_hit_tokens"] for b in mesh.backends)
+    hits = sum(b.cache_stats().hit_tokens for b in mesh.backends)
     assert hits > 0  # context carried: histories found in the prefix cache
 
 
@@ -121,6 +121,22 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
     assert "balancer_ratio_to_round_robin" in report["analysis"]
 
 
+def test_bench_compares_engine_memory_variants(tmp_path: Path, nats_url: str) -> None:
+    trace = tmp_path / "small.jsonl"
+    write_trace(trace, _small_programs())
+    out = tmp_path / "out.json"
+    code = autellix_main([
+        "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs",
+        "--memory", "lru,tier", "--sim-time-scale", "0.02", "--json", str(out), "--no-progress",
+        "--warmup", "0", "--drain", "0",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [p["memory"] for p in report["points"]] == ["lru", "tier"]
+    assert all(p["errors"] == 0 and p["programs_completed"] == 3 for p in report["points"])
+    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("tier", "lru")]
+
+
 def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "o.json")
     assert autellix_main(["bench", "--workload", "nope", "--rate", "1", "--json", out]) == 2
@@ -128,15 +144,16 @@ def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--compare", "x", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--balancer", "x", "--json", out]) == 2
     assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--kv-scale", "0", "--json", out]) == 2
+    assert autellix_main(["bench", "--workload", "bfcl", "--rate", "1", "--memory", "lfu", "--json", out]) == 2
     assert "error" in capsys.readouterr().err
 
 
 def _run_to_end(core: EngineCore, backend: object) -> list[FinishEvent]:
     done: list[FinishEvent] = []
     while not core.idle:
-        plan = core.schedule(0.0)
-        assert plan is not None
-        done += [e for e in core.update(plan, execute_plan(core.backend, plan), 0.0) if isinstance(e, FinishEvent)]
+        outcome = core.step(0.0)
+        assert outcome is not None
+        done += [e for e in outcome.events if isinstance(e, FinishEvent)]
     return done
 
 
@@ -153,8 +170,8 @@ def test_sim_prefix_cache_saves_a_programs_history() -> None:
     _run_to_end(core, backend)
     stats = backend.cache_stats()
     # c2 reuses c1's prompt and answer (103 tokens); c3 is another program: no reuse
-    assert stats["cache_hit_tokens"] == 103
-    assert stats["prompt_tokens"] == 100 + 105 + 105
+    assert stats.hit_tokens == 103
+    assert stats.prompt_tokens == 100 + 105 + 105
 
 
 @pytest.mark.model

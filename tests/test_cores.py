@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallCompleted, CallDispatched, EngineHeartbeat, ProgramService, Subjects
 from autellix.services.scheduler.core import RejectedCall, SchedulerCore
@@ -152,9 +152,9 @@ def test_scheduler_routes_to_least_loaded_live_engine() -> None:
 def run_to_end(core: EngineCore, backend: SimBackend, now: float = 0.0) -> list[tuple[float, object]]:
     events: list[tuple[float, object]] = []
     while not core.idle:
-        plan = core.schedule(now)
-        assert plan is not None
-        events += [(now, e) for e in core.update(plan, execute_plan(backend, plan), now)]
+        outcome = core.step(now)
+        assert outcome is not None
+        events += [(now, e) for e in outcome.events]
         now += 1
     return events
 
@@ -177,19 +177,20 @@ def test_engine_core_respects_kv_capacity_and_chunks_prefill() -> None:
     core = EngineCore(backend, CoreConfig(max_batch=8, max_batched_tokens=16, kv_capacity_tokens=100))
     core.add(CallSpec("a", "p", [1] * 40, 20), 0)
     core.add(CallSpec("b", "p", [1] * 40, 20, priority=1.0, program_service_s=1.0), 0)
-    plan = core.schedule(0)
-    assert plan is not None and [w.seq_id for w in plan.batch.work] == ["a"] and plan.batch.num_tokens == 16
     now, preempted, outputs = 0.0, [], {"a": 0, "b": 0}
     while not core.idle:
-        assert plan is not None
+        outcome = core.step(now)
+        assert outcome is not None
+        plan = outcome.plan
+        if now == 0:
+            assert [w.seq_id for w in plan.batch.work] == ["a"] and plan.batch.num_tokens == 16
         preempted += [p.call_id for p in plan.preemptions]
         resident = sum(w.start_pos + len(w.token_ids) for w in plan.batch.work)
         assert resident <= 100, "running KV beyond the budget"
-        for e in core.update(plan, execute_plan(backend, plan), now):
+        for e in outcome.events:
             if isinstance(e, TokenEvent):
                 outputs[e.call_id] += 1
         now += 1
-        plan = core.schedule(now)
     assert preempted == ["b"]  # the two outgrow 100 KV tokens together: the lower one yields
     assert outputs == {"a": 20, "b": 20}
     assert core.load().kv_tokens_used == 0 and backend.kv_tokens_used() == 0
@@ -200,9 +201,7 @@ def test_engine_core_abort_frees_everything() -> None:
     core = EngineCore(backend, CoreConfig(max_batch=1))
     core.add(CallSpec("run", "p", [1, 2], 50), 0)
     core.add(CallSpec("wait", "p", [1, 2], 50), 0)
-    plan = core.schedule(0)
-    assert plan is not None
-    core.update(plan, execute_plan(backend, plan), 0)
+    assert core.step(0.0) is not None
     assert isinstance(core.abort("run"), FinishEvent) and isinstance(core.abort("wait"), FinishEvent)
     assert core.abort("run") is None
     assert core.idle and core.schedule(1) is None and backend.kv_tokens_used() == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from meshkit import start_mesh, stop_mesh
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 from autellix.services.client import CallFailed
 
 pytestmark = pytest.mark.model
@@ -21,11 +21,10 @@ def run(core: EngineCore, arrivals: dict[int, list[CallSpec]] | None = None) -> 
     while not core.idle or any(k >= step for k in arrivals):
         for spec in arrivals.get(step, []):
             core.add(spec, now)
-        plan = core.schedule(now)
-        if plan is not None:
-            result = execute_plan(core.backend, plan)
-            now += result.output.elapsed_s
-            done.update({e.call_id: e for e in core.update(plan, result, now) if isinstance(e, FinishEvent)})
+        outcome = core.step(now)
+        if outcome is not None:
+            now += outcome.result.output.elapsed_s
+            done.update({e.call_id: e for e in outcome.events if isinstance(e, FinishEvent)})
         step += 1
         assert step < 2000
     return done

@@ -176,6 +176,50 @@ async def test_restarted_tracker_keeps_every_programs_service(nats_url: str, roo
         await stop_mesh(mesh)
 
 
+async def test_completions_while_the_tracker_is_down_are_counted_once(nats_url: str, root: str) -> None:
+    """The tracker crashes (no drain, no final flush) while calls run, and a new one starts after
+    more of them completed: the durable JetStream consumer hands it every completion it missed, and
+    none is counted twice. Each program's service equals the sum its calls' finals report."""
+    mesh = await start_mesh(nats_url, root, engines=2, backend=BackendSpec(name="sim", sim_time_scale=0.2))
+    finals: dict[str, list[float]] = {}
+
+    async def program(i: int) -> None:
+        p = mesh.client.program(f"down{i}")  # not ended: its row stays for the check
+        for j in range(4):
+            r = await p.call(f"work {j}", max_tokens=24)
+            finals.setdefault(p.program_id, []).append(r.final.service_s)
+            await asyncio.sleep(0.05)
+
+    try:
+        work = asyncio.gather(*(program(i) for i in range(6)))
+        await asyncio.sleep(0.3)
+        crashed = mesh.tracker  # a crash: the connection drops, nothing is flushed or drained
+        for task in (crashed._gc_task, crashed._flush_task):
+            if task is not None:
+                task.cancel()
+        assert crashed._nc is not None
+        await crashed._nc.close()
+        await asyncio.sleep(1.0)  # completions published meanwhile wait in the stream
+        mesh.tracker = TrackerService(TrackerConfig(nats_url=nats_url, root=root))
+        await mesh.tracker.start()
+        await asyncio.wait_for(work, 60)
+        deadline = time.monotonic() + 10
+        while True:
+            rows = {r.program_id: r for r in mesh.tracker.table.summaries()}
+            if all(pid in rows and rows[pid].calls_completed >= 4 for pid in finals):
+                break
+            assert time.monotonic() < deadline, {pid: rows.get(pid) for pid in finals}
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # anything still redelivered would land now
+        for pid, services in finals.items():
+            row = mesh.tracker.table.summaries()
+            (mine,) = [r for r in row if r.program_id == pid]
+            assert mine.calls_completed == 4, pid
+            assert mine.service_s == pytest.approx(sum(services), rel=1e-4, abs=1e-6), pid
+    finally:
+        await stop_mesh(mesh)
+
+
 async def test_atlas_stamps_follow_the_critical_path(nats_url: str, root: str) -> None:
     mesh = await start_mesh(nats_url, root, policy="atlas", backend=BackendSpec(name="sim", sim_time_scale=1.0))
     core = mesh.scheduler.core

@@ -194,7 +194,13 @@ async def test_garbage_on_every_subject_leaves_the_mesh_serving(mesh: Mesh) -> N
                 await nc.publish(subject, payload)
                 await nc.publish(subject, payload, reply=nc.new_inbox())
         reply = await nc.request(s.program_end, b'{"program_id": "never-seen"}', timeout=5)
-        assert json.loads(reply.data) == {"ok": False, "error": "unknown program 'never-seen'"}
+        assert json.loads(reply.data) == {
+            "ok": False, "code": "unknown_program", "error": "unknown program 'never-seen'"
+        }  # fmt: skip
+        reply = await nc.request(s.program_end, b"[" * 1000, timeout=5)
+        assert json.loads(reply.data)["code"] == "bad_json"
+        reply = await nc.request(s.program_end, b'{"program_id": 7}', timeout=5)
+        assert json.loads(reply.data)["code"] == "bad_field"
         await nc.flush()
     finally:
         await nc.close()
@@ -412,3 +418,110 @@ async def test_engines_stop_in_parallel_and_within_their_budget() -> None:
     t0 = time.monotonic()
     await stop_stages([[_SlowStop("hung", 60, budget_s=0.2)], [_SlowStop("next", 0)]])
     assert time.monotonic() - t0 < 1.0  # a stop that hangs is abandoned at its budget
+
+
+async def test_stuck_model_step_fails_the_engine(nats_url: str, root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshkit import start_mesh, stop_mesh
+
+    import autellix.services.engine.service as engine_service
+    from autellix.engine.factory import BackendSpec
+    from autellix.services.engine.config import EngineConfig
+    from autellix.services.engine.service import EngineService
+
+    def hung(backend: object, plan: object) -> object:
+        time.sleep(1.5)
+        raise RuntimeError("never finished")
+
+    m = await start_mesh(nats_url, root, engines=0)
+    spec = BackendSpec(name="sim", sim_time_scale=0)
+    config = EngineConfig(nats_url=nats_url, root=root, engine_id="stuck", heartbeat_s=0.1, step_stuck_s=0.4,
+                          backend=spec)  # fmt: skip
+    engine = EngineService(config)
+    await engine.start()
+    try:
+        monkeypatch.setattr(engine_service, "execute_plan", hung)
+        call = asyncio.create_task(m.client.program().call("x", max_tokens=2))
+        await asyncio.wait_for(engine.health.failed.wait(), 5)
+        assert "model step has run" in engine.health.reason
+        await _until(lambda: "stuck" not in m.scheduler.core.engines, timeout_s=3)
+        call.cancel()
+    finally:
+        await engine.stop()
+        await stop_mesh(m)
+
+
+async def test_a_failed_service_ends_the_process_with_status_1() -> None:
+    from autellix.services.lifecycle import Health, run_until_signal
+
+    class Failing(_SlowStop):
+        def __init__(self) -> None:
+            super().__init__("failing", 0)
+            self.health = Health("failing")
+            self.stopped = False
+
+        async def start(self) -> None:
+            asyncio.get_running_loop().call_later(0.1, self.health.fail, "injected")
+
+        async def stop(self) -> None:
+            self.stopped = True
+
+    service = Failing()
+    assert await asyncio.wait_for(run_until_signal([service]), 5) == 1
+    assert service.stopped
+
+
+async def test_a_call_whose_output_cannot_be_sent_fails_alone(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = mesh.engines[0]
+    real_chunk = engine._chunk
+
+    async def chunk(flight, text: str) -> None:  # type: ignore[no-untyped-def]
+        if flight.call.program_id == "poison":
+            raise nats.errors.MaxPayloadError
+        await real_chunk(flight, text)
+
+    monkeypatch.setattr(engine, "_chunk", chunk)
+    poison = asyncio.create_task(mesh.client.program("poison").call("x", max_tokens=20))
+    good = [asyncio.create_task(mesh.client.program().call("y", max_tokens=20)) for _ in range(3)]
+    with pytest.raises(Exception) as info:
+        await asyncio.wait_for(poison, 10)
+    assert getattr(info.value, "code", None) == "internal"
+    assert [r.output_tokens for r in await asyncio.gather(*good)] == [20, 20, 20]
+    _alive(mesh)
+    await _until(lambda: not engine._inflight)
+    await _until(lambda: (e := mesh.tracker.table.get("poison")) is not None and not e.active_calls)
+
+
+def test_calls_on_a_gone_engine_leave_the_active_counts() -> None:
+    from autellix.proto import CallDispatched, EngineHeartbeat
+    from autellix.services.tracker.engine_liveness import EngineLiveness
+    from autellix.services.tracker.process_table import ProcessTable
+
+    live = EngineLiveness()
+    live.on_heartbeat(EngineHeartbeat(engine_id="a", backend="sim", model="m", interval_s=1.0), now=0)
+    live.on_heartbeat(EngineHeartbeat(engine_id="b", backend="sim", model="m", interval_s=1.0), now=0)
+    assert live.gone(2.9) == []
+    live.on_heartbeat(EngineHeartbeat(engine_id="b", backend="sim", model="m", state="down"), now=3)
+    assert live.gone(3.1) == ["b", "a"] and live.gone(10) == []
+
+    t = ProcessTable()
+    t.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="a", priority=0), now=0)
+    t.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="b", priority=0), now=0)
+    t.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="a", priority=0), now=1)  # resubmitted
+    assert t.engine_gone("b") == []  # c2 moved on to engine a
+    assert t.engine_gone("a") == ["p"] and not t.get("p").active_calls  # type: ignore[union-attr]
+
+
+async def test_tracker_drops_active_calls_of_an_engine_that_stopped(mesh: Mesh) -> None:
+    s = Subjects(mesh.root)
+    nc = await _raw(mesh)
+    try:
+        beat = {"engine_id": "ghost", "backend": "sim", "model": "m", "interval_s": 0.1}
+        await nc.publish(s.engine_heartbeat, json.dumps(beat).encode())
+        dispatched = {"call_id": "c-ghost", "program_id": "haunted", "engine_id": "ghost", "priority": 0}
+        await nc.publish(s.call_dispatched, json.dumps(dispatched).encode())
+        await nc.flush()
+        await _until(lambda: (e := mesh.tracker.table.get("haunted")) is not None and e.active_calls)
+        # no more heartbeats from the ghost: within 3 intervals and a GC round, its call is dropped
+        await _until(lambda: not mesh.tracker.table.get("haunted").active_calls, timeout_s=5)  # type: ignore[union-attr]
+    finally:
+        await nc.close()

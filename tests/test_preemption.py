@@ -14,34 +14,29 @@ from autellix.engine.core import (
     FinishEvent,
     StepPlan,
     TokenEvent,
-    execute_plan,
 )
-from autellix.engine.sim_backend import SimBackend
+from autellix.engine.sim_backend import SimBackend, VirtualClock
 from autellix.policy.mlfq import MLFQConfig
 
 
-class FakeClock:
-    """Virtual time: each step advances by the sim backend's modelled step time."""
+class FakeClock(VirtualClock):
+    """Virtual time: each step advances by the sim backend's modelled step and swap times."""
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    @property
+    def now(self) -> float:
+        return self.now_s
 
 
 def step(core: EngineCore, backend: SimBackend, clock: FakeClock) -> tuple[StepPlan | None, list[object]]:
-    plan = core.schedule(clock.now)
-    if plan is None:
-        return None, []
-    result = execute_plan(backend, plan)
-    clock.now += max(backend.step_time(plan.batch), 1e-3)
-    return plan, list(core.update(plan, result, clock.now))
+    outcome = core.step(clock)
+    return (None, []) if outcome is None else (outcome.plan, list(outcome.events))
 
 
 def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(
         backend, CoreConfig(max_batch=2, kv_capacity_tokens=10_000, schedule_every=2, preempt_mode="swap")
     )
-    clock = FakeClock()
     core.add(CallSpec("long", "big", [1] * 100, 200, priority=50.0, program_service_s=50.0), clock.now)
     finished: list[str] = []
     tokens: dict[str, int] = {}
@@ -72,9 +67,8 @@ def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
 
 
 def test_fcfs_never_displaces_a_running_call() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, policy="fcfs", schedule_every=1))
-    clock = FakeClock()
     core.add(CallSpec("first", "a", [1] * 10, 30, priority=99.0), clock.now)
     step(core, backend, clock)
     core.add(CallSpec("urgent", "b", [1] * 10, 3), clock.now)
@@ -87,12 +81,11 @@ def test_fcfs_never_displaces_a_running_call() -> None:
 
 
 def test_starved_call_is_promoted_by_the_beta_rule() -> None:
-    backend = SimBackend(time_scale=0)
-    mlfq = MLFQConfig(num_levels=4, first_boundary_s=0.01, beta=2.0)
+    backend = SimBackend(clock=(clock := FakeClock()))
+    mlfq = MLFQConfig(num_levels=4, first_boundary_s=1.0, beta=2.0)  # fresh calls (~0.4 s) stay on top
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, mlfq=mlfq, calibrate_every=10**9))
-    clock = FakeClock()
     # an old program's call sits in the bottom queue; fresh programs keep arriving in the top one
-    core.add(CallSpec("old", "heavy", [1] * 8, 4, priority=1.0, program_service_s=1.0), clock.now)
+    core.add(CallSpec("old", "heavy", [1] * 8, 4, priority=10.0, program_service_s=1.0), clock.now)
     assert core.queue.level_of("old") == 3
     n = 0
     promoted_at = None
@@ -115,9 +108,8 @@ def test_starved_call_is_promoted_by_the_beta_rule() -> None:
 
 
 def test_recompute_mode_resumes_where_it_stopped() -> None:
-    backend = SimBackend(time_scale=0)
+    backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, preempt_mode="recompute"))
-    clock = FakeClock()
     core.add(CallSpec("low", "a", [1] * 20, 10, priority=5.0, program_service_s=5.0), clock.now)
     for _ in range(4):
         step(core, backend, clock)
@@ -141,6 +133,7 @@ ops = st.lists(
         st.tuples(st.just("add"), st.integers(1, 60), st.integers(1, 40), st.floats(0, 20)),
         st.tuples(st.just("abort"), st.integers(0, 30)),
         st.tuples(st.just("step"), st.integers(1, 6)),
+        st.tuples(st.just("end"), st.integers(0, 2)),
     ),
     min_size=1,
     max_size=60,
@@ -154,9 +147,12 @@ ops = st.lists(
     mode=st.sampled_from(["auto", "swap", "recompute"]),
     max_batch=st.integers(1, 6),
     kv=st.integers(120, 400),
+    retention=st.sampled_from(["lru", "program"]),
+    tier=st.sampled_from([0, 150]),
 )
-def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv) -> None:  # type: ignore[no-untyped-def]
-    backend = SimBackend(time_scale=0)
+def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv, retention, tier) -> None:  # type: ignore[no-untyped-def]
+    # retained contexts share the KV budget; evicted ones go to a small CPU tier when there is one
+    backend = SimBackend(clock=(clock := FakeClock()), kv_budget_tokens=kv, retention=retention, tier_tokens=tier)
     # a small swap pool so the pool-full fallback to recompute is exercised too
     backend.swap_pool_capacity_bytes = 200 * backend.kv_bytes_per_token()  # type: ignore[attr-defined]
     core = EngineCore(
@@ -171,7 +167,6 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
             mlfq=MLFQConfig(first_boundary_s=0.005, beta=4.0),
         ),
     )
-    clock = FakeClock()
     added: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
     finished: dict[str, str] = {}
@@ -187,8 +182,11 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
 
     def check_kv() -> None:
         running = [core.get(c) for c in core.running_ids()]
-        assert sum(s.kv_len for s in running if s) <= kv
-        assert backend.kv_tokens_used() == sum(s.kv_len for s in running if s)
+        held = sum(s.kv_len for s in running if s)
+        assert held <= kv
+        assert backend.kv_tokens_used() == held
+        assert backend.device.tokens <= kv - held, "retained KV beyond what running calls leave free"
+        assert backend.tier is None or backend.tier.tokens <= tier
 
     for op in ops:
         if op[0] == "add":
@@ -206,6 +204,8 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
             event = core.abort(cid)
             if event is not None:
                 consume([event])
+        elif op[0] == "end":
+            backend.end_prefix(f"p{op[1]}")
         else:
             for _ in range(op[1]):
                 consume(step(core, backend, clock)[1])
@@ -221,3 +221,7 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
         if reason in ("length", "stop"):
             assert len(tokens.get(cid, [])) == added[cid]
     assert backend.kv_tokens_used() == 0 and not backend._swapped and core.load().swapped == 0
+    assert not backend._fed and not backend._key, "a finished call's state is left in the backend"
+    stats = backend.cache_stats()
+    assert stats.hit_tokens <= stats.prompt_tokens and stats.tier_hit_tokens <= stats.hit_tokens
+    assert stats.retained_tokens <= kv and stats.tiered_tokens <= tier

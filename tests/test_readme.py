@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 from meshkit import start_gateway, start_mesh, stop_mesh
 
 from autellix.engine.factory import BackendSpec
+from autellix.proto import Subjects
+from autellix.services.auth import make_identities, server_config, write_credentials
+from autellix.services.embedded_nats import EmbeddedNats
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -29,21 +33,33 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert "README.md" in ci  # CI runs the README's own test command
 
 
-@pytest.mark.parametrize("marker", ["from autellix.services.client import Client", "import asyncio, json, nats"])
-async def test_readme_example_runs(nats_url: str, marker: str) -> None:
+@pytest.mark.parametrize("marker", ["from autellix.services.client import Client", "import asyncio, json, os, nats"])
+async def test_readme_example_runs(marker: str, tmp_path: Path) -> None:
+    """Each example runs as written against an authenticated broker (as `autellix up` starts it), with
+    only the credentials file's location changed: it finds the client's credentials, uses its own
+    user's subjects and inboxes, and gets an answer."""
     (source,) = [b for b in python_blocks() if marker in b]
-    source = source.replace("nats://127.0.0.1:4222", nats_url)
-    # the examples use the default subject root; this test owns it for its duration
-    mesh = await start_mesh(nats_url, "autellix", backend=BackendSpec(name="sim", sim_time_scale=0.01))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", source, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    identities = make_identities()
+    creds = tmp_path / "client.creds"
+    # the examples use the default subject root; this test's own broker owns it
+    with EmbeddedNats(port=0, config=server_config(identities, Subjects("autellix"))) as server:
+        write_credentials(creds, identities["client"].url(server.url))
+        source = source.replace('os.path.expanduser("~/.cache/autellix/credentials/client.creds")', repr(str(creds)))
+        urls = {role: ident.url(server.url) for role, ident in identities.items()}
+        mesh = await start_mesh(
+            server.url, "autellix", backend=BackendSpec(name="sim", sim_time_scale=0.01), role_urls=urls
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
-        assert "tok" in out.decode()
-    finally:
-        await stop_mesh(mesh)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUTELLIX_NATS")}
+        env["AUTELLIX_NATS_CREDS"] = str(creds)  # what Client.connect() finds without arguments
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", source, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            assert "tok" in out.decode()
+        finally:
+            await stop_mesh(mesh)
 
 
 async def test_readme_openai_example_runs(nats_url: str, root: str) -> None:

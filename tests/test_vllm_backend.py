@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
 
 
 @dataclass
@@ -85,10 +85,9 @@ def run(core: EngineCore, arrivals: dict[int, list[CallSpec]]) -> dict[str, Fini
     while not core.idle or any(k >= step for k in arrivals):
         for spec in arrivals.get(step, []):
             core.add(spec, float(step))
-        plan = core.schedule(float(step))
-        if plan is not None:
-            result = execute_plan(core.backend, plan)
-            done.update({e.call_id: e for e in core.update(plan, result, float(step)) if isinstance(e, FinishEvent)})
+        outcome = core.step(float(step))
+        if outcome is not None:
+            done.update({e.call_id: e for e in outcome.events if isinstance(e, FinishEvent)})
         step += 1
         assert step < 1000
     return done

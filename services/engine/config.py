@@ -35,6 +35,8 @@ class EngineConfig:
     metrics_port: int | None = None
     #: calls held beyond a full running batch; a call past it is shed with ``rate_limited``
     max_waiting: int = 1024
+    #: a model step running longer than this means the engine is stuck: it stops heartbeating and exits
+    step_stuck_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -49,6 +51,8 @@ class EngineConfig:
             kv_capacity_tokens=int(env.get("AUTELLIX_KV_TOKENS", d.backend.kv_capacity_tokens)),
             sim_time_scale=float(env.get("AUTELLIX_SIM_TIME_SCALE", d.backend.sim_time_scale)),
             threads=int(env["AUTELLIX_THREADS"]) if env.get("AUTELLIX_THREADS") else None,
+            retention=env.get("AUTELLIX_RETENTION", d.backend.retention),
+            kv_tier_tokens=int(env["AUTELLIX_KV_TIER_TOKENS"]) if env.get("AUTELLIX_KV_TIER_TOKENS") else None,
         )
         return cls(
             nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
@@ -63,4 +67,5 @@ class EngineConfig:
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
             metrics_port=metrics_port_from_env(),
             max_waiting=int(env.get("AUTELLIX_MAX_WAITING", d.max_waiting)),
+            step_stuck_s=float(env.get("AUTELLIX_STEP_STUCK_S", d.step_stuck_s)),
         )

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from autellix.engine.backend import ModelBackend
+from autellix.engine.backend import CacheStats, ModelBackend, PrefixCache
 from autellix.engine.core import (
     CallSpec,
     CoreConfig,
@@ -39,11 +39,13 @@ from autellix.proto import (
     CallFinal,
     EngineHeartbeat,
     ErrorCode,
+    ProgramService,
     StampedCall,
     Subjects,
     decode,
     encode,
 )
+from autellix.proto.messages import completed_message_id
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -84,7 +86,13 @@ class EngineService:
         self._silent_aborts: set[str] = set()
         #: newer attempts of calls held here that arrived mid-step: accepted after the step
         self._deferred: list[StampedCall] = []
+        #: programs the tracker says ended, to tell the backend's prefix cache between steps
+        self._ended_programs: list[str] = []
+        #: the prefix cache's figures, read between steps (a heartbeat during a step sends the last)
+        self._cache_stats = CacheStats()
+        self._cache_stats_due = True
         self._stepping = False
+        self._step_started = 0.0  # monotonic start of the step now running
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
@@ -128,6 +136,8 @@ class EngineService:
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
+        # ended programs leave the working set, and their contexts go first from the prefix cache
+        await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
         await nc.flush()
         self.metrics.endpoint.start()
         await self._heartbeat()  # announce ourselves at once
@@ -159,7 +169,7 @@ class EngineService:
         self._state = "down"
         await self._heartbeat()
         await self._nc.drain()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=self.health.ok)  # a stuck step's thread is not waited for
         self.metrics.endpoint.stop()
         self.log.info("stopped")
 
@@ -258,6 +268,26 @@ class EngineService:
         if not self._stepping:
             await self._apply_aborts()
 
+    async def _on_program_service(self, msg: Msg) -> None:
+        try:
+            update = decode(msg.data, ProgramService)
+        except msgspec.MsgspecError as exc:
+            self.log.warning("bad program update dropped", error=str(exc))
+            return
+        if update.ended:
+            self._ended_programs.append(update.program_id)
+            if not self._stepping:
+                self._apply_program_ends()
+
+    def _apply_program_ends(self) -> None:
+        """Tell the core (and so the prefix cache) which programs ended; between steps only."""
+        if not self._ended_programs or self.core is None:
+            return
+        ended, self._ended_programs = self._ended_programs, []
+        for program_id in ended:
+            self.core.end_program(program_id)
+        self.log.debug("programs ended", programs=len(ended))
+
     async def _apply_aborts(self) -> None:
         """Apply aborts (each only to the attempts it was meant for), then deferred newer attempts."""
         assert self.core is not None
@@ -307,6 +337,7 @@ class EngineService:
             self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
         self.metrics.on_preemptions(plan.preemptions)
         self._stepping = True
+        self._step_started = time.monotonic()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._executor, execute_plan, self.backend, plan)
         except Exception:
@@ -322,6 +353,9 @@ class EngineService:
         finally:
             self._stepping = False
         await self._publish_events(self.core.update(plan, result, time.time()))
+        self._apply_program_ends()
+        if self._cache_stats_due:
+            self._read_cache_stats()
         await self._apply_aborts()
         await asyncio.sleep(0)  # let submissions and heartbeats in between steps
 
@@ -337,17 +371,36 @@ class EngineService:
             self.health.fail("the NATS connection closed")
 
     async def _publish_events(self, events: list[CoreEvent]) -> None:
+        """Send each call's output. A call whose output cannot be sent (too large for the broker, say)
+        fails alone with ``internal``; the other calls of the step, and the step loop, go on."""
         assert self._nc is not None
         for event in events:
             flight = self._inflight.get(event.call_id)
             if flight is None:
                 continue
-            if isinstance(event, TokenEvent):
-                flight.pending_ids.extend(event.token_ids)
-                if flight.call.stream and event.text:
-                    await self._chunk(flight, event.text)
-            elif isinstance(event, FinishEvent):
-                await self._finish(flight, event)
+            try:
+                if isinstance(event, TokenEvent):
+                    flight.pending_ids.extend(event.token_ids)
+                    if flight.call.stream and event.text:
+                        await self._chunk(flight, event.text)
+                elif isinstance(event, FinishEvent):
+                    await self._finish(flight, event)
+            except Exception as exc:
+                if self._nc.is_closed:
+                    raise  # nothing can be sent: the service fails (its connection closed)
+                self._throttle.log(
+                    self.log, "call failed: its output could not be sent", call_id=event.call_id, error=repr(exc)[:300]
+                )
+                await self._drop_unsendable(event)
+
+    async def _drop_unsendable(self, event: CoreEvent) -> None:
+        assert self.core is not None
+        finished = self.core.abort(event.call_id)  # None: the core had finished it already
+        if finished is None and isinstance(event, FinishEvent):
+            finished = event
+        await self._fail(event.call_id, ErrorCode.INTERNAL, "the engine could not send the call's output")
+        if finished is not None:
+            await self._completed(finished)
 
     async def _chunk(self, flight: InFlight, text: str) -> None:
         """Send text with the token ids it came from (including any held back until now)."""
@@ -453,7 +506,9 @@ class EngineService:
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(done))
+        await self._nc.publish(
+            self.subjects.call_completed, encode(done), headers={"Nats-Msg-Id": completed_message_id(done)}
+        )
         self.metrics.on_completed(done, state, done.completed_at)
         self.log.info(
             "call finished",
@@ -494,7 +549,9 @@ class EngineService:
             parents=call.parents,
             completed_at=time.time(),
         )
-        await self._nc.publish(self.subjects.call_completed, encode(rejected))  # type: ignore[union-attr]
+        await self._nc.publish(  # type: ignore[union-attr]
+            self.subjects.call_completed, encode(rejected), headers={"Nats-Msg-Id": completed_message_id(rejected)}
+        )
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)
@@ -505,6 +562,11 @@ class EngineService:
     async def _heartbeat(self) -> None:
         assert self._nc is not None and self.backend is not None and self.core is not None
         load = self.core.load()
+        if self._stepping:
+            self._cache_stats_due = True  # read after this step, for the next heartbeat
+        else:
+            self._read_cache_stats()
+        cache = self._cache_stats
         hb = EngineHeartbeat(
             engine_id=self.engine_id,
             backend=self.backend.name,
@@ -520,15 +582,29 @@ class EngineService:
             max_context=self.backend.max_context,
             interval_s=self.config.heartbeat_s,
             sent_at=time.time(),
+            kv_tokens_capacity=self.core.kv_capacity,
+            kv_tokens_retained=cache.retained_tokens,
+            kv_tokens_idle_contexts=load.idle_context_tokens,
+            kv_tokens_tiered=cache.tiered_tokens,
+            prompt_tokens_total=cache.prompt_tokens,
+            prefix_hit_tokens_total=cache.hit_tokens,
+            prefix_hit_rate=cache.hit_rate,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
         self.metrics.on_heartbeat(hb)
+
+    def _read_cache_stats(self) -> None:
+        self._cache_stats_due = False
+        if isinstance(self.backend, PrefixCache):
+            self._cache_stats = self.backend.cache_stats()
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeats say the engine takes work; one whose step loop died sends none, so the
         schedulers stop routing to it and tell its callers to resubmit."""
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
+            if self._stepping and (running := time.monotonic() - self._step_started) > self.config.step_stuck_s:
+                self.health.fail(f"a model step has run for {running:.0f} s (limit {self.config.step_stuck_s:g} s)")
             if not self.health.ok:
                 return
             try:

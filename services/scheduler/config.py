@@ -26,6 +26,8 @@ class SchedulerConfig:
     call_deadline_s: float = 600.0
     #: calls of one program this scheduler has routed and not seen finish; more get ``rate_limited``
     max_calls_per_program: int = 1024
+    #: a tenant's service counts half after this long (policy/tenant_account.py)
+    tenant_half_life_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -41,4 +43,5 @@ class SchedulerConfig:
             metrics_port=metrics_port_from_env(),
             max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
             call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
+            tenant_half_life_s=float(env.get("AUTELLIX_TENANT_HALF_LIFE_S", d.tenant_half_life_s)),
         )

@@ -17,6 +17,7 @@ import msgspec
 
 from autellix.policy.balancer import EngineLoad, make_balancer
 from autellix.policy.program_account import ProgramAccount, priority_for
+from autellix.policy.tenant_account import TenantAccounts
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import (
     CallError,
@@ -81,6 +82,7 @@ class SchedulerCore:
         balancer: str = "locality",
         call_deadline_s: float = 600.0,
         max_calls_per_program: int = 1024,
+        tenant_half_life_s: float = 300.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -103,9 +105,15 @@ class SchedulerCore:
         self.active_by_program: dict[str, int] = {}
         #: (deadline, engine id, call id) of routed calls, earliest first; stale entries skipped
         self._deadlines: list[tuple[float, str, str]] = []
+        #: recent service per tenant (a program's owner): splitting work into programs gains nothing
+        self.tenants = TenantAccounts(half_life_s=tenant_half_life_s)
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
+        if update.owner:
+            before = self.programs.get(update.program_id)
+            grown = update.service_s - (before.service_s if before is not None else 0.0)
+            self.tenants.charge(update.owner, grown, update.updated_at)
         if update.ended:
             self.programs.pop(update.program_id, None)
             self.program_wait_s.pop(update.program_id, None)
@@ -265,7 +273,7 @@ class SchedulerCore:
             ignore_eos=request.ignore_eos,
             parents=request.parents,
             stream=request.stream,
-            priority=priority_for(self.policy, account, request.parents),
+            priority=self._priority(account, request, owner, now),
             policy=self.policy,
             submitted_at=request.submitted_at or now,
             stamped_at=now,
@@ -277,6 +285,12 @@ class SchedulerCore:
             deadline_at=now + self.deadline_for(request),
             owner=owner,
         )
+
+    def _priority(self, account: ProgramAccount | None, request: CallRequest, tenant: str, now: float) -> float:
+        base = priority_for(self.policy, account, request.parents)
+        if self.policy in ("plas", "atlas"):  # service-ordered policies: a tenant cannot split its way ahead
+            return self.tenants.stamp(tenant, base, now)
+        return base
 
     def deadline_for(self, request: CallRequest) -> float:
         """The call's own deadline when it asks for a shorter one than the deployment's."""

@@ -57,6 +57,7 @@ class SchedulerService:
             balancer=config.balancer,
             call_deadline_s=config.call_deadline_s,
             max_calls_per_program=config.max_calls_per_program,
+            tenant_half_life_s=config.tenant_half_life_s,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         self._nc: NATS | None = None

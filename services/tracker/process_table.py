@@ -29,6 +29,8 @@ class ProgramEntry:
     engines: set[str] = field(default_factory=set)
     #: call id -> when it was dispatched (or restored)
     active_calls: dict[str, float] = field(default_factory=dict)
+    #: call id -> the engine its latest dispatch named (not persisted: restored calls expire by age)
+    active_engine: dict[str, str] = field(default_factory=dict)
     #: service of calls handed back by a draining engine, added when the call completes elsewhere
     partial_service_s: dict[str, float] = field(default_factory=dict)
     #: the authenticated user whose call started the program ("" without auth): only it may end it
@@ -144,6 +146,7 @@ class ProcessTable:
         if not entry.owner:
             entry.owner = event.owner
         entry.active_calls[event.call_id] = now
+        entry.active_engine[event.call_id] = event.engine_id
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
 
@@ -155,6 +158,7 @@ class ProcessTable:
             rejected = self._programs.get(event.program_id)
             if rejected is not None:
                 rejected.active_calls.pop(event.call_id, None)
+                rejected.active_engine.pop(event.call_id, None)
                 rejected.last_activity_at = now
             return None
         entry = self._entry(event.program_id, now)
@@ -165,6 +169,9 @@ class ProcessTable:
             entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
             return None
         entry.active_calls.pop(event.call_id, None)
+        entry.active_engine.pop(event.call_id, None)
+        if event.call_id and event.call_id in entry.account.call_path_s:
+            return None  # counted already: a completion redelivered after a restart counts once
         service = event.service_s + entry.partial_service_s.pop(event.call_id, 0.0)
         path = entry.account.complete(event.call_id, event.parents, service)
         return self._service(entry, now, call_id=event.call_id, call_path_s=path)
@@ -183,6 +190,7 @@ class ProcessTable:
             call_path_s=call_path_s,
             ended=ended,
             updated_at=now,
+            owner=entry.owner,
         )
 
     def owner(self, program_id: str) -> str:
@@ -197,6 +205,19 @@ class ProcessTable:
             return None
         return entry.summary(ended=True), self._service(entry, now, ended=True)
 
+    def engine_gone(self, engine_id: str) -> list[str]:
+        """Drop the active calls whose latest dispatch named this engine (it died or stopped: their
+        completions are not coming from it); returns the programs changed."""
+        changed = []
+        for pid, e in self._programs.items():
+            lost = [c for c, eid in e.active_engine.items() if eid == engine_id]
+            for call_id in lost:
+                del e.active_engine[call_id]
+                e.active_calls.pop(call_id, None)
+            if lost:
+                changed.append(pid)
+        return changed
+
     def expire(self, now: float) -> list[ProgramService]:
         """Forget programs idle for longer than the TTL with no active call (after dropping active
         calls older than ``active_call_max_s``: their completion is never coming)."""
@@ -204,6 +225,7 @@ class ProcessTable:
             stale = [c for c, since in e.active_calls.items() if now - since > self.active_call_max_s]
             for call_id in stale:
                 del e.active_calls[call_id]
+                e.active_engine.pop(call_id, None)
         expired = [
             pid
             for pid, e in self._programs.items()

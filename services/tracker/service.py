@@ -16,6 +16,8 @@ from autellix.proto import (
     TRACKER_QUEUE,
     CallCompleted,
     CallDispatched,
+    EngineHeartbeat,
+    ErrorCode,
     ProgramEnd,
     ProgramTable,
     Subjects,
@@ -28,10 +30,17 @@ from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
+from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
 from .config import TrackerConfig
+from .engine_liveness import EngineLiveness
 from .metrics import TrackerMetrics
 from .process_table import ProcessTable
 from .store import ProgramStore
+
+#: ``code`` of a ``program.end`` reply for a program the tracker does not know
+UNKNOWN_PROGRAM = "unknown_program"
+#: program.end from an authenticated user that does not own the program
+NOT_OWNER = "not_owner"
 
 
 class TrackerService:
@@ -41,7 +50,7 @@ class TrackerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
-        self.store = ProgramStore(self.table, config.root)
+        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas)
         self.log = get_logger("tracker")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -49,6 +58,7 @@ class TrackerService:
         self._stopping = asyncio.Event()
         self.metrics = TrackerMetrics(config.metrics_port, programs=lambda: len(self.table))
         self.health = Health(self.name)
+        self.engines = EngineLiveness()
         self._throttle = LogThrottle()
 
     async def start(self) -> None:
@@ -60,11 +70,12 @@ class TrackerService:
                 "process table loaded", programs=restored, bucket=self.store.bucket, persisted=self.store.enabled
             )
         s = self.subjects
-        await nc.subscribe(s.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+        await self._subscribe_completions(nc)
         await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
         await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
         await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
+        await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
@@ -88,6 +99,26 @@ class TrackerService:
         self.metrics.endpoint.stop()
         self.log.info("stopped", programs=len(self.table))
 
+    async def _subscribe_completions(self, nc: NATS) -> None:
+        """Completed events through the durable JetStream consumer when the table is persisted (so a
+        restarted tracker applies what it missed), else a plain subscription."""
+        if self.store.enabled:
+            try:
+                await subscribe_completions(nc, self.subjects, self._on_completed_durable, self.config.kv_replicas)
+                self.log.info("completed events: durable consumer", stream=stream_name(self.subjects.root))
+                return
+            except JETSTREAM_ERRORS as exc:
+                self.log.warning("no durable consumer for completed events: a plain subscription", error=str(exc))
+        await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
+
+    async def _on_completed_durable(self, msg: Msg) -> None:
+        """Apply, then acknowledge (a crash in between redelivers it; the table counts a call once)."""
+        await self._on_completed(msg)
+        try:
+            await msg.ack()
+        except JETSTREAM_ERRORS as exc:
+            self._throttle.log(self.log, "completed event not acknowledged (it will be redelivered)", error=str(exc))
+
     def _on_closed(self) -> None:
         if not self._stopping.is_set():
             self.health.fail("the NATS connection closed")
@@ -104,6 +135,12 @@ class TrackerService:
             return
         self.table.on_dispatched(event, time.time())
         self.store.mark(event.program_id)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.engines.on_heartbeat(decode(msg.data, EngineHeartbeat), time.time())
+        except msgspec.MsgspecError as exc:
+            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
 
     async def _on_completed(self, msg: Msg) -> None:
         try:
@@ -136,16 +173,19 @@ class TrackerService:
         try:
             request = decode(msg.data, ProgramEnd)
         except msgspec.MsgspecError as exc:
-            await respond({"ok": False, "error": f"bad request: {explain(exc)}"})
+            code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
+            await respond({"ok": False, "code": code, "error": f"bad request: {explain(exc)}"})
             return
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)
         if sender and owner and sender != owner:  # an authenticated user ends only its own programs
-            await respond({"ok": False, "error": "not_owner: the program belongs to another user"})
+            await respond({"ok": False, "code": NOT_OWNER, "error": "the program belongs to another user"})
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
-            await respond({"ok": False, "error": f"unknown program {request.program_id[:80]!r}"})
+            await respond(
+                {"ok": False, "code": UNKNOWN_PROGRAM, "error": f"unknown program {request.program_id[:80]!r}"}
+            )
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
@@ -177,6 +217,12 @@ class TrackerService:
         await self.store.flush()
 
     async def _collect_idle(self) -> None:
+        for engine_id in self.engines.gone(time.time()):
+            changed = self.table.engine_gone(engine_id)
+            for program_id in changed:
+                self.store.mark(program_id)
+            if changed:
+                self.log.info("engine gone: its active calls dropped", engine_id=engine_id, programs=len(changed))
         for update in self.table.expire(time.time()):
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)

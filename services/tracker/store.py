@@ -37,7 +37,8 @@ def _key(program_id: str) -> str:
 
 
 class ProgramStore:
-    def __init__(self, table: ProcessTable, root: str) -> None:
+    def __init__(self, table: ProcessTable, root: str, replicas: int = 1) -> None:
+        self.replicas = replicas
         self.table = table
         self.bucket = bucket_name(root)
         self.log = get_logger("tracker")
@@ -62,7 +63,7 @@ class ProgramStore:
             try:
                 self._kv = await js.key_value(self.bucket)
             except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(bucket=self.bucket, history=1)
+                self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
         except (nats.js.errors.Error, nats.errors.Error) as exc:
             self.log.warning("no JetStream: the process table is kept in memory only", error=str(exc))
             self._kv = None

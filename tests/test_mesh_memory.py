@@ -1,0 +1,46 @@
+"""Program-aware KV memory through the mesh: engines report their retained contexts and hit rate in
+heartbeats, and learn from the tracker when a program ended."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from meshkit import Mesh
+
+from autellix.engine.sim_backend import SimBackend
+
+
+async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.02)
+
+
+async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine(mesh: Mesh) -> None:
+    engine = mesh.engines[0]
+    backend = engine.backend
+    assert isinstance(backend, SimBackend) and backend.device.retention == "program" and backend.tier is not None
+    p = mesh.client.program("prog-mem")
+    first_prompt = "plan the trip " * 10
+    first = await p.call(first_prompt, max_tokens=6)
+    # the program's next call re-sends its history: it prefills only the new words
+    second = await p.call(f"{first_prompt}{first.text} now book it", max_tokens=4)
+    assert second.final.prompt_tokens == 1 + 30 + 6 + 3  # a role marker, the history, three words
+    other = mesh.client.program("prog-other")
+    await other.call("something else entirely", max_tokens=3)
+    view = lambda: mesh.scheduler.core.engines[engine.engine_id].heartbeat  # noqa: E731
+    await _until(lambda: view().prompt_tokens_total == 31 + 40 + 4)
+    hb = view()
+    assert hb.prefix_hit_tokens_total == 37 and hb.prefix_hit_rate == 37 / 75
+    assert hb.kv_tokens_capacity == engine.core.kv_capacity > 0
+    # retained: prog-mem's two contexts (the first is inside the second) and prog-other's; the
+    # working set between calls: each program's latest context
+    assert hb.kv_tokens_retained == 37 + 44 + 7 and hb.kv_tokens_tiered == 0
+    assert hb.kv_tokens_idle_contexts == 44 + 7
+    # the tracker says the program ended: its context leaves the working set and goes first
+    await p.end()
+    await _until(lambda: view().kv_tokens_idle_contexts == 7)
+    assert list(backend.device) == [first.call_id, second.call_id, next(iter(reversed(list(backend.device))))]
