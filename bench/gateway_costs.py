@@ -69,6 +69,14 @@ class Http:
 
     async def stream(self, body: bytes, session: str) -> tuple[float, float]:
         """(seconds to the first SSE event, seconds to the end of the response)."""
+        try:
+            return await self._stream(body, session)
+        except ConnectionError:  # uvicorn closes a keep-alive connection idle for 5 s: reconnect once
+            self.close()
+            self.writer = None
+            return await self._stream(body, session)
+
+    async def _stream(self, body: bytes, session: str) -> tuple[float, float]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
@@ -122,7 +130,7 @@ class Mesh:
     def __enter__(self) -> Mesh:
         env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
         cli = [sys.executable, "-m", "autellix.services.cli"]
-        flags = ["--port", "0", "--policy", "fcfs", "--no-gateway", "--no-metrics", "--max-batch", "256"]
+        flags = ["--port", "0", "--policy", "fcfs", "--no-gateway", "--no-metrics", "--max-batch", "256", "--no-auth"]
         up = subprocess.Popen(
             [*cli, "up", "--backend", "sim", "--sim-time-scale", str(self.scale), *flags],
             stdout=subprocess.PIPE,
