@@ -275,6 +275,9 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens_total: Count = 0
     prefix_hit_tokens_total: Count = 0
     prefix_hit_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    # the calls (running, waiting, swapped) the engine holds at most; more are shed with
+    # "rate_limited", so schedulers route elsewhere while others have room (0: no limit said)
+    calls_limit: Count = 0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):

@@ -525,3 +525,19 @@ async def test_tracker_drops_active_calls_of_an_engine_that_stopped(mesh: Mesh) 
         await _until(lambda: not mesh.tracker.table.get("haunted").active_calls, timeout_s=5)  # type: ignore[union-attr]
     finally:
         await nc.close()
+
+
+def test_scheduler_routes_around_full_engines() -> None:
+    from autellix.proto import EngineHeartbeat
+    from autellix.services.scheduler.core import SchedulerCore
+
+    core = SchedulerCore(balancer="round-robin")
+    for eid, waiting in (("full", 9), ("room", 0)):
+        hb = EngineHeartbeat(engine_id=eid, backend="sim", model="m", running=1, waiting=waiting, calls_limit=10)
+        core.on_heartbeat(hb, now=0)
+    request = core.parse(b'{"program_id": "p", "prompt": "x"}', "r")
+    assert {core.route(request, 0.1) for _ in range(5)} == {"room"}
+    assert core.engines["room"].pending_calls == 5
+    for _ in range(5):  # "room" is full too now (counting what was routed): either may take the call and shed it
+        core.route(request, 0.1)
+    assert core.route(request, 0.1) in ("full", "room")

@@ -589,6 +589,7 @@ class EngineService:
             prompt_tokens_total=cache.prompt_tokens,
             prefix_hit_tokens_total=cache.hit_tokens,
             prefix_hit_rate=cache.hit_rate,
+            calls_limit=self.config.backend.max_batch + self.config.max_waiting,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
         self.metrics.on_heartbeat(hb)

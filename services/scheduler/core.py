@@ -48,6 +48,14 @@ class EngineView:
     received_at: float
     #: KV tokens routed here since the last heartbeat (the heartbeat does not count them yet)
     pending_tokens: int = 0
+    #: calls routed here since the last heartbeat
+    pending_calls: int = 0
+
+    def full(self) -> bool:
+        """Whether the engine would shed one more call (its heartbeat's limit, with what was routed since)."""
+        hb = self.heartbeat
+        held = hb.running + hb.waiting + hb.swapped + self.pending_calls
+        return 0 < hb.calls_limit <= held
 
     def load_tokens(self) -> int:
         hb = self.heartbeat
@@ -304,6 +312,8 @@ class SchedulerCore:
         live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)
         if not live:
             return None
+        # engines with room first; when every one is full, the chosen one sheds with rate_limited
+        live = [v for v in live if not v.full()] or live
         loads = [
             EngineLoad(
                 engine_id=v.heartbeat.engine_id,
@@ -315,6 +325,7 @@ class SchedulerCore:
         tokens = estimate_prompt_tokens(call)
         engine_id = self.balancer.choose(call.program_id, tokens, loads)
         self.engines[engine_id].pending_tokens += tokens + call.max_tokens
+        self.engines[engine_id].pending_calls += 1
         return engine_id
 
 
