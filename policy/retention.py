@@ -49,7 +49,9 @@ class RetentionIndex(Generic[K]):
         self._classes: tuple[OrderedDict[K, None], ...] = (OrderedDict(), OrderedDict(), OrderedDict())
         self._ended: set[str] = set()
         self._program_tokens: dict[str, int] = {}
-        self._program_entries: dict[str, set[K]] = {}
+        #: program id -> its keys in the order they were retained (a dict, not a set: ending a
+        #: program moves them in this order, which must not depend on the interpreter's hash seed)
+        self._program_entries: dict[str, dict[K, None]] = {}
         self.tokens = 0
 
     def __len__(self) -> int:
@@ -90,7 +92,7 @@ class RetentionIndex(Generic[K]):
         self._classes[cls][key] = None
         self.tokens += tokens
         self._program_tokens[program_id] = self._program_tokens.get(program_id, 0) + tokens
-        self._program_entries.setdefault(program_id, set()).add(key)
+        self._program_entries.setdefault(program_id, {})[key] = None
 
     def touch(self, key: K) -> None:
         """The entry was used (a cache hit): it becomes the most recently used of its class."""
@@ -108,7 +110,7 @@ class RetentionIndex(Generic[K]):
         pid = entry.program_id
         left = self._program_tokens[pid] - entry.tokens
         keys = self._program_entries[pid]
-        keys.discard(key)
+        del keys[key]
         if keys:
             self._program_tokens[pid] = left
         else:

@@ -240,7 +240,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from autellix.proto import Subjects
 
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
-    from .embedded_nats import EmbeddedNats, NatsServerError
+    from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
     from .engine.service import EngineService
     from .gateway.service import GatewayService
     from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
@@ -250,14 +250,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.engines < 1:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
         return 2
-    broker: EmbeddedNats | None = None
+    if args.cluster < 1:
+        print("autellix up: --cluster must be at least 1", file=sys.stderr)
+        return 2
+    broker: EmbeddedNats | EmbeddedNatsCluster | None = None
     url = args.nats or (read_credentials(args.creds) if args.creds else None)
     urls: dict[str, str] = {}  # per role, with auth on
     creds_path: Path | None = None
     if url is None:
         identities = {} if args.no_auth else make_identities()
         config = server_config(identities, Subjects(_env_root(args))) if identities else ""
-        broker = EmbeddedNats(host=args.host, port=args.port, config=config)
+        if args.cluster > 1:  # every node on a free port; services get every node's URL
+            broker = EmbeddedNatsCluster(args.cluster, host=args.host, config=config)
+        else:
+            broker = EmbeddedNats(host=args.host, port=args.port, config=config)
         try:
             url = broker.start()
             urls = {role: ident.url(url) for role, ident in identities.items()}
@@ -273,7 +279,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ports = _up_metrics_ports(args)
-        tracker = TrackerService(replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0)))
+        tracker_config = replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0))
+        if args.cluster > 1:  # the process table and the completions on every node (at most 3)
+            tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
+        tracker = TrackerService(tracker_config)
         scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
         scheduler = SchedulerService(scheduler_cfg)
         engines = [
@@ -443,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Prometheus metrics: tracker on this port, scheduler +1, engines +2.. (0 = any free; default 9100)",
     )
     up.add_argument("--no-metrics", action="store_true", help="no metrics endpoints (the gateway's /metrics stays)")
+    up.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        metavar="N",
+        help="embedded NATS as an N-node cluster (routes, JetStream, the tracker's data on min(3, N) replicas; "
+        "every node on a free port) instead of one server (default 1)",
+    )
     up.add_argument(
         "--no-auth",
         action="store_true",

@@ -47,7 +47,7 @@ async def connect(
             throttle.log(log, "nats error", key=type(exc).__name__, error=str(exc)[:300] or type(exc).__name__)
 
     await nc.connect(
-        url,
+        [u.strip() for u in url.split(",")],  # a cluster: every node, failed over between
         name=name,
         max_reconnect_attempts=2 if fail_fast else -1,
         reconnect_time_wait=0.5,

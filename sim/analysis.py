@@ -47,9 +47,11 @@ def parse_targets(text: str) -> list[tuple[str, float | None, float | None]]:
     return targets
 
 
-def _curve(points: Sequence[dict[str, Any]], balancer: str, policy: str) -> list[dict[str, Any]]:
+def _curve(points: Sequence[dict[str, Any]], balancer: str, variant: str) -> list[dict[str, Any]]:
+    """One variant's points by rate; a variant is a policy, or ``policy+memory`` (sweep.variant_name)."""
     return sorted(
-        (p for p in points if p["balancer"] == balancer and p["policy"] == policy), key=lambda p: p["rate"]
+        (p for p in points if p["balancer"] == balancer and p.get("variant", p["policy"]) == variant),
+        key=lambda p: p["rate"],
     )
 
 
@@ -92,14 +94,17 @@ def analyse(
     balancers: Sequence[str],
     targets: Sequence[tuple[str, float | None, float | None]],
     fractions: Sequence[float],
+    baseline_variant: str = "fcfs",
 ) -> dict[str, Any]:
-    first = _curve(points, balancers[0], "fcfs")
+    """``policies``: the variants to compare (policy names, or ``policy+memory``); the ratios are to
+    ``baseline_variant``, which must be among them. The output keeps the key ``ratio_to_fcfs``."""
+    first = _curve(points, balancers[0], baseline_variant)
     if not first:
         raise ValueError("the analysis needs FCFS in the sweep")
     baseline = first[0][METRIC]
     out: dict[str, Any] = {"metric": METRIC, "baseline_token_latency_s": baseline, "by_balancer": {}}
     for lb in balancers:
-        fcfs = _curve(points, lb, "fcfs")
+        fcfs = _curve(points, lb, baseline_variant)
         saturation = max(p["throughput_programs_s"] for p in fcfs)
         section: dict[str, Any] = {
             "fcfs_lowest_rate_token_latency_s": fcfs[0][METRIC],
@@ -112,7 +117,7 @@ def analyse(
             per_policy: dict[str, Any] = {}
             for stable_only in (False, True):
                 rates = {pol: crossing_rate(_curve(points, lb, pol), target, stable_only) for pol in policies}
-                base_rate = rates["fcfs"]["rate"]
+                base_rate = rates[baseline_variant]["rate"]
                 for pol, r in rates.items():
                     ratio = r["rate"] / base_rate if base_rate and base_rate > 0 else None
                     entry = per_policy.setdefault(pol, {})

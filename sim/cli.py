@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from autellix.engine.cost_model import profile
@@ -22,18 +22,21 @@ from autellix.policy.variants import POLICY_NAMES
 from autellix.sim.analysis import analyse, parse_targets
 from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
-from autellix.sim.simulator import SimConfig
-from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs
+from autellix.sim.simulator import MEMORY_NAMES, SimConfig
+from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs, variant_name
 from autellix.sim.trace import write_trace
 from autellix.sim.workload import WorkloadError
 
 DESCRIPTION = """\
 Simulate agent programs on engines in virtual time and compare scheduling policies.
 
-Every (balancer, policy, rate) point replays the same programs with arrivals scaled to the rate.
+Every (balancer, policy, memory, rate) point replays the same programs with arrivals scaled to the rate.
 Steady state: the first --warmup and last --drain fractions of programs (by arrival) are
 discarded from the figures; the run continues until every program has finished.
 """
+
+
+_DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
 
 
 class UsageError(ValueError):
@@ -55,9 +58,31 @@ def register(subparsers: Any) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
-    p.add_argument("--rates", required=True, help="comma list of program arrival rates (programs/s), ascending")
+    p.add_argument("--rates", help="comma list of program arrival rates (programs/s), ascending")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead of a rate grid: find each (policy, memory) variant's highest rate that keeps up with its "
+        "load by bisection, and its sustainable rate at the latency targets; ratios to fcfs + lru",
+    )
+    p.add_argument("--tol", default="0.03", help="--capacity: bisection tolerance, relative (default %(default)s)")
+    p.add_argument("--start-rate", help="--capacity: first rate tried (default: 500 offered output tokens/s)")
     p.add_argument("--engines", default="1", help="number of engines (default %(default)s)")
-    p.add_argument("--lb", default="locality", help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s)")
+    p.add_argument(
+        "--balancer",
+        "--lb",
+        dest="lb",
+        metavar="BALANCERS",
+        default="locality",
+        help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s; --lb is an alias)",
+    )
+    p.add_argument(
+        "--memory",
+        default="lru",
+        help=f"comma list of {','.join(MEMORY_NAMES)}: KV memory management compared side by side "
+        "(default %(default)s; lru is always added as the baseline)",
+    )
+    p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV budget (default 4)")
     p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
     p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
@@ -67,7 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="2x,5x,10x",
         help="token-latency targets: multiples of FCFS's low-load latency (10x) or s/token (0.3)",
     )
-    p.add_argument("--fractions", default="0.8,0.9,1.0,1.2", help="fractions of FCFS saturation throughput")
+    p.add_argument(
+        "--fractions",
+        default=_DEFAULT_FRACTIONS,
+        help="fractions of FCFS saturation throughput (with --capacity: of fcfs + lru's capacity; default 0.5,0.9)",
+    )
     p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
     p.add_argument(
         "--no-context",
@@ -140,7 +169,10 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
     policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--lb")
+    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
+    memories = _names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
+    if "lru" not in memories:
+        memories.insert(0, "lru")  # the ratios are to fcfs + lru
     engines = parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
@@ -152,6 +184,8 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.rates is None and not args.capacity:
+        raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
     warmup = parse_number(args.warmup, "--warmup", float, 0.0)
     drain = parse_number(args.drain, "--drain", float, 0.0)
     if warmup + drain >= 1.0:
@@ -165,6 +199,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         carry_context=not args.no_context,
         sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
         mlfq=mlfq,
+        tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
     )
     source = WorkloadSource(
         name=workload,
@@ -176,13 +211,17 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "source": source,
         "config": config,
         "policies": policies,
+        "memories": memories,
+        "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
-        "rates": _rates(args.rates),
+        "rates": _rates(args.rates) if args.rates is not None else [],
         "targets": targets,
         "fractions": _fractions(args.fractions),
         "warmup": warmup,
         "drain": drain,
         "jobs": parse_number(args.jobs, "--jobs", int, 1),
+        "tol": parse_number(args.tol, "--tol", float, 1e-4),
+        "start_rate": parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
     }
 
 
@@ -199,7 +238,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.trace_out:
         write_trace(args.trace_out, programs)
-    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"])
+    if args.capacity:
+        return _run_capacity(args, opts, programs)
+    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
     from tqdm import tqdm
 
     bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
@@ -215,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    analysis = analyse(results, opts["policies"], opts["balancers"], opts["targets"], opts["fractions"])
+    analysis = analyse(results, opts["variants"], opts["balancers"], opts["targets"], opts["fractions"])
     config: SimConfig = opts["config"]
     cost = config.engine_cost()
     summary = {
@@ -226,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
         "kv_budget_tokens": cost.kv_budget_tokens,
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable({**asdict(config), "policy": opts["policies"], "balancer": opts["balancers"]}),
+        "config": _jsonable(
+            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+        ),
         "points": results,
         "analysis": analysis,
     }
@@ -235,10 +278,65 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(points_table(results))
         print()
-    print(analysis_text(analysis, opts["policies"]))
+    print(analysis_text(analysis, opts["variants"]))
     if args.plot:
         title = f"{os.path.basename(source.name)}, {config.engines} engine(s), KV x{config.kv_scale:g}"
         plot(results, analysis, args.plot, title)
+    return 0
+
+
+def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list[Any]) -> int:
+    from autellix.sim.capacity import CapacityConfig, capacity_text, find_capacities
+
+    targets = tuple(m for _, m, _ in opts["targets"] if m is not None)
+    if not targets:
+        print("autellix sim: error: --capacity needs latency targets as multiples (10x)", file=sys.stderr)
+        return 2
+    config: SimConfig = opts["config"]
+    config = replace(config, balancer=opts["balancers"][0])
+    cap_config = CapacityConfig(
+        tol=opts["tol"], start_rate=opts["start_rate"], targets=targets,
+        harm_fractions=tuple(opts["fractions"]) if args.fractions != _DEFAULT_FRACTIONS else (0.5, 0.9),
+        warmup=opts["warmup"], drain=opts["drain"],
+    )
+    count = 0
+
+    def progress(point: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
+        if not args.no_progress:
+            print(
+                f"[{count}] {point['variant']} at {point['rate']:.4g}/s: "
+                f"{'keeps up' if point['keeps_up'] else 'falls behind'}, token latency "
+                f"{point['token_latency_s_mean']:.3g} s, hit {100 * point['prefix_hit_rate']:.0f}%, "
+                f"{point['wall_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    result = find_capacities(programs, config, opts["policies"], opts["memories"], cap_config, progress)
+    source: WorkloadSource = opts["source"]
+    cost = config.engine_cost()
+    summary = {
+        "workload": source.name,
+        "programs": len(programs),
+        "seed": source.seed,
+        "engines": config.engines,
+        "kv_budget_tokens": cost.kv_budget_tokens,
+        "carry_context": config.carry_context,
+        "stable_definition": "keeps_up (sim/metrics.py): output tokens served in the measurement window "
+        "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
+        "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
+        "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
+        "config": _jsonable(
+            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+        ),
+        "capacity_config": _jsonable(asdict(cap_config)),
+        "capacity": result,
+    }
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(_jsonable(summary), f, indent=1)
+    print(capacity_text(result))
     return 0
 
 

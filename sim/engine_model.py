@@ -19,11 +19,18 @@ running or waiting, and advances in *segments* of steps whose time comes from th
   each displaced call's KV swapped to CPU as one contiguous transfer at the cost model's rate and
   swapped back in when it is readmitted, so it resumes where it stopped. Between scheduling points
   waiting calls are admitted when they fit, in queue order, stopping at the first that does not.
-- **prefix cache**: a finished call's prompt + output stays cached (LRU, in the KV the running
-  calls leave free). A new call prefills only past the longest cached prefix of its prompt, as an
-  engine matching cached blocks by content does: its context parent's context when that call (or any
-  call whose context extends it, a sibling's say) is cached here, else the nearest ancestor's along
-  the context chain whose context is, else nothing.
+- **prefix cache**: a finished call's prompt + output stays cached (in the KV the running calls
+  leave free; :mod:`autellix.sim.context_pool`). A new call prefills only past the longest cached
+  prefix of its prompt, as an engine matching cached blocks by content does: its context parent's
+  context when that call (or any call whose context extends it, a sibling's say) is cached here, else
+  the nearest ancestor's along the context chain whose context is, else nothing.
+- **memory** (``EngineConfig.retain``, ``tier_tokens``): the cache evicts least recently used first
+  (``lru``), or in the shared retention order (contained entries, then ended programs' contexts, then
+  LRU). With a CPU tier, a context evicted from GPU KV whose program is still active (and that no
+  other entry contains) is copied to a CPU pool of ``tier_tokens`` (the copy out overlaps the steps
+  and is only counted); a later call whose longest cached prefix is there swaps it back in, its
+  swap-in time charged to the next step, when that is cheaper than prefilling the tokens it adds over
+  the GPU hit.
 - **service** of a call is the time the engine spent on steps while the call was in the batch.
 
 A segment is a single step when any call is prefilling, else a run of ``k`` pure decode steps with
@@ -36,13 +43,13 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from autellix.engine.cost_model import CostModel
 from autellix.policy.balancer import EngineLoad
 from autellix.policy.variants import CallQueue
+from autellix.sim.context_pool import ContextPool
 from autellix.sim.workload import CallSpec
 
 QUEUED, PREFILL, DECODE, PAUSED, DONE = range(5)
@@ -54,12 +61,22 @@ class EngineConfig:
     sched_every_steps: int = 8
     watermark: float = 0.01
     prefix_cache: bool = True
+    #: evict in the retention order (contained, ended programs, LRU) instead of LRU
+    retain: bool = False
+    #: CPU pool for evicted contexts of active programs, in tokens; 0 = no tier
+    tier_tokens: int = 0
+    #: the door's retained figure also counts the latest context of programs with a call in flight
+    #: (this model keeps that cached copy beside the running call's own KV; an engine that shares
+    #: blocks would not)
+    count_busy_contexts: bool = True
 
     def __post_init__(self) -> None:
         if self.sched_every_steps < 1:
             raise ValueError(f"sched_every_steps must be >= 1, got {self.sched_every_steps}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.tier_tokens < 0:
+            raise ValueError(f"tier_tokens must be >= 0, got {self.tier_tokens}")
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +85,7 @@ class SimCall:
 
     key: str
     program: Any
+    program_id: str
     spec: CallSpec
     prompt_tokens: int
     output_tokens: int
@@ -117,11 +135,14 @@ class SimEngine:
         self.queued_tokens = 0
         self._finish: list[tuple[int, int, str, int]] = []
         self._extra_s = 0.0
-        #: call key -> (the call, tokens cached), least recently used first
-        self._cache: OrderedDict[str, tuple[SimCall, int]] = OrderedDict()
-        self._cache_tokens = 0
-        #: call key -> how many cached entries hold that call's context as their prefix
-        self._covered: dict[str, int] = {}
+        #: cached contexts in GPU KV, and (with a tier) in the CPU pool
+        self.cache = ContextPool(config.retain)
+        self.tier = ContextPool(config.retain) if config.tier_tokens else None
+        #: program id -> its calls queued or running here; -> its latest finished call's context
+        self._inflight: dict[str, int] = {}
+        self._latest: dict[str, int] = {}
+        #: sum of the latest contexts of the active programs with no call here (see retained_tokens)
+        self.idle_context_tokens = 0
         # current segment
         self.busy = False
         self.version = 0
@@ -141,6 +162,11 @@ class SimEngine:
         self.stat_prefill_tokens = 0
         self.stat_prompt_tokens = 0
         self.stat_cache_hit_tokens = 0
+        self.stat_evicted_active_tokens = 0
+        self.stat_tier_out_tokens = 0
+        self.stat_tier_in_tokens = 0
+        self.stat_tier_s = 0.0
+        self.stat_tier_out_s = 0.0
 
     # --- views --------------------------------------------------------------------------------
     @property
@@ -149,6 +175,35 @@ class SimEngine:
 
     def load(self) -> EngineLoad:
         return EngineLoad(str(self.index), self.kv_used, self.queued_tokens)
+
+    def retained_tokens(self) -> int:
+        """The KV active programs between calls will want back: for each active program whose
+        latest call finished here and that has no call queued or running here, that call's context
+        (its next call extends it), whether it is still cached, in the tier or was evicted. Not the
+        cache's contents: the cache fills free KV with anything, stale branches of a tree search
+        included, and would look full at any load."""
+        return self.idle_context_tokens
+
+    def _idle_change(self, program_id: str, inflight: int, latest: int | None) -> None:
+        """Set a program's in-flight count (and latest context), keeping idle_context_tokens."""
+        count_busy = self.config.count_busy_contexts
+        before = self._latest.get(program_id, 0) if count_busy or not self._inflight.get(program_id) else 0
+        if inflight:
+            self._inflight[program_id] = inflight
+        else:
+            self._inflight.pop(program_id, None)
+        if latest is not None:
+            self._latest[program_id] = latest
+        after = self._latest.get(program_id, 0) if count_busy or not inflight else 0
+        self.idle_context_tokens += after - before
+
+    def end_program(self, program_id: str) -> None:
+        """The program's last call finished: its contexts go first when KV is needed."""
+        self._idle_change(program_id, self._inflight.get(program_id, 0), 0)
+        self._latest.pop(program_id, None)
+        self.cache.end_program(program_id)
+        if self.tier is not None:
+            self.tier.end_program(program_id)
 
     @staticmethod
     def _need(c: SimCall) -> int:
@@ -171,6 +226,7 @@ class SimEngine:
             )
         c.engine = self.index
         c.state = QUEUED
+        self._idle_change(c.program_id, self._inflight.get(c.program_id, 0) + 1, None)
         c.waiting_since = now
         self.calls[c.key] = c
         self.queue.add(c.key, priority, now, program_wait_s=program_wait_s, program_service_s=program_service_s)
@@ -271,6 +327,7 @@ class SimEngine:
         del self.running[c.key]
         del self.calls[c.key]
         self.queue.remove(c.key)
+        self._idle_change(c.program_id, self._inflight[c.program_id] - 1, c.prompt_tokens + c.output_tokens)
         if self.config.prefix_cache:
             self._cache_put(c)
 
@@ -428,46 +485,68 @@ class SimEngine:
     # --- prefix cache -------------------------------------------------------------------------
     def _cache_put(self, c: SimCall) -> None:
         """Cache ``c``'s context; it covers its own context and every ancestor's on its chain."""
-        if c.key in self._cache:
-            self._cache_evict(c.key)
-        tokens = c.prompt_tokens + c.output_tokens
-        self._cache[c.key] = (c, tokens)
-        self._cache_tokens += tokens
-        covered = self._covered
-        a: SimCall | None = c
-        while a is not None:
-            covered[a.key] = covered.get(a.key, 0) + 1
-            a = a.history
+        self.cache.put(c, c.prompt_tokens + c.output_tokens)
         self._cache_trim()
 
-    def _cache_evict(self, key: str) -> None:
-        c, tokens = self._cache.pop(key)
-        self._cache_tokens -= tokens
-        covered = self._covered
-        a: SimCall | None = c
-        while a is not None:
-            n = covered[a.key] - 1
-            if n:
-                covered[a.key] = n
-            else:
-                del covered[a.key]
-            a = a.history
-
     def _cache_hit(self, c: SimCall) -> int:
-        """Prompt tokens of ``c`` the cache saves: the nearest covered ancestor's context."""
+        """Prompt tokens of ``c`` the cache saves: the nearest covered ancestor's context, in GPU KV
+        or (when swapping it in beats prefilling the difference) in the CPU tier."""
+        hit = 0
         a = c.history
         while a is not None:
-            if a.key in self._covered:
-                if a.key in self._cache:
-                    self._cache.move_to_end(a.key)
-                return min(a.prompt_tokens + a.output_tokens, c.prompt_tokens - 1)
+            if self.cache.covers(a.key):
+                if a.key in self.cache:
+                    self.cache.touch(a.key)
+                hit = min(a.prompt_tokens + a.output_tokens, c.prompt_tokens - 1)
+                break
             a = a.history
-        return 0
+        tier = self.tier
+        if tier is None or not len(tier):
+            return hit
+        b = c.history
+        while b is not None and b is not a:
+            if tier.covers(b.key):
+                break
+            b = b.history
+        if b is None or b is a:
+            return hit
+        tokens = b.prompt_tokens + b.output_tokens
+        tier_hit = min(tokens, c.prompt_tokens - 1)
+        swap = self.cost.swap_time(tokens)
+        if tier_hit <= hit or swap >= self.cost.recompute_time(tier_hit - hit):
+            return hit
+        self._extra_s += swap
+        self.stat_tier_s += swap
+        self.stat_tier_in_tokens += tokens
+        if b.key in tier:
+            moved, t = tier.remove(b.key)
+            self.cache.put(moved, t)  # back in GPU KV: the call's siblings hit it there
+        return tier_hit
 
     def _cache_trim(self) -> None:
+        cache, tier = self.cache, self.tier
         free = self.kv_budget - self.kv_used
-        while self._cache_tokens > free and self._cache:
-            self._cache_evict(next(iter(self._cache)))
+        while cache.tokens > free:
+            key = cache.victim()
+            if key is None:
+                break
+            kept = cache.is_kept(key)
+            c, tokens = cache.remove(key)
+            if not kept:
+                continue
+            self.stat_evicted_active_tokens += tokens
+            if tier is not None:
+                # the copy out overlaps the steps (a DMA on its own stream, as vLLM's CPU offloading
+                # does): counted, not charged; the copy back in is on the next call's critical path
+                self.stat_tier_out_s += self.cost.swap_time(tokens)
+                self.stat_tier_out_tokens += tokens
+                tier.put(c, tokens)
+                limit = self.config.tier_tokens
+                while tier.tokens > limit:
+                    victim = tier.victim()
+                    if victim is None:
+                        break
+                    tier.remove(victim)
 
     # --- checks -------------------------------------------------------------------------------
     def audit(self) -> None:

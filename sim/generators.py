@@ -10,6 +10,9 @@ lats        MCTS: a tree of       10 per iteration, mean      mean 467.24       
 mixed       each program drawn from the three in equal shares
 ==========  ====================  ==========================  ================  ================
 
+Three more shapes (``chat-think``, ``fanout``, ``coder``: long human think time, 20-80-way fan-outs,
+coding agents whose context grows past 20k tokens) live in :mod:`autellix.sim.agent_shapes`.
+
 Shapes are clipped log-normals fitted so the clipped means equal the table (see
 :mod:`autellix.sim.distributions`); the dispersions (sigmas) and clip ranges are ours.
 
@@ -37,10 +40,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from autellix.sim.agent_shapes import chat_think_program, coder_program, fanout_program
 from autellix.sim.distributions import CountDist, TokenDist
 from autellix.sim.workload import CallSpec, ProgramSpec
 
-WORKLOAD_NAMES: tuple[str, ...] = ("sharegpt", "bfcl", "lats", "mixed")
+WORKLOAD_NAMES: tuple[str, ...] = ("sharegpt", "bfcl", "lats", "mixed", "chat-think", "fanout", "coder")
 
 SHAREGPT_CALLS = CountDist(mean=6.66, sigma=1.0, lo=1, hi=80)
 SHAREGPT_PROMPT = TokenDist(mean=255.65, sigma=1.0, lo=4, hi=4096)
@@ -141,6 +145,9 @@ _MAKERS: dict[str, Callable[[np.random.Generator, str, float], ProgramSpec]] = {
     "sharegpt": sharegpt_program,
     "bfcl": bfcl_program,
     "lats": lats_program,
+    "chat-think": chat_think_program,
+    "fanout": fanout_program,
+    "coder": coder_program,
 }
 
 

@@ -14,6 +14,16 @@ generated. TTFT is per call: submission to first token.
 **Stable**: tokens served in the window reach 90% of the tokens offered in it (output tokens of
 the programs arriving in the window per second). An unstable run's latencies grow with the run's
 length: beyond that rate a finite run understates them.
+
+**Keeps up** (stricter; what ``autellix sim --capacity`` bisects on), both of:
+
+- *served*: the output tokens served in the window shifted by the measured programs' mean latency
+  ``L`` (``[t0 + L, t1 + L]``) reach 95% of those offered in ``[t0, t1]``: work offered in the window
+  is served about ``L`` later, so long programs straddling the window's end do not count against a
+  run that keeps up, while a run past its capacity serves at most its capacity in any window;
+- *no growing backlog*: the mean program latency of the programs arriving in the window's last
+  quarter is at most 1.5 x that of the programs arriving in its first half (past capacity the queue,
+  and with it the latency, grows for as long as arrivals last; below it the two agree within noise).
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import numpy as np
 from autellix.sim.simulator import SimResult
 
 STABLE_SERVED_FRACTION = 0.9
+KEEPS_UP_SERVED_FRACTION = 0.95
+LATENCY_GROWTH_FACTOR = 1.5
 
 
 def _stats(values: np.ndarray, prefix: str) -> dict[str, float]:
@@ -47,6 +59,15 @@ def measured_slice(n: int, warmup: float, drain: float) -> tuple[int, int]:
     lo = math.floor(warmup * n)
     hi = n - math.floor(drain * n)
     return lo, max(hi, lo + 1)
+
+
+def backlog_mean(programs: list[Any], a: float, b: float, samples: int = 64) -> float:
+    """Time average of the programs in the system (arrived, not finished) over ``[a, b]``."""
+    arrivals = np.sort(np.array([p.arrival_s for p in programs]))
+    finishes = np.sort(np.array([p.finish_s for p in programs]))
+    ts = np.linspace(a, b, samples)
+    n = np.searchsorted(arrivals, ts, side="right") - np.searchsorted(finishes, ts, side="right")
+    return float(n.mean())
 
 
 def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dict[str, Any]:
@@ -74,9 +95,23 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
         out["throughput_tokens_s"] = served / span
         out["offered_tokens_s"] = offered / span
         out["stable"] = bool(served >= STABLE_SERVED_FRACTION * offered)
+        lag = float(latency.mean())
+        shifted = sum(c.output_tokens for c in result.calls if t0 + lag <= c.finish_s <= t1 + lag)
+        early = [p.finish_s - p.arrival_s for p in measured if p.arrival_s <= t0 + 0.5 * span]
+        late = [p.finish_s - p.arrival_s for p in measured if p.arrival_s >= t0 + 0.75 * span]
+        growth = float(np.mean(late) / np.mean(early)) if early and late and np.mean(early) > 0 else 1.0
+        out["served_fraction"] = shifted / offered if offered else 1.0
+        out["latency_growth"] = growth
+        out["backlog_q3"] = backlog_mean(programs, t0 + 0.5 * span, t0 + 0.75 * span)
+        out["backlog_q4"] = backlog_mean(programs, t0 + 0.75 * span, t1)
+        out["keeps_up"] = bool(
+            shifted >= KEEPS_UP_SERVED_FRACTION * offered and growth <= LATENCY_GROWTH_FACTOR
+        )
     else:
         out.update(throughput_programs_s=math.nan, throughput_tokens_s=math.nan, offered_tokens_s=math.nan)
+        out.update(served_fraction=1.0, latency_growth=1.0, backlog_q3=0.0, backlog_q4=0.0)
         out["stable"] = True
+        out["keeps_up"] = True
 
     wait = sum(p.wait_s for p in measured)
     service = sum(p.service_s for p in measured)
@@ -85,6 +120,17 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
     prompt = sum(s["prompt_tokens"] for s in stats)
     out["prefix_hit_rate"] = sum(s["cache_hit_tokens"] for s in stats) / prompt if prompt else 0.0
     out["preemptions"] = int(sum(s["preemptions"] for s in stats))
+    busy = sum(s.get("busy_s", 0.0) for s in stats)
+    out["evicted_active_tokens"] = int(sum(s.get("evicted_active_tokens", 0) for s in stats))
+    out["tier_in_tokens"] = int(sum(s.get("tier_in_tokens", 0) for s in stats))
+    out["tier_out_tokens"] = int(sum(s.get("tier_out_tokens", 0) for s in stats))
+    out["tier_busy_fraction"] = sum(s.get("tier_s", 0.0) for s in stats) / busy if busy > 0 else 0.0
+    #: PCIe time the overlapped copies out took, relative to busy time (must stay well below 1)
+    out["tier_out_busy_fraction"] = sum(s.get("tier_out_s", 0.0) for s in stats) / busy if busy > 0 else 0.0
+    door = np.array([p.door_wait_s for p in measured])
+    out["door_wait_s_mean"] = float(door.mean())
+    out["door_wait_s_p99"] = float(np.percentile(door, 99))
+    out["door_held_fraction"] = float((door > 0).mean())
     out["swap_s"] = float(sum(s["swap_s"] for s in stats))
     out["makespan_s"] = result.makespan_s
     out["wall_s"] = result.wall_s

@@ -17,14 +17,14 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def points_table(points: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'balancer':<11} {'policy':<6} {'rate/s':>7} | {'lat mean':>8} {'p50':>7} {'p95':>7} {'p99':>7} s"
+        f"{'balancer':<11} {'variant':<12} {'rate/s':>7} | {'lat mean':>8} {'p50':>7} {'p95':>7} {'p99':>7} s"
         f" | {'tok-lat':>8} {'p99':>7} s/tok | {'TTFT':>6} {'p99':>6} s | {'prog/s':>7} {'tok/s':>7}"
         f" {'stable':>6} {'wait%':>5} {'hit%':>5}"
     )
     lines = [head, "-" * len(head)]
-    for p in sorted(points, key=lambda p: (p["balancer"], p["policy"], p["rate"])):
+    for p in sorted(points, key=lambda p: (p["balancer"], p["policy"], p.get("memory", ""), p["rate"])):
         lines.append(
-            f"{p['balancer']:<11} {p['policy']:<6} {_f(p['rate']):>7} | {_f(p['latency_s_mean']):>8}"
+            f"{p['balancer']:<11} {p.get('variant', p['policy']):<12} {_f(p['rate']):>7} | {_f(p['latency_s_mean']):>8}"
             f" {_f(p['latency_s_p50']):>7} {_f(p['latency_s_p95']):>7} {_f(p['latency_s_p99']):>7}  "
             f" | {_f(p['token_latency_s_mean']):>8} {_f(p['token_latency_s_p99']):>7}      "
             f" | {_f(p['ttft_s_mean']):>6} {_f(p['ttft_s_p99']):>6}  "
@@ -55,7 +55,7 @@ def analysis_text(analysis: dict[str, Any], policies: Sequence[str]) -> str:
             lines.append(f"  target {label} = {t['token_latency_s']:.4g} s/token")
             for pol in policies:
                 e = t["policies"][pol]
-                lines.append(f"    {pol:<6} {_rate(e, ''):<24} stable: {_rate(e, '_stable')}")
+                lines.append(f"    {pol:<12} {_rate(e, ''):<24} stable: {_rate(e, '_stable')}")
         lines.append("latency at fractions of FCFS saturation throughput (mean / p99 program latency, s)")
         for frac, block in sec["at_fractions_of_fcfs_saturation"].items():
             cells = [

@@ -9,6 +9,18 @@ Events, in time order (ties in the order they were scheduled):
 - an engine segment ends (see :mod:`autellix.sim.engine_model`): finished calls are charged to
   their programs; a call whose parents have all finished is submitted ``think_s`` later.
 
+Memory (``SimConfig.memory``, one of :data:`MEMORY_NAMES`):
+
+- ``lru``: the engines' prefix cache evicts least recently used first (the default, as before);
+- ``retain``: the shared retention order (contained entries, ended programs' contexts, then LRU); a
+  program ends when its last call finishes and every engine is told;
+- ``tier``: ``retain`` plus a CPU pool of ``tier_scale`` x the GPU KV budget per engine for evicted
+  contexts of active programs, swapped back in instead of re-prefilled when cheaper;
+- ``door``: ``retain`` plus admission by working set (:class:`autellix.policy.door.Door`): a new
+  program's first calls are submitted only when the door lets it in; its wait there is part of its
+  latency (it still counts from its arrival) and is recorded as ``door_wait_s``;
+- ``all``: ``tier`` plus ``door``.
+
 Queue boundaries of calibrated policies start at the config's ladder and are replaced by the
 calibrator's (the first boundary at a low percentile of observed call service, doubling) once it
 has seen enough calls, then every ``recalibrate_every`` completions.
@@ -24,11 +36,29 @@ from dataclasses import dataclass, field, replace
 from autellix.engine.cost_model import CostModel, llama31_8b_h100
 from autellix.policy.balancer import make_balancer
 from autellix.policy.calibration import ServiceCalibrator
+from autellix.policy.door import Door, DoorConfig
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.program_account import ProgramAccount
 from autellix.policy.variants import make_queue, policy_spec, stamp
 from autellix.sim.engine_model import EngineConfig, SimCall, SimEngine
 from autellix.sim.workload import ProgramSpec, prompt_lengths
+
+MEMORY_NAMES: tuple[str, ...] = ("lru", "retain", "tier", "door", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySpec:
+    retain: bool
+    tier: bool
+    door: bool
+
+
+def memory_spec(name: str) -> MemorySpec:
+    if name not in MEMORY_NAMES:
+        raise ValueError(f"unknown memory variant {name!r}; expected one of {', '.join(MEMORY_NAMES)}")
+    return MemorySpec(
+        retain=name != "lru", tier=name in ("tier", "all"), door=name in ("door", "all")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +76,19 @@ class SimConfig:
     calibrate: bool = True
     recalibrate_every: int = 500
     locality_threshold: int = 2048
+    #: program-level memory management, one of MEMORY_NAMES
+    memory: str = "lru"
+    #: CPU tier size per engine, in multiples of its GPU KV budget (memory "tier" and "all")
+    tier_scale: float = 4.0
+    door: DoorConfig = field(default_factory=DoorConfig)
     #: check the engines' invariants after every scheduling decision (slow; tests)
     audit: bool = False
 
     def __post_init__(self) -> None:
         policy_spec(self.policy)
+        memory_spec(self.memory)
+        if self.tier_scale < 0:
+            raise ValueError(f"tier_scale must be >= 0, got {self.tier_scale}")
         if self.engines < 1:
             raise ValueError(f"need at least one engine, got {self.engines}")
         if self.kv_scale <= 0:
@@ -71,6 +109,8 @@ class ProgramRecord:
     first_token_s: float
     wait_s: float
     service_s: float
+    #: time spent at the door before the first call was submitted (memory "door" and "all")
+    door_wait_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -100,8 +140,19 @@ class SimResult:
 
 class _Program:
     __slots__ = (
-        "account", "calls", "children", "done", "first_token_s", "index", "pending", "remaining_output",
-        "service_s", "spec", "wait_s",
+        "account",
+        "calls",
+        "children",
+        "done",
+        "door_wait_s",
+        "first_token_s",
+        "index",
+        "pending",
+        "remaining_output",
+        "service_s",
+        "spec",
+        "started",
+        "wait_s",
     )
 
     def __init__(self, index: int, spec: ProgramSpec, prompts: dict[str, int], carry: bool) -> None:
@@ -120,6 +171,7 @@ class _Program:
             self.calls[c.call_id] = SimCall(
                 key=f"{spec.program_id}/{c.call_id}",
                 program=self,
+                program_id=spec.program_id,
                 spec=c,
                 prompt_tokens=prompts[c.call_id],
                 output_tokens=c.output_tokens,
@@ -133,6 +185,8 @@ class _Program:
         self.wait_s = 0.0
         self.service_s = 0.0
         self.first_token_s = -1.0
+        self.door_wait_s = 0.0
+        self.started = False
 
 
 _ARRIVE, _SUBMIT, _STEP, _WAKE = 0, 1, 2, 3
@@ -145,8 +199,13 @@ class Simulation:
         self.spec = policy_spec(config.policy)
         cost = config.engine_cost()
         self.max_context = max(2, min(cost.max_context, cost.kv_budget_tokens // 2))
+        self.memory = memory_spec(config.memory)
         engine_config = EngineConfig(
-            cost=cost, sched_every_steps=config.sched_every_steps, prefix_cache=config.carry_context
+            cost=cost,
+            sched_every_steps=config.sched_every_steps,
+            prefix_cache=config.carry_context,
+            retain=self.memory.retain,
+            tier_tokens=int(cost.kv_budget_tokens * config.tier_scale) if self.memory.tier else 0,
         )
         self.engines = [
             SimEngine(i, engine_config, make_queue(config.policy, config.mlfq), self.spec.preemptive)
@@ -162,6 +221,8 @@ class Simulation:
         self._call_records: list[CallRecord] = []
         self._completions = 0
         self._waking: set[int] = set()
+        self.door = Door(config.door) if self.memory.door else None
+        self._by_id: dict[str, _Program] = {}
         self.now = 0.0
 
     def _push(self, t: float, kind: int, obj: object, version: int = 0) -> None:
@@ -184,6 +245,8 @@ class Simulation:
                 for c in engine.on_step_end(t):
                     self._complete(c, t)
                 self._plan(engine, t)
+                if self.door is not None and self.door.waiting:
+                    self._door_poll(t)
                 if audit:
                     engine.audit()
             elif kind == _WAKE:
@@ -207,6 +270,11 @@ class Simulation:
                 "prefill_tokens": e.stat_prefill_tokens,
                 "prompt_tokens": e.stat_prompt_tokens,
                 "cache_hit_tokens": e.stat_cache_hit_tokens,
+                "evicted_active_tokens": e.stat_evicted_active_tokens,
+                "tier_out_tokens": e.stat_tier_out_tokens,
+                "tier_in_tokens": e.stat_tier_in_tokens,
+                "tier_s": e.stat_tier_s,
+                "tier_out_s": e.stat_tier_out_s,
             }
             for e in self.engines
         ]
@@ -232,9 +300,27 @@ class Simulation:
         prompts = prompt_lengths(spec, self.config.carry_context, self.max_context)
         prog = _Program(index, spec, prompts, self.config.carry_context)
         self.states.append(prog)
-        for cs in spec.calls:
+        if self.door is None:
+            self._start(prog, t)
+            return
+        self._by_id[spec.program_id] = prog
+        self.door.arrive(spec.program_id, t)
+        self._door_poll(t)
+
+    def _start(self, prog: _Program, t: float) -> None:
+        for cs in prog.spec.calls:
             if not cs.parents:
                 self._push(t + cs.think_s, _SUBMIT, prog.calls[cs.call_id])
+
+    def _door_poll(self, t: float) -> None:
+        door = self.door
+        assert door is not None
+        for e in self.engines:
+            door.report(str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens())
+        for program_id in door.admit(t):
+            prog = self._by_id[program_id]
+            prog.door_wait_s = t - prog.spec.arrival_s
+            self._start(prog, t)
 
     def _submit(self, c: SimCall, t: float) -> None:
         prog: _Program = c.program
@@ -247,6 +333,10 @@ class Simulation:
             loads = [e.load() for e in self.engines]
             engine = self.engines[int(self.balancer.choose(prog.spec.program_id, c.prompt_tokens, loads))]
         cut = engine.enqueue(c, priority, t, prog.wait_s, prog.account.service_s)
+        if not prog.started:
+            prog.started = True
+            if self.door is not None:
+                self.door.started(prog.spec.program_id)
         if not engine.busy:
             # plan after every other event at this instant, so simultaneous submissions are
             # scheduled together
@@ -282,9 +372,16 @@ class Simulation:
             ps = prog.spec
             self._records[prog.index] = ProgramRecord(
                 ps.program_id, ps.kind, ps.arrival_s, t, ps.output_tokens, len(ps.calls), prog.first_token_s,
-                prog.wait_s, prog.service_s,
+                prog.wait_s, prog.service_s, prog.door_wait_s,
             )
             self.balancer.forget(ps.program_id)
+            for e in self.engines:
+                e.end_program(ps.program_id)
+            if self.door is not None:
+                self.door.ended(ps.program_id)
+                del self._by_id[ps.program_id]
+                if self.door.waiting:
+                    self._door_poll(t)
 
     def _observe(self, service_s: float) -> None:
         if not (self.config.calibrate and self.spec.calibrated):

@@ -58,6 +58,7 @@ class SweepPoint:
     balancer: str
     policy: str
     rate: float
+    memory: str = "lru"
 
 
 _WORKER_PROGRAMS: list[ProgramSpec] = []
@@ -70,10 +71,22 @@ def _init_worker(source: WorkloadSource) -> None:
 def run_point(
     programs: Sequence[ProgramSpec], base: SimConfig, point: SweepPoint, warmup: float, drain: float
 ) -> dict[str, Any]:
-    config = replace(base, policy=point.policy, balancer=point.balancer)
+    config = replace(base, policy=point.policy, balancer=point.balancer, memory=point.memory)
     result = simulate(scaled_arrivals(programs, 1.0 / point.rate), config)
     figures = summarise(result, warmup, drain)
-    return {"balancer": point.balancer, "policy": point.policy, "rate": point.rate, **figures}
+    return {
+        "balancer": point.balancer,
+        "policy": point.policy,
+        "memory": point.memory,
+        "variant": variant_name(point.policy, point.memory),
+        "rate": point.rate,
+        **figures,
+    }
+
+
+def variant_name(policy: str, memory: str) -> str:
+    """``plas`` with the default memory (``lru``), else ``plas+tier``: the name the analysis uses."""
+    return policy if memory == "lru" else f"{policy}+{memory}"
 
 
 def _run_in_worker(args: tuple[SimConfig, SweepPoint, float, float]) -> dict[str, Any]:
@@ -81,8 +94,11 @@ def _run_in_worker(args: tuple[SimConfig, SweepPoint, float, float]) -> dict[str
     return run_point(_WORKER_PROGRAMS, base, point, warmup, drain)
 
 
-def sweep_points(balancers: Iterable[str], policies: Iterable[str], rates: Iterable[float]) -> list[SweepPoint]:
-    return [SweepPoint(b, p, r) for b in balancers for p in policies for r in rates]
+def sweep_points(
+    balancers: Iterable[str], policies: Iterable[str], rates: Iterable[float], memories: Iterable[str] = ("lru",)
+) -> list[SweepPoint]:
+    memories = list(memories)
+    return [SweepPoint(b, p, r, m) for b in balancers for p in policies for m in memories for r in rates]
 
 
 def run_sweep(

@@ -44,6 +44,7 @@ async def start_mesh(
     backend_instance: ModelBackend | None = None,
     metrics: bool = False,
     role_urls: dict[str, str] | None = None,
+    kv_replicas: int = 1,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -51,7 +52,13 @@ async def start_mesh(
     spec = backend or BackendSpec(name="sim", sim_time_scale=0.05)
     port = 0 if metrics else None  # Prometheus endpoints on free ports
     tracker = TrackerService(
-        TrackerConfig(nats_url=urls.get("tracker", url), root=root, gc_interval_s=0.2, metrics_port=port)
+        TrackerConfig(
+            nats_url=urls.get("tracker", url),
+            root=root,
+            gc_interval_s=0.2,
+            kv_replicas=kv_replicas,
+            metrics_port=port,
+        )
     )
     scheduler = SchedulerService(
         SchedulerConfig(

@@ -261,3 +261,25 @@ def test_engine_core_prefills_only_past_the_attached_prefix() -> None:
     assert backend.asked == [("c1", 100, "p1")]
     events = run_to_end(core, backend)
     assert [e.finish_reason for _, e in events if isinstance(e, FinishEvent)] == ["length"]
+
+
+def test_process_table_counts_a_redelivered_completion_once() -> None:
+    from autellix.proto import CallCompleted
+    from autellix.services.tracker.process_table import ProcessTable
+
+    table = ProcessTable()
+    event = CallCompleted(
+        call_id="c1",
+        program_id="p",
+        engine_id="e",
+        service_s=2.0,
+        queue_wait_s=0.5,
+        prompt_tokens=3,
+        output_tokens=4,
+        finish_reason="stop",
+    )
+    assert table.on_completed(event, now=1.0) is not None
+    assert table.on_completed(event, now=2.0) is None  # the same completion again (JetStream redelivery)
+    entry = table.get("p")
+    assert entry is not None
+    assert (entry.account.service_s, entry.account.calls_completed, entry.waiting_s) == (2.0, 1, 0.5)

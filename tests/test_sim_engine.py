@@ -89,10 +89,10 @@ def test_prefix_cache_hits_a_siblings_copy_of_the_shared_history() -> None:
     assert got["b"].prompt_tokens == 140
     assert got["b"].cached_tokens == 110  # root's context
     # a's entry alone still covers root's context once root's and b's own entries are gone
-    engine._cache_evict("p/root")
-    engine._cache_evict("p/b")
+    engine.cache.remove("p/root")
+    engine.cache.remove("p/b")
     assert engine._cache_hit(got["b"]) == 110
-    engine._cache_evict("p/a")
+    engine.cache.remove("p/a")
     assert engine._cache_hit(got["b"]) == 0
 
 

@@ -83,3 +83,24 @@ def test_validate_rejects_forward_references() -> None:
         validate(ProgramSpec("p", 0.0, (CallSpec("a", (), 1, 1), CallSpec("a", (), 1, 1))))
     with pytest.raises(WorkloadError):
         validate(ProgramSpec("p", 0.0, (CallSpec("a", (), 0, 1),)))
+
+
+def test_new_agent_shapes() -> None:
+    from autellix.sim.workload import prompt_lengths
+
+    chat = generate("chat-think", 200, seed=2)
+    thinks = [c.think_s for p in chat for c in p.calls[1:]]
+    assert 60 < np.mean(thinks) < 200  # minutes of human think time
+    fan = generate("fanout", 60, seed=2)
+    for p in fan[:20]:
+        validate(p)
+        widths = [sum(1 for c in p.calls if c.parents == (plan.call_id,)) for plan in p.calls if c_is_plan(plan)]
+        assert widths and all(20 <= w <= 80 for w in widths)
+    coder = generate("coder", 100, seed=2)
+    longest = [max(prompt_lengths(p, True, 131_072).values()) for p in coder]
+    assert np.median(longest) > 20_000 and all(len(p.calls) >= 25 for p in coder)
+    assert all(len(p.calls[i].parents) == 1 for p in coder for i in range(1, len(p.calls)))
+
+
+def c_is_plan(c: CallSpec) -> bool:
+    return c.call_id.startswith("plan")

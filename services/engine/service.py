@@ -45,12 +45,12 @@ from autellix.proto import (
     decode,
     encode,
 )
-from autellix.proto.messages import completed_message_id
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
+from .completions_out import CompletionOutbox
 from .config import EngineConfig
 from .metrics import EngineMetrics
 
@@ -100,6 +100,7 @@ class EngineService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = EngineMetrics(config.metrics_port)
+        self._outbox: CompletionOutbox | None = None
         self.health = Health(self.name)
         self._throttle = LogThrottle()
         #: step-loop iterations in a row that raised; the loop gives up (and the service fails) after a few
@@ -133,6 +134,7 @@ class EngineService:
             ),
         )
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
+        self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
@@ -168,6 +170,8 @@ class EngineService:
             await self._hand_back(call_id)
         self._state = "down"
         await self._heartbeat()
+        if self._outbox is not None:
+            await self._outbox.drain()
         await self._nc.drain()
         self._executor.shutdown(wait=self.health.ok)  # a stuck step's thread is not waited for
         self.metrics.endpoint.stop()
@@ -506,9 +510,8 @@ class EngineService:
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
         )
-        await self._nc.publish(
-            self.subjects.call_completed, encode(done), headers={"Nats-Msg-Id": completed_message_id(done)}
-        )
+        assert self._outbox is not None
+        await self._outbox.send(done)
         self.metrics.on_completed(done, state, done.completed_at)
         self.log.info(
             "call finished",
@@ -549,9 +552,8 @@ class EngineService:
             parents=call.parents,
             completed_at=time.time(),
         )
-        await self._nc.publish(  # type: ignore[union-attr]
-            self.subjects.call_completed, encode(rejected), headers={"Nats-Msg-Id": completed_message_id(rejected)}
-        )
+        assert self._outbox is not None
+        await self._outbox.send(rejected)
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)

@@ -13,6 +13,7 @@ subscription (and says so).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +25,10 @@ from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from autellix.proto import Subjects
+
+from .store import jetstream_not_ready
+
+JETSTREAM_ERRORS = (nats.js.errors.Error, nats.errors.Error)
 
 #: the tracker's durable consumer (and deliver group) on the completions stream
 DURABLE = "trackers"
@@ -61,10 +66,19 @@ async def subscribe_completions(
         duplicate_window=DUPLICATE_WINDOW_S,
         num_replicas=replicas,
     )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:  # exists with another configuration: bring it up to date
-        await js.update_stream(config)
+    for _ in range(60):  # a cluster may still be placing its peers
+        try:
+            try:
+                await js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if getattr(exc, "err_code", None) == 10005:
+                    raise
+                await js.update_stream(config)  # exists with another configuration: bring it up to date
+            break
+        except JETSTREAM_ERRORS as exc:
+            if not jetstream_not_ready(exc):
+                raise
+            await asyncio.sleep(0.25)
     return await js.subscribe(
         subjects.call_completed,
         queue=DURABLE,
@@ -74,6 +88,3 @@ async def subscribe_completions(
         manual_ack=True,
         config=ConsumerConfig(ack_wait=30.0, max_ack_pending=10_000),
     )
-
-
-JETSTREAM_ERRORS = (nats.js.errors.Error, nats.errors.Error)

@@ -162,6 +162,8 @@ class ProcessTable:
                 rejected.last_activity_at = now
             return None
         entry = self._entry(event.program_id, now)
+        if event.call_id and event.call_id in entry.account.call_path_s:
+            return None  # counted already (a completion redelivered after a restart): count it once
         entry.engines.add(event.engine_id)
         entry.waiting_s += event.queue_wait_s
         entry.last_activity_at = now
@@ -170,8 +172,6 @@ class ProcessTable:
             return None
         entry.active_calls.pop(event.call_id, None)
         entry.active_engine.pop(event.call_id, None)
-        if event.call_id and event.call_id in entry.account.call_path_s:
-            return None  # counted already: a completion redelivered after a restart counts once
         service = event.service_s + entry.partial_service_s.pop(event.call_id, 0.0)
         path = entry.account.complete(event.call_id, event.parents, service)
         return self._service(entry, now, call_id=event.call_id, call_path_s=path)

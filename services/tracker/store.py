@@ -11,6 +11,7 @@ back the others.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -36,6 +37,19 @@ def _key(program_id: str) -> str:
     return storage_key(program_id)
 
 
+#: JetStream's "no suitable peers for placement": a cluster whose nodes have not all joined yet
+_NO_PEERS = 10005
+
+
+def jetstream_not_ready(exc: Exception) -> bool:
+    """A JetStream error that goes away by itself (leaders being elected, peers joining)."""
+    if isinstance(
+        exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError | nats.errors.TimeoutError
+    ):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and getattr(exc, "err_code", None) == _NO_PEERS
+
+
 class ProgramStore:
     def __init__(self, table: ProcessTable, root: str, replicas: int = 1) -> None:
         self.replicas = replicas
@@ -55,19 +69,29 @@ class ProgramStore:
     def enabled(self) -> bool:
         return self._kv is not None
 
-    async def open(self, nc: NATS) -> int:
+    async def open(self, nc: NATS, wait_s: float = 15.0) -> int:
         """Bind (or create) the bucket and load every program; returns how many were restored.
-        Without JetStream on the server the table stays in memory only (logged)."""
+        JetStream that is not ready yet (a cluster still electing its leaders, a node rejoining) is
+        retried for ``wait_s``; a server without JetStream keeps the table in memory only (logged)."""
         js = nc.jetstream()
-        try:
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
             try:
-                self._kv = await js.key_value(self.bucket)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
-        except (nats.js.errors.Error, nats.errors.Error) as exc:
-            self.log.warning("no JetStream: the process table is kept in memory only", error=str(exc))
-            self._kv = None
-            return 0
+                try:
+                    self._kv = await js.key_value(self.bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
+                break
+            except (nats.js.errors.Error, nats.errors.Error) as exc:
+                if not jetstream_not_ready(exc):
+                    self.log.warning("no JetStream: the process table is kept in memory only", error=str(exc))
+                    self._kv = None
+                    return 0
+                if asyncio.get_running_loop().time() >= deadline:
+                    self.log.warning("JetStream did not become ready: the process table is kept in memory only")
+                    self._kv = None
+                    return 0
+                await asyncio.sleep(0.25)
         restored = 0
         watcher = await self._kv.watchall(ignore_deletes=True)
         try:

@@ -1,0 +1,146 @@
+"""The door: admit a new program only while the engines' working set fits. Pure, synchronous.
+
+Why: an engine's capacity on agent workloads is set by a *retention cliff*. Programs in think or tool
+time keep a context in KV; once the contexts of the active programs no longer fit beside the running
+calls, the cache evicts them and every next call re-prefills its whole history, which makes the engine
+slower, which keeps more programs active: throughput collapses within a few percent of load. Holding
+new programs at the door while the working set is full keeps the engine on the good side of the cliff;
+the programs inside finish at full speed and the door's queue drains. Below the knee the working set
+fits, the door admits every program on arrival and costs nothing.
+
+**Working set** (from what the engines report): per engine, the KV of its running and queued calls
+plus, for each program still active, the context its next call will extend: its latest finished
+call's prompt + output, wherever it is now (cached, in a CPU tier, or evicted and owed a re-prefill).
+(The simulator counts it for programs with a call in flight too, because its engine model keeps that
+cached copy beside the running call's KV; an engine that shares blocks can leave those out.) Not
+the cache's whole contents: a cache fills free KV with anything (ended programs' contexts, stale
+branches of a tree search) and would look full at any load.
+Summed over engines and compared with the engines' summed KV capacity.
+
+**Rule** (an analytic estimate; nothing is tuned per workload): with ``W`` the working set, ``C``
+the capacity, ``pending`` the programs let in whose first call the reports do not show yet and ``n``
+the active programs the reports do show, a new program is expected to need about what an active
+program holds on average, ``W / n``. The program at the head of the door is admitted when
+
+    W + (pending + 1) * W / n  <=  high_water * C
+
+(``pending`` keeps a burst of arrivals between two reports from all going in on the same stale
+figure; while the reports show no program, one program at a time goes in). Programs wait in arrival
+order (a program is never overtaken). **No deadlock**: when no admitted program is active, the
+head is admitted whatever its size, so a program larger than the budget still runs, alone.
+
+Use (a simulator or a scheduler drives it; the clock is passed in):
+
+- :meth:`Door.report` per engine whenever its heartbeat (or the simulator's state) changes;
+- :meth:`Door.arrive` when a program's first call shows up; :meth:`Door.admit` returns the programs
+  to let in now, in arrival order; :meth:`Door.started` once a let-in program's first call is queued
+  at an engine (its KV now appears in the reports); :meth:`Door.ended` when a program ends (its last
+  call finished, an explicit end, or the tracker's idle TTL).
+- :meth:`Door.forget_engine` when an engine is gone (its report no longer counts).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class DoorConfig:
+    #: admit while the projected working set stays under this fraction of the KV capacity; the gap
+    #: absorbs the growth of the admitted programs' contexts between two decisions
+    high_water: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.high_water <= 1.0:
+            raise ValueError(f"high_water must be in (0, 1], got {self.high_water}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReport:
+    """One engine's memory as the door sees it (tokens of KV)."""
+
+    capacity_tokens: int
+    #: KV held by running calls plus KV the queued calls will need
+    active_tokens: int
+    #: latest contexts of the active programs between calls (see the module docstring)
+    retained_tokens: int
+
+
+class Door:
+    def __init__(self, config: DoorConfig | None = None) -> None:
+        self.config = config or DoorConfig()
+        self._reports: dict[str, EngineReport] = {}
+        #: program id -> arrival time, in arrival order
+        self._waiting: OrderedDict[str, float] = OrderedDict()
+        #: admitted programs that have not ended; value: True once its first call shows in reports
+        self._active: dict[str, bool] = {}
+        self._pending = 0
+        self.admitted_total = 0
+        self.held_total = 0  # programs that had to wait at least one decision
+        self.wait_s_total = 0.0
+
+    # --- inputs -------------------------------------------------------------------------------
+    def report(self, engine_id: str, capacity_tokens: int, active_tokens: int, retained_tokens: int) -> None:
+        self._reports[engine_id] = EngineReport(capacity_tokens, active_tokens, retained_tokens)
+
+    def forget_engine(self, engine_id: str) -> None:
+        self._reports.pop(engine_id, None)
+
+    def arrive(self, program_id: str, now: float) -> None:
+        if program_id in self._waiting or program_id in self._active:
+            raise ValueError(f"program {program_id!r} is already at the door or inside")
+        self._waiting[program_id] = now
+
+    def started(self, program_id: str) -> None:
+        if self._active.get(program_id) is False:
+            self._active[program_id] = True
+            self._pending -= 1
+
+    def ended(self, program_id: str) -> None:
+        if self._waiting.pop(program_id, None) is not None:
+            return  # ended (cancelled) while waiting
+        started = self._active.pop(program_id, None)
+        if started is False:
+            self._pending -= 1
+
+    # --- decision -----------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def working_set(self) -> tuple[int, int]:
+        """(working set, capacity) in tokens, summed over the engines reported."""
+        w = sum(r.active_tokens + r.retained_tokens for r in self._reports.values())
+        c = sum(r.capacity_tokens for r in self._reports.values())
+        return w, c
+
+    def admit(self, now: float) -> list[str]:
+        """The programs to let in now, in arrival order (possibly none)."""
+        if not self._waiting:
+            return []
+        w, c = self.working_set()
+        limit = self.config.high_water * c
+        out: list[str] = []
+        while self._waiting:
+            n = len(self._active)
+            if n:
+                shown = n - self._pending  # active programs the reports already include
+                if shown <= 0 or c <= 0:
+                    break  # nothing to estimate from yet: one program at a time
+                per = w / shown
+                if w + (self._pending + 1) * per > limit:
+                    break
+            program_id, arrived = self._waiting.popitem(last=False)
+            self._active[program_id] = False
+            self._pending += 1
+            self.admitted_total += 1
+            if now > arrived:
+                self.held_total += 1
+                self.wait_s_total += now - arrived
+            out.append(program_id)
+        return out

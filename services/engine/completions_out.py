@@ -1,0 +1,67 @@
+"""Completed events that survive a broker node's death: published to JetStream, acknowledged.
+
+A completed event is what the tracker counts a program's service from. A plain publish is
+at-most-once: published on a connection to a node that dies a moment later it is gone, and the
+program's service with it (seen on a 3-node cluster). So engines publish each event with JetStream
+(``Nats-Msg-Id`` set, so a retry that did land counts once) and retry until the stream acknowledges
+it, on the connection's next node if need be, in the background so the step loop never waits.
+Where no stream captures the subject (no JetStream, or a tracker without persistence) the first
+attempt finds no responder and the event goes out as a plain publish, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from autellix.proto import CallCompleted, encode
+from autellix.proto.messages import completed_message_id
+from autellix.services.log_throttle import LogThrottle
+
+#: how long one event is retried before it is given up (logged)
+RETRY_FOR_S = 60.0
+#: events being retried at once; past this, new ones go out as plain publishes
+MAX_PENDING = 10_000
+
+
+class CompletionOutbox:
+    def __init__(self, nc: NATS, subject: str, log: object) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.log = log
+        self.js = nc.jetstream()
+        self._pending: set[asyncio.Task[None]] = set()
+        self._throttle = LogThrottle()
+
+    async def send(self, event: CallCompleted) -> None:
+        data = encode(event)
+        headers = {"Nats-Msg-Id": completed_message_id(event)}
+        if len(self._pending) >= MAX_PENDING:
+            await self.nc.publish(self.subject, data, headers=headers)
+            return
+        task = asyncio.create_task(self._deliver(data, headers))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _deliver(self, data: bytes, headers: dict[str, str]) -> None:
+        deadline = asyncio.get_running_loop().time() + RETRY_FOR_S
+        while True:
+            try:
+                await self.js.publish(self.subject, data, timeout=2.0, headers=headers)
+                return
+            except nats.errors.NoRespondersError:  # no stream captures completions here
+                if self.nc.is_connected:
+                    await self.nc.publish(self.subject, data, headers=headers)
+                    return
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                if asyncio.get_running_loop().time() >= deadline or self.nc.is_closed:
+                    self._throttle.log(self.log, "completed event given up", error=str(exc) or type(exc).__name__)
+                    return
+            await asyncio.sleep(0.25)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait for events still being delivered (at shutdown, before the connection drains)."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout_s)
