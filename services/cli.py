@@ -295,7 +295,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         gateway = GatewayService(gateway_cfg) if serve_http else None
         started: list[Any] = []
         try:
-            for service in [tracker, scheduler, *engines, *([gateway] if gateway else [])]:
+            # the gateway before the engines: it hears their first heartbeats, so /v1/models is full at once
+            for service in [tracker, scheduler, *([gateway] if gateway else []), *engines]:
                 starting = asyncio.create_task(service.start())
                 waiter = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)

@@ -57,6 +57,14 @@ def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str, list[int]]:
 
 def _chat(api: str) -> None:
     """One OpenAI chat call through the gateway `autellix up` started."""
+    deadline = time.monotonic() + 10
+    while True:  # ready = an engine's heartbeat heard
+        try:
+            with urllib.request.urlopen(f"{api[: -len('/v1')]}/ready", timeout=5):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.1)
     with urllib.request.urlopen(f"{api}/models", timeout=30) as reply:
         model = json.load(reply)["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
