@@ -211,6 +211,8 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
     dispatched_at: Epoch = 0.0
     #: the authenticated user that submitted the call ("" without auth): the program's owner
     owner: Id = ""
+    # seconds the call waited at the schedulers' door before it was routed (its program's first calls)
+    door_wait_s: Seconds = 0.0
 
 
 #: ``finish_reason`` of a completed event for a call an engine refused before running it (it only
@@ -315,6 +317,8 @@ class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):
     first_seen_at: float
     last_activity_at: float
     ended: bool = False
+    # of waiting_s, the time its calls waited at the schedulers' door for engine memory
+    door_wait_s: float = 0.0
 
 
 class ProgramTable(msgspec.Struct, frozen=True, kw_only=True):

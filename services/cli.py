@@ -136,7 +136,34 @@ def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-un
         cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
     if getattr(args, "balancer", None):
         cfg = replace(cfg, balancer=args.balancer)
+    if getattr(args, "door", None) is not None:
+        cfg = replace(cfg, door=args.door)
+    if getattr(args, "door_high_water", None) is not None:
+        cfg = replace(cfg, door_high_water=args.door_high_water)
+    if getattr(args, "door_max_waiting", None) is not None:
+        cfg = replace(cfg, door_max_waiting=args.door_max_waiting)
     return _metrics_port(cfg, args)
+
+
+def _add_door_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--door",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scheduler: new programs wait while the engines' working set does not fit their KV (env AUTELLIX_DOOR)",
+    )
+    p.add_argument(
+        "--door-high-water",
+        type=float,
+        default=None,
+        help="scheduler: admit while the working set stays under this fraction of KV (env AUTELLIX_DOOR_HIGH_WATER)",
+    )
+    p.add_argument(
+        "--door-max-waiting",
+        type=int,
+        default=None,
+        help="scheduler: programs that may wait at the door (env AUTELLIX_DOOR_MAX_WAITING; default 1000)",
+    )
 
 
 def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = None):  # type: ignore[no-untyped-def]
@@ -441,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
     up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
     up.add_argument("--balancer", choices=BALANCERS, default=None, help="engine choice (env AUTELLIX_BALANCER)")
+    _add_door_flags(up)
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
@@ -486,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
     scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
     _add_metrics_port(scheduler)
+    _add_door_flags(scheduler)
     scheduler.set_defaults(func=cmd_service)
 
     engine = sub.add_parser("engine", help="run an engine service")

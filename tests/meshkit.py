@@ -45,6 +45,7 @@ async def start_mesh(
     metrics: bool = False,
     role_urls: dict[str, str] | None = None,
     kv_replicas: int = 1,
+    door: bool = False,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -68,6 +69,7 @@ async def start_mesh(
             max_tokens_ceiling=512,
             no_engine_wait_s=no_engine_wait_s,
             metrics_port=port,
+            door=door,
         )
     )
     engine_services = [

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from meshkit import Mesh
+from meshkit import Mesh, start_mesh, stop_mesh
 
+from autellix.engine.factory import BackendSpec
 from autellix.engine.sim_backend import SimBackend
 
 
@@ -44,3 +45,27 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     await p.end()
     await _until(lambda: view().kv_tokens_idle_contexts == 7)
     assert list(backend.device) == [first.call_id, second.call_id, next(iter(reversed(list(backend.device))))]
+
+
+async def test_door_holds_a_new_program_while_the_working_set_does_not_fit(nats_url: str, root: str) -> None:
+    spec = BackendSpec(name="sim", sim_time_scale=0.05, kv_capacity_tokens=300, max_batch=8)
+    m = await start_mesh(nats_url, root, backend=spec, door=True)
+    try:
+        a = m.client.program("prog-a")
+        await a.call("word " * 100, max_tokens=50)  # A's context (151 tokens) stays its working set
+        engine_id = m.engines[0].engine_id
+        await _until(lambda: m.scheduler.core.engines[engine_id].heartbeat.kv_tokens_idle_contexts == 151)
+        b = m.client.program("prog-b")
+        waiting = asyncio.create_task(b.call("other " * 100, max_tokens=50))
+        gate = m.scheduler.door
+        assert gate is not None
+        await _until(lambda: gate.waiting_programs() == 1)
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # 151 + another ~151 > 90% of 300
+        await a.end()  # the tracker says A ended: B goes in
+        result = await asyncio.wait_for(waiting, 10)
+        assert result.output_tokens == 50 and gate.waiting_programs() == 0
+        row = next(r for r in (await m.client.table()).programs if r.program_id == "prog-b")
+        assert row.door_wait_s >= 0.5 and row.waiting_s >= row.door_wait_s
+    finally:
+        await stop_mesh(m)

@@ -28,6 +28,18 @@ class SchedulerConfig:
     max_calls_per_program: int = 1024
     #: a tenant's service counts half after this long (policy/tenant_account.py)
     tenant_half_life_s: float = 300.0
+    #: the door: a new program's calls wait while the engines' working set does not fit their KV
+    door: bool = False
+    #: admit while the projected working set stays under this fraction of the engines' KV capacity
+    door_high_water: float = 0.9
+    #: programs that may wait at the door; one more is refused with ``rate_limited``
+    door_max_waiting: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.door_high_water <= 1.0:
+            raise ValueError(f"door_high_water must be in (0, 1], got {self.door_high_water}")
+        if self.door_max_waiting < 1:
+            raise ValueError(f"door_max_waiting must be >= 1, got {self.door_max_waiting}")
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -44,4 +56,7 @@ class SchedulerConfig:
             max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
             call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
             tenant_half_life_s=float(env.get("AUTELLIX_TENANT_HALF_LIFE_S", d.tenant_half_life_s)),
+            door=env.get("AUTELLIX_DOOR", "1" if d.door else "0").lower() in ("1", "true", "yes", "on"),
+            door_high_water=float(env.get("AUTELLIX_DOOR_HIGH_WATER", d.door_high_water)),
+            door_max_waiting=int(env.get("AUTELLIX_DOOR_MAX_WAITING", d.door_max_waiting)),
         )

@@ -17,6 +17,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from autellix.policy.door import DoorConfig
 from autellix.proto import (
     SCHEDULER_QUEUE,
     CallAbort,
@@ -42,6 +43,7 @@ from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
 from .core import RejectedCall, SchedulerCore
+from .door_gate import DoorFull, DoorGate
 from .metrics import SchedulerMetrics
 
 
@@ -60,6 +62,10 @@ class SchedulerService:
             tenant_half_life_s=config.tenant_half_life_s,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
+        #: the door (issue 10): new programs wait while the engines' working set does not fit
+        self.door: DoorGate | None = (
+            DoorGate(DoorConfig(high_water=config.door_high_water), config.door_max_waiting) if config.door else None
+        )
         self._nc: NATS | None = None
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
@@ -113,9 +119,15 @@ class SchedulerService:
     # -- inputs -----------------------------------------------------------------------------
     async def _on_service(self, msg: Msg) -> None:
         try:
-            self.core.on_program_service(decode(msg.data, ProgramService))
+            update = decode(msg.data, ProgramService)
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad program-service update dropped", error=str(exc)[:300])
+            return
+        self.core.on_program_service(update)
+        if self.door is not None:
+            self.door.on_program_service(update)
+            if update.ended:
+                await self._open_door()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
@@ -126,6 +138,9 @@ class SchedulerService:
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
         self.metrics.engines.set(len(self.core.live_engines(time.time())))
+        if self.door is not None:
+            self.door.on_heartbeat(hb)
+            await self._open_door()
         if not known and hb.state == "up":
             self.log.info("engine joined", engine_id=hb.engine_id, backend=hb.backend, model=hb.model)
         self._engine_seen.set()
@@ -152,7 +167,45 @@ class SchedulerService:
             if msg.reply.startswith(inbox_prefix(owner) + "."):
                 await self._reject(error, msg.reply)
             return
-        if await self._dispatch(request, reply_to, now, owner):
+        if self.door is not None and not await self._through_door(request, reply_to, now, owner):
+            return
+        await self._dispatch_or_wait(request, reply_to, now, owner)
+
+    async def _through_door(self, request: CallRequest, reply_to: str, now: float, owner: str) -> bool:
+        """True when the call may be routed now; else it waits at the door (or was refused)."""
+        assert self.door is not None and self._nc is not None
+        try:
+            if self.door.submit(request, reply_to, now, owner):
+                return True
+        except DoorFull as full:
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.RATE_LIMITED, message=str(full)
+            )
+            await self._reject(error, reply_to)
+            return False
+        if request.ack:  # taken: it waits at the door (no engine yet), so the caller does not resubmit
+            accepted = CallAccepted(call_id=request.call_id, engine_id="", attempt=request.attempt)
+            await self._nc.publish(reply_to, encode(accepted))
+        self.log.debug("call waits at the door", call_id=request.call_id, program_id=request.program_id)
+        await self._open_door()
+        return False
+
+    async def _open_door(self) -> None:
+        """Route the calls of the programs the door lets in now."""
+        assert self.door is not None
+        for held, wait_s in self.door.release(time.time()):
+            self.log.info(
+                "program let in", call_id=held.request.call_id, program_id=held.request.program_id,
+                door_wait_s=round(wait_s, 3),
+            )
+            await self._dispatch_or_wait(
+                held.request, held.reply_to, held.received_at, held.owner, door_wait_s=wait_s
+            )
+
+    async def _dispatch_or_wait(
+        self, request: CallRequest, reply_to: str, now: float, owner: str, door_wait_s: float = 0.0
+    ) -> None:
+        if await self._dispatch(request, reply_to, now, owner, door_wait_s):
             return
         self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
         error = CallError(
@@ -162,7 +215,10 @@ class SchedulerService:
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
         self._park(
-            lambda: self._dispatch(request, reply_to, now, owner), now + self.config.no_engine_wait_s, error, reply_to
+            lambda: self._dispatch(request, reply_to, now, owner, door_wait_s),
+            time.time() + self.config.no_engine_wait_s,
+            error,
+            reply_to,
         )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
@@ -181,8 +237,10 @@ class SchedulerService:
         elif self._nc is not None:
             await self._nc.publish(reply_to, encode(error))
 
-    async def _dispatch(self, request: CallRequest, reply_to: str, submitted: float, owner: str = "") -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner))
+    async def _dispatch(
+        self, request: CallRequest, reply_to: str, submitted: float, owner: str = "", door_wait_s: float = 0.0
+    ) -> bool:
+        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner), door_wait_s)
         if engine_id is None:
             return False
         if request.ack:
@@ -191,7 +249,7 @@ class SchedulerService:
             await self._nc.publish(reply_to, encode(accepted))
         return True
 
-    async def _send(self, stamped: StampedCall) -> str | None:
+    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0) -> str | None:
         """Route a stamped call to a live engine and announce it; None when no engine is live."""
         assert self._nc is not None
         now = time.time()
@@ -201,6 +259,8 @@ class SchedulerService:
         self.core.on_routed(stamped, engine_id)
         self.metrics.stamps.inc()
         self.metrics.routes.labels(engine_id).inc()
+        if self.door is not None:
+            self.door.started(stamped.program_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
         await self._nc.publish(
             self.subjects.call_dispatched,
@@ -213,6 +273,7 @@ class SchedulerService:
                     parents=stamped.parents,
                     dispatched_at=now,
                     owner=stamped.owner,
+                    door_wait_s=door_wait_s,
                 )
             ),
         )
@@ -293,6 +354,8 @@ class SchedulerService:
             await self._nc.publish(self.subjects.call_abort, encode(abort))
         for engine_id, orphans in self.core.dead_engines(now):
             self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
+            if self.door is not None:
+                self.door.forget_engine(engine_id)
             for routed in orphans:
                 retry = CallRetry(
                     call_id=routed.call_id,

@@ -36,6 +36,9 @@ DURABLE = "trackers"
 MAX_AGE_S = 3600.0
 #: publishes of the same completion (same call, attempt and outcome) within this window count once
 DUPLICATE_WINDOW_S = 120.0
+#: an event delivered to a tracker that crashed before acknowledging it goes to another after this
+#: long (applying one takes microseconds, so a short wait costs nothing)
+ACK_WAIT_S = 3.0
 #: a bound on what waits while no tracker reads (then the oldest go)
 MAX_MSGS = 1_000_000
 
@@ -86,5 +89,5 @@ async def subscribe_completions(
         stream=config.name,
         cb=cb,
         manual_ack=True,
-        config=ConsumerConfig(ack_wait=30.0, max_ack_pending=10_000),
+        config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=10_000),
     )

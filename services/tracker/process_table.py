@@ -26,6 +26,8 @@ class ProgramEntry:
     first_seen_at: float
     last_activity_at: float
     waiting_s: float = 0.0
+    #: of waiting_s, the time its calls waited at the schedulers' door
+    door_wait_s: float = 0.0
     engines: set[str] = field(default_factory=set)
     #: call id -> when it was dispatched (or restored)
     active_calls: dict[str, float] = field(default_factory=dict)
@@ -49,6 +51,7 @@ class ProgramEntry:
             first_seen_at=self.first_seen_at,
             last_activity_at=self.last_activity_at,
             ended=ended,
+            door_wait_s=self.door_wait_s,
         )
 
 
@@ -69,6 +72,7 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     #: when each active call was dispatched (records written before this field: restore time)
     active_since: dict[str, float] = {}
     owner: str = ""
+    door_wait_s: float = 0.0
 
 
 def to_record(entry: ProgramEntry) -> ProgramRecord:
@@ -88,6 +92,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         last_activity_at=entry.last_activity_at,
         active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
         owner=entry.owner,
+        door_wait_s=entry.door_wait_s,
     )
 
 
@@ -104,6 +109,7 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         first_seen_at=r.first_seen_at,
         last_activity_at=r.last_activity_at,
         waiting_s=r.waiting_s,
+        door_wait_s=r.door_wait_s,
         engines=set(r.engines),
         active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
         partial_service_s=dict(r.partial_service_s),
@@ -149,6 +155,9 @@ class ProcessTable:
         entry.active_engine[event.call_id] = event.engine_id
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
+        if event.door_wait_s > 0:  # waiting for engine memory is waiting: the program's latency has it
+            entry.waiting_s += event.door_wait_s
+            entry.door_wait_s += event.door_wait_s
 
     def on_completed(self, event: CallCompleted, now: float) -> ProgramService | None:
         """Account a finished call; returns the program's update to publish (None for a call handed

@@ -112,8 +112,16 @@ class TrackerService:
         await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed)
 
     async def _on_completed_durable(self, msg: Msg) -> None:
-        """Apply, then acknowledge (a crash in between redelivers it; the table counts a call once)."""
-        await self._on_completed(msg)
+        """Apply now; acknowledge once the program's record holding it is written to the bucket. A
+        tracker that crashes before that leaves the event unacknowledged, so the next one applies it
+        on top of the record it loads, and a call already in that record is not counted again."""
+        program_id = await self._on_completed(msg)
+        if program_id is None:
+            await self._ack(msg)  # unreadable: never useful again
+        else:
+            self.store.hold_ack(program_id, lambda: self._ack(msg))
+
+    async def _ack(self, msg: Msg) -> None:
         try:
             await msg.ack()
         except JETSTREAM_ERRORS as exc:
@@ -142,16 +150,17 @@ class TrackerService:
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
 
-    async def _on_completed(self, msg: Msg) -> None:
+    async def _on_completed(self, msg: Msg) -> str | None:
+        """Apply a completed event; returns its program id (None for an unreadable event)."""
         try:
             event = decode(msg.data, CallCompleted)
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
-            return
+            return None
         update = self.table.on_completed(event, time.time())
         self.store.mark(event.program_id)
         if update is None:
-            return
+            return event.program_id
         self.log.debug(
             "program service updated",
             program_id=event.program_id,
@@ -160,6 +169,7 @@ class TrackerService:
             critical_path_s=round(update.critical_path_s, 6),
         )
         await self._publish(self.subjects.program_service, update)
+        return event.program_id
 
     async def _on_end(self, msg: Msg) -> None:
         """End a program. Replies ``{"ok": true, "program": {...}}``, or ``{"ok": false, "error": ...}``

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.js.errors
@@ -64,6 +65,8 @@ class ProgramStore:
         self._throttle = LogThrottle()
         #: program id -> writes of its record that failed in a row
         self._failures: dict[str, int] = {}
+        #: program id -> acknowledgements of the events applied to it, sent once its record is written
+        self._acks: dict[str, list[Callable[[], Awaitable[None]]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -109,6 +112,16 @@ class ProgramStore:
             await watcher.stop()
         return restored
 
+    def hold_ack(self, program_id: str, ack: Callable[[], Awaitable[None]]) -> None:
+        """Acknowledge an event applied to ``program_id`` once the program's record is written (at
+        once when nothing is persisted)."""
+        self._acks.setdefault(program_id, []).append(ack)
+        self._dirty.add(program_id)
+
+    async def _release(self, program_id: str) -> None:
+        for ack in self._acks.pop(program_id, ()):
+            await ack()
+
     def mark(self, program_id: str) -> None:
         self._deleted.discard(program_id)
         self._dirty.add(program_id)
@@ -121,6 +134,8 @@ class ProgramStore:
         if self._kv is None:
             self._dirty.clear()
             self._deleted.clear()
+            for program_id in list(self._acks):
+                await self._release(program_id)
             return
         dirty, self._dirty = self._dirty, set()
         deleted, self._deleted = self._deleted, set()
@@ -129,7 +144,8 @@ class ProgramStore:
             while pending:
                 program_id = pending.pop()
                 entry = self.table.get(program_id)
-                if entry is None:
+                if entry is None:  # ended or forgotten: nothing of it to write
+                    await self._release(program_id)
                     continue
                 try:
                     await self._kv.put(_key(program_id), self._encoder.encode(to_record(entry)))
@@ -141,6 +157,7 @@ class ProgramStore:
                         self._dirty.add(program_id)  # only this program waits for the next flush
                     else:
                         del self._failures[program_id]  # written again at its next change
+                        await self._release(program_id)  # redelivering its events cannot help
                     self._throttle.log(
                         self.log,
                         "program record not written",
@@ -150,6 +167,7 @@ class ProgramStore:
                     )
                 else:
                     self._failures.pop(program_id, None)
+                    await self._release(program_id)
         except BaseException:
             self._dirty.update(pending)  # written next time
             self._deleted.update(deleted)
