@@ -70,6 +70,8 @@ def make_backend(spec: BackendSpec) -> ModelBackend:
             kv_capacity_tokens=spec.kv_capacity_tokens,
             swap_pool_bytes=spec.swap_pool_bytes,
             threads=spec.threads,
+            retention=spec.retention,
+            cpu_tier_tokens=spec.kv_tier_tokens,  # None: the backend's default, bounded by the machine's memory
         )
     if spec.name == "vllm":
         from .model_store import resolve_model
