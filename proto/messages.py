@@ -68,6 +68,8 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
+    # The tenant the call is accounted to, set by the gateway from the caller's API key ("" = none).
+    tenant: str = ""
     # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
     # than the deployment's deadline): the deployment's.
     deadline_s: Seconds = 0.0

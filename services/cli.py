@@ -86,6 +86,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_metrics_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics here, 0 = any free port (env AUTELLIX_METRICS_PORT; default off)",
+    )
+
+
+def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
+    port = getattr(args, "metrics_port", None)
+    return replace(cfg, metrics_port=port) if port is not None else cfg
+
+
 def _env_url(args: argparse.Namespace, client: bool = False) -> str:
     """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
     environment, and for clients the credentials `autellix up` wrote on this machine)."""
@@ -108,7 +122,7 @@ def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-unty
     cfg = replace(cfg, nats_url=url, root=_env_root(args))
     if getattr(args, "program_ttl", None) is not None:
         cfg = replace(cfg, idle_ttl_s=args.program_ttl)
-    return cfg
+    return _metrics_port(cfg, args)
 
 
 def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
@@ -128,7 +142,7 @@ def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-un
         cfg = replace(cfg, door_high_water=args.door_high_water)
     if getattr(args, "door_max_waiting", None) is not None:
         cfg = replace(cfg, door_max_waiting=args.door_max_waiting)
-    return cfg
+    return _metrics_port(cfg, args)
 
 
 def _add_door_flags(p: argparse.ArgumentParser) -> None:
@@ -184,6 +198,18 @@ def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = N
         cfg = replace(cfg, preempt_mode=args.preempt_mode)
     if engine_id or getattr(args, "engine_id", None):
         cfg = replace(cfg, engine_id=engine_id or args.engine_id)
+    return _metrics_port(cfg, args)
+
+
+def _gateway_config(args: argparse.Namespace, url: str, host: str | None = None, port: int | None = None):  # type: ignore[no-untyped-def]
+    from .gateway.config import GatewayConfig
+
+    cfg = GatewayConfig.from_env()
+    cfg = replace(cfg, nats_url=url, root=_env_root(args))
+    if host is not None:
+        cfg = replace(cfg, host=host)
+    if port is not None:
+        cfg = replace(cfg, port=port)
     return cfg
 
 
@@ -201,6 +227,10 @@ def cmd_service(args: argparse.Namespace) -> int:
         from .scheduler.service import SchedulerService
 
         service = SchedulerService(_scheduler_config(args, url))
+    elif args.command == "gateway":
+        from .gateway.service import GatewayService
+
+        service = GatewayService(_gateway_config(args, url, args.host, args.port))
     else:
         from .engine.service import EngineService
 
@@ -220,12 +250,26 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 # -- everything on one machine ------------------------------------------------------------------
+def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Metrics ports for `up`: tracker, scheduler, engines on consecutive ports from --metrics-port
+    (0: each any free port), on --host; none with --no-metrics."""
+    os.environ["AUTELLIX_METRICS_HOST"] = args.host
+
+    def port(i: int) -> int | None:
+        if args.no_metrics or args.demo:
+            return None
+        return 0 if args.metrics_port == 0 else args.metrics_port + i
+
+    return port
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from autellix.proto import Subjects
 
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
     from .engine.service import EngineService
+    from .gateway.service import GatewayService
     from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
     from .scheduler.service import SchedulerService
     from .tracker.service import TrackerService
@@ -261,15 +305,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        tracker_config = _tracker_config(args, urls.get("tracker", url))
+        ports = _up_metrics_ports(args)
+        tracker_config = replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0))
         if args.cluster > 1:  # the process table and the completions on every node (at most 3)
             tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
         tracker = TrackerService(tracker_config)
-        scheduler = SchedulerService(_scheduler_config(args, urls.get("scheduler", url)))
-        engines = [EngineService(_engine_config(args, urls.get("engine", url))) for _ in range(args.engines)]
+        scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
+        scheduler = SchedulerService(scheduler_cfg)
+        engines = [
+            EngineService(replace(_engine_config(args, urls.get("engine", url)), metrics_port=ports(2 + i)))
+            for i in range(args.engines)
+        ]
+        # --demo runs the demo with the Python client and exits: no HTTP ports to claim
+        serve_http = not (args.no_gateway or args.demo)
+        gateway_cfg = _gateway_config(args, urls.get("gateway", url), args.host, args.gateway_port)
+        gateway = GatewayService(gateway_cfg) if serve_http else None
         started: list[Any] = []
         try:
-            for service in [tracker, scheduler, *engines]:
+            # the gateway before the engines: it hears their first heartbeats, so /v1/models is full at once
+            for service in [tracker, scheduler, *([gateway] if gateway else []), *engines]:
                 starting = asyncio.create_task(service.start())
                 waiter = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -277,13 +331,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if starting not in done:
                     await abandon(starting)
                     return 130
-                starting.result()
+                try:
+                    starting.result()
+                except OSError as exc:  # a port taken
+                    print(f"autellix up: the {service.name} could not start: {exc}", file=sys.stderr)
+                    print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
+                    return 1
                 started.append(service)
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
+            http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
+            scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
+            if all(scraped):
+                http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
                 f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
-                f"{len(engines)} engine(s) [{', '.join(models)}] | root {tracker.config.root} | Ctrl-C to stop",
+                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
                 flush=True,
             )
             if args.demo:
@@ -296,9 +359,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             failed = await wait_for_stop(stop, started)
             return 1 if failed else 0
         finally:
-            # engines drain in parallel: one drain timeout for the mesh, not one per engine
-            stages = [[scheduler], engines, [tracker]]
-            await stop_stages([[s for s in stage if s in started] for stage in stages])
+            # the gateway stops taking requests first; engines drain in parallel: one drain timeout for the mesh
+            stages = [[gateway], [scheduler], engines, [tracker]]
+            await stop_stages([[s for s in stage if s is not None and s in started] for stage in stages])
 
     try:
         return _run(main())
@@ -409,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
+    up.add_argument("--gateway-port", type=int, default=8000, help="OpenAI API port on --host, 0 = any free (8000)")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9100,
+        help="Prometheus metrics: tracker on this port, scheduler +1, engines +2.. (0 = any free; default 9100)",
+    )
+    up.add_argument("--no-metrics", action="store_true", help="no metrics endpoints (the gateway's /metrics stays)")
     up.add_argument(
         "--cluster",
         type=int,
@@ -433,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
     _add_common(tracker)
     tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
+    _add_metrics_port(tracker)
     tracker.set_defaults(func=cmd_service)
 
     scheduler = sub.add_parser("scheduler", help="run a scheduler service")
@@ -440,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
     scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
     scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
+    _add_metrics_port(scheduler)
     _add_door_flags(scheduler)
     scheduler.set_defaults(func=cmd_service)
 
@@ -448,7 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(engine)
     engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
     engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
+    _add_metrics_port(engine)
     engine.set_defaults(func=cmd_service)
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    _add_common(gateway)
+    gateway.add_argument("--host", default=None, help="listen address (env AUTELLIX_GATEWAY_HOST; default 0.0.0.0)")
+    gateway.add_argument("--port", type=int, default=None, help="HTTP port (env AUTELLIX_GATEWAY_PORT; default 8000)")
+    gateway.set_defaults(func=cmd_service)
 
     call = sub.add_parser("call", help="send one call and stream the answer")
     _add_common(call)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 AUTELLIX = [sys.executable, "-m", "autellix.services.cli"]
+#: no HTTP ports at all (the defaults, 8000 and 9100.., may be taken on a shared machine)
+QUIET = ["--no-gateway", "--no-metrics"]
+FREE_PORTS = ["--gateway-port", "0", "--metrics-port", "0"]
 
 
 def _children(pid: int) -> list[int]:
@@ -30,10 +35,10 @@ def _children(pid: int) -> list[int]:
     return found + [d for c in found for d in _children(c)]
 
 
-def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str]:
+def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str, list[int]]:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     proc = subprocess.Popen(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--no-auth", *extra],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--no-auth", *FREE_PORTS, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,15 +47,37 @@ def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     match = re.search(r"NATS (nats://\S+)", line)
-    if match is None:
+    http = re.search(r"OpenAI API (http://\S+/v1)", line)
+    metrics = re.search(r"metrics on ports ([\d,]+)", line)
+    if match is None or http is None or metrics is None:
         proc.kill()
         raise AssertionError(f"no readiness line; got {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, match.group(1)
+    return proc, match.group(1), http.group(1), [int(p) for p in metrics.group(1).split(",")]
+
+
+def _chat(api: str) -> None:
+    """One OpenAI chat call through the gateway `autellix up` started."""
+    deadline = time.monotonic() + 10
+    while True:  # ready = an engine's heartbeat heard
+        try:
+            with urllib.request.urlopen(f"{api[: -len('/v1')]}/ready", timeout=5):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.1)
+    with urllib.request.urlopen(f"{api}/models", timeout=30) as reply:
+        model = json.load(reply)["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    request = urllib.request.Request(
+        f"{api}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["choices"][0]["message"]["content"] == " tok tok"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
-    proc, url = _start_up("--engines", "2")
+    proc, url, api, metrics = _start_up("--engines", "2")
     try:
         children = _children(proc.pid)
         assert children, "the embedded nats-server should be a child process"
@@ -63,6 +90,10 @@ def test_up_serves_and_stops_cleanly(sig: signal.Signals) -> None:
         assert call.returncode == 0, call.stderr
         assert call.stdout.strip() == "tok tok tok tok"
         assert "4 tokens" in call.stderr
+        _chat(api)
+        assert len(set(metrics)) == 4  # tracker, scheduler, two engines
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics[-1]}/metrics", timeout=30) as reply:
+            assert "autellix:generation_tokens_total" in reply.read().decode()
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == 0
         deadline = time.monotonic() + 5
@@ -80,7 +111,7 @@ def test_up_runs_authenticated_by_default(tmp_path: Path) -> None:
     creds = tmp_path / "client.creds"
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="info")
     proc = subprocess.Popen(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--creds-out", str(creds)],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--creds-out", str(creds), *FREE_PORTS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -101,6 +132,9 @@ def test_up_runs_authenticated_by_default(tmp_path: Path) -> None:
         )
         assert call.returncode == 0, call.stderr
         assert call.stdout.strip() == "tok tok tok"
+        api = re.search(r"OpenAI API (http://\S+/v1)", line)
+        assert api is not None  # the gateway connects with its own identity (role "gateway")
+        _chat(api.group(1))
         refused = subprocess.run(
             [*AUTELLIX, "call", "hi", "--nats", url.group(1)], capture_output=True, text=True, timeout=60
         )
@@ -124,16 +158,16 @@ def test_auth_init_writes_private_credentials(tmp_path: Path) -> None:
 
 def test_up_demo_runs_and_exits(tmp_path: Path) -> None:
     env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
-    creds = str(tmp_path / "client.creds")
+    creds = ["--creds-out", str(tmp_path / "client.creds")]
     done = subprocess.run(
-        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", "--creds-out", creds],
+        [*AUTELLIX, "up", "--backend", "sim", "--port", "0", "--demo", "--sim-time-scale", "0", *QUIET, *creds],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert "autellix is up" in done.stdout
+    assert "autellix is up" in done.stdout and "OpenAI API" not in done.stdout
     assert "[3 fan-out: its food]" in done.stdout
     assert "program latency" in done.stdout
 

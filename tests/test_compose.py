@@ -17,9 +17,11 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,16 +138,16 @@ def _pip_installs(run: str) -> list[list[str]]:
 
 # -- the compose file ---------------------------------------------------------------------------
 def test_compose_has_the_services_built_from_one_dockerfile(compose: dict[str, Any]) -> None:
-    assert {"nats", "tracker", "scheduler", "engine", "engine-gpu"} <= set(compose["services"])
+    assert {"nats", "tracker", "scheduler", "engine", "engine-gpu", "gateway"} <= set(compose["services"])
     services = _autellix_services(compose)
-    assert set(services) == {"tracker", "scheduler", "engine", "engine-gpu"}
+    assert set(services) == {"tracker", "scheduler", "engine", "engine-gpu", "gateway"}
     for name, svc in services.items():
         build = svc["build"]
         assert build["context"] == "..", name
         assert build["dockerfile"] == "Dockerfile", name
         assert (COMPOSE_FILE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
     # The CPU services share one image; the GPU engine's differs only by the torch index.
-    assert len({services[n]["image"] for n in ("tracker", "scheduler", "engine")}) == 1
+    assert len({services[n]["image"] for n in ("tracker", "scheduler", "engine", "gateway")}) == 1
     gpu_args = services["engine-gpu"]["build"].get("args", {})
     assert set(gpu_args) <= {"TORCH_INDEX_URL"}, "the GPU build may only change the torch index"
 
@@ -155,7 +157,7 @@ def test_every_command_is_an_autellix_subcommand(compose: dict[str, Any]) -> Non
 
     parser = build_parser()
     commands = {tuple(_command(svc)) for svc in _autellix_services(compose).values()}
-    assert {c[0] for c in commands} == {"tracker", "scheduler", "engine"}
+    assert {c[0] for c in commands} == {"tracker", "scheduler", "engine", "gateway"}
     for command in commands:
         parser.parse_args(list(command))  # exits (fails the test) on an unknown command or flag
     for sub in sorted({c[0] for c in commands}):
@@ -176,10 +178,11 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
     from autellix.engine.factory import BACKENDS
     from autellix.services.cli import BALANCERS, POLICIES
     from autellix.services.engine.config import EngineConfig
+    from autellix.services.gateway.config import GatewayConfig
     from autellix.services.scheduler.config import SchedulerConfig
     from autellix.services.tracker.config import TrackerConfig
 
-    configs = {"tracker": TrackerConfig, "scheduler": SchedulerConfig, "engine": EngineConfig}
+    configs = {"tracker": TrackerConfig, "scheduler": SchedulerConfig, "engine": EngineConfig, "gateway": GatewayConfig}
     for name, svc in _autellix_services(compose).items():
         with monkeypatch.context() as m:
             for var in [v for v in os.environ if v.startswith("AUTELLIX_")]:
@@ -194,6 +197,10 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
                 assert cfg.policy in POLICIES
             if isinstance(cfg, SchedulerConfig):
                 assert cfg.balancer in BALANCERS
+            if isinstance(cfg, GatewayConfig):
+                assert cfg.host == "0.0.0.0" and cfg.port == 8000
+            else:  # every other service serves Prometheus metrics inside the network
+                assert cfg.metrics_port == 9100, name
             if isinstance(cfg, EngineConfig):
                 assert cfg.backend.name in BACKENDS
                 assert cfg.backend.device in ("cpu", "cuda") or cfg.backend.device.startswith("cuda:")
@@ -201,6 +208,10 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
 
 def test_scalable_services_have_no_names_ports_or_fixed_ids(compose: dict[str, Any]) -> None:
     for name, svc in _autellix_services(compose).items():
+        if name == "gateway":  # the one Autellix service users reach from the host
+            assert [str(p) for p in svc["ports"]] == ["8000:8000"]
+            assert _environment(svc)["AUTELLIX_GATEWAY_PORT"] == "8000"
+            continue
         assert "container_name" not in svc, f"{name}: a container_name breaks --scale"
         assert "ports" not in svc, f"{name}: host ports clash under --scale"
         assert "hostname" not in svc, name
@@ -425,16 +436,62 @@ async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[
     return served
 
 
+def _exercise_gateway(base: str, check_alive: Any) -> None:
+    """An OpenAI chat call through the gateway process, then its /metrics."""
+    deadline = time.monotonic() + 20
+    while True:
+        check_alive()
+        try:
+            with urllib.request.urlopen(f"{base}/ready", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            assert time.monotonic() < deadline, "the gateway never became ready"
+            time.sleep(0.1)
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as reply:
+        model = json.load(reply)["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert json.load(reply)["usage"]["completion_tokens"] == 3
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        assert (
+            'autellix:gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in reply.read().decode()
+        )
+
+
+def test_prometheus_config_scrapes_every_service(compose: dict[str, Any]) -> None:
+    yaml = pytest.importorskip("yaml")
+    prom = compose["services"]["prometheus"]
+    assert prom["profiles"] == ["metrics"] and re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prom["image"])
+    mount = prom["volumes"][0].split(":")
+    config = yaml.safe_load((COMPOSE_FILE.parent / mount[0]).read_text())
+    assert mount[1] == "/etc/prometheus/prometheus.yml" and "--config.file=" + mount[1] in prom["command"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["autellix-gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    dns = jobs["autellix"]["dns_sd_configs"][0]
+    services = _autellix_services(compose)
+    assert set(dns["names"]) == set(services) - {"gateway"}
+    for name in dns["names"]:
+        assert _environment(services[name])["AUTELLIX_METRICS_PORT"] == str(dns["port"]), name
+
+
 def test_compose_topology_runs_as_local_processes(topology: Topology) -> None:
-    """tracker, scheduler and two engines (`--scale engine=2`), each with its compose environment;
+    """tracker, scheduler, two engines (`--scale engine=2`) and the gateway, each with its compose environment;
     calls are answered; SIGTERM stops every process cleanly, as `docker compose stop` does."""
-    topology.start("tracker", 1)
-    topology.start("scheduler", 1)
+    free = ["--metrics-port", "0"]  # containers each have their own 9100; local processes share one host
+    topology.start("tracker", 1, *free)
+    topology.start("scheduler", 1, *free)
     for replica in (1, 2):  # same environment, no engine id: they must not clash
-        topology.start("engine", replica, "--backend", "sim", "--sim-time-scale", "0")
+        topology.start("engine", replica, "--backend", "sim", "--sim-time-scale", "0", *free)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    topology.start("gateway", 1, "--port", str(http_port), "--host", "127.0.0.1")
 
     served = asyncio.run(_exercise(topology.url, topology.root, 2, topology.check_alive))
     assert served
+    _exercise_gateway(f"http://127.0.0.1:{http_port}", topology.check_alive)
     topology.check_alive()
 
     for proc in topology.procs.values():

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from meshkit import start_mesh, stop_mesh
+from meshkit import start_gateway, start_mesh, stop_mesh
 
 from autellix.engine.factory import BackendSpec
 from autellix.proto import Subjects
@@ -60,3 +60,33 @@ async def test_readme_example_runs(marker: str, tmp_path: Path) -> None:
             assert "tok" in out.decode()
         finally:
             await stop_mesh(mesh)
+
+
+async def test_readme_openai_example_runs(nats_url: str, root: str) -> None:
+    """The first example: the official `openai` SDK against the gateway, two calls as one program."""
+    pytest.importorskip("openai")
+    (source,) = [b for b in python_blocks() if "from openai import OpenAI" in b]
+    mesh = await start_mesh(nats_url, root, backend=BackendSpec(name="sim", sim_time_scale=0.01))
+    gateway = await start_gateway(mesh)
+    seen: list[str] = []
+    nc = mesh.client.nc
+
+    async def on_dispatched(msg) -> None:  # type: ignore[no-untyped-def]
+        seen.append(msg.data.decode())
+
+    await nc.subscribe(f"{root}.events.call.dispatched", cb=on_dispatched)
+    await nc.flush()
+    try:
+        source = source.replace("http://127.0.0.1:8000", gateway.url)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", source, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().count("tok") == 64  # two answers of 32 tokens
+        assert len(seen) == 2 and all('"program_id":"trip-agent-1"' in s for s in seen)
+        # X-Session-Final on the second call ended the program
+        assert mesh.tracker.table.get("trip-agent-1") is None
+    finally:
+        await gateway.stop()
+        await stop_mesh(mesh)

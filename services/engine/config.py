@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from autellix.engine.factory import BackendSpec
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -30,6 +31,8 @@ class EngineConfig:
     schedule_every: int = 4
     #: auto | swap | recompute
     preempt_mode: str = "auto"
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
     #: calls held beyond a full running batch; a call past it is shed with ``rate_limited``
     max_waiting: int = 1024
     #: a model step running longer than this means the engine is stuck: it stops heartbeating and exits
@@ -62,6 +65,7 @@ class EngineConfig:
             policy=env.get("AUTELLIX_POLICY", d.policy),
             schedule_every=int(env.get("AUTELLIX_SCHEDULE_EVERY", d.schedule_every)),
             preempt_mode=env.get("AUTELLIX_PREEMPT_MODE", d.preempt_mode),
+            metrics_port=metrics_port_from_env(),
             max_waiting=int(env.get("AUTELLIX_MAX_WAITING", d.max_waiting)),
             step_stuck_s=float(env.get("AUTELLIX_STEP_STUCK_S", d.step_stuck_s)),
         )

@@ -52,6 +52,7 @@ from autellix.services.nats_conn import connect
 
 from .completions_out import CompletionOutbox
 from .config import EngineConfig
+from .metrics import EngineMetrics
 
 #: step-loop iterations failing in a row before the loop (and the service) gives up
 MAX_STEP_FAILURES = 5
@@ -98,6 +99,7 @@ class EngineService:
         self._state = "up"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{config.engine_id}-step")
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = EngineMetrics(config.metrics_port)
         self._outbox: CompletionOutbox | None = None
         self.health = Health(self.name)
         self._throttle = LogThrottle()
@@ -139,6 +141,7 @@ class EngineService:
         # ended programs leave the working set, and their contexts go first from the prefix cache
         await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
         await nc.flush()
+        self.metrics.endpoint.start()
         await self._heartbeat()  # announce ourselves at once
         self._tasks = [asyncio.create_task(self._step_loop()), asyncio.create_task(self._heartbeat_loop())]
         for task in self._tasks:
@@ -171,6 +174,7 @@ class EngineService:
             await self._outbox.drain()
         await self._nc.drain()
         self._executor.shutdown(wait=self.health.ok)  # a stuck step's thread is not waited for
+        self.metrics.endpoint.stop()
         self.log.info("stopped")
 
     # -- inputs -------------------------------------------------------------------------------
@@ -335,6 +339,7 @@ class EngineService:
             return
         for p in plan.preemptions:
             self.log.info("call preempted", call_id=p.call_id, mode=p.mode, reason=p.reason, kv_tokens=p.kv_tokens)
+        self.metrics.on_preemptions(plan.preemptions)
         self._stepping = True
         self._step_started = time.monotonic()
         try:
@@ -507,6 +512,7 @@ class EngineService:
         )
         assert self._outbox is not None
         await self._outbox.send(done)
+        self.metrics.on_completed(done, state, done.completed_at)
         self.log.info(
             "call finished",
             program_id=call.program_id,
@@ -588,6 +594,7 @@ class EngineService:
             calls_limit=self.config.backend.max_batch + self.config.max_waiting,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
+        self.metrics.on_heartbeat(hb)
 
     def _read_cache_stats(self) -> None:
         self._cache_stats_due = False

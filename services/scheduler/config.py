@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -19,6 +20,8 @@ class SchedulerConfig:
     no_engine_wait_s: float = 30.0
     #: engine choice: locality | least-used | round-robin
     balancer: str = "locality"
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
     #: a routed call not finished within this many seconds fails with ``deadline_exceeded``
     call_deadline_s: float = 600.0
     #: calls of one program this scheduler has routed and not seen finish; more get ``rate_limited``
@@ -49,6 +52,7 @@ class SchedulerConfig:
             max_tokens_ceiling=int(env.get("AUTELLIX_MAX_TOKENS_CEILING", d.max_tokens_ceiling)),
             no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
             balancer=env.get("AUTELLIX_BALANCER", d.balancer),
+            metrics_port=metrics_port_from_env(),
             max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
             call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
             tenant_half_life_s=float(env.get("AUTELLIX_TENANT_HALF_LIFE_S", d.tenant_half_life_s)),

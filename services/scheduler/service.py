@@ -44,6 +44,7 @@ from autellix.services.nats_conn import connect
 from .config import SchedulerConfig
 from .core import RejectedCall, SchedulerCore
 from .door_gate import DoorFull, DoorGate
+from .metrics import SchedulerMetrics
 
 
 class SchedulerService:
@@ -69,6 +70,7 @@ class SchedulerService:
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self.metrics = SchedulerMetrics(config.metrics_port, waiting=lambda: len(self._waiting))
         self._throttle = LogThrottle()
         self.health = Health(self.name)
         self._stopping = False
@@ -85,6 +87,7 @@ class SchedulerService:
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
         await nc.flush()
         self._watchdog = asyncio.create_task(self._watch_engines())
+        self.metrics.endpoint.start()
         self._watchdog.add_done_callback(self._on_watchdog_done)
         self.log.info("ready", policy=self.config.policy, balancer=self.config.balancer)
 
@@ -110,6 +113,7 @@ class SchedulerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*self._waiting, return_exceptions=True), timeout=5)
         await self._nc.drain()
+        self.metrics.endpoint.stop()
         self.log.info("stopped")
 
     # -- inputs -----------------------------------------------------------------------------
@@ -133,6 +137,7 @@ class SchedulerService:
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
+        self.metrics.engines.set(len(self.core.live_engines(time.time())))
         if self.door is not None:
             self.door.on_heartbeat(hb)
             await self._open_door()
@@ -217,6 +222,7 @@ class SchedulerService:
         )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
+        self.metrics.errors.labels(error.code).inc()
         self._throttle.log(
             self.log,
             "call rejected",
@@ -251,6 +257,8 @@ class SchedulerService:
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
+        self.metrics.stamps.inc()
+        self.metrics.routes.labels(engine_id).inc()
         if self.door is not None:
             self.door.started(stamped.program_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))

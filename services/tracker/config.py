@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass
 
 from autellix.proto import DEFAULT_ROOT
+from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
 
@@ -18,6 +19,8 @@ class TrackerConfig:
     persist: bool = True
     #: changed programs are written to the bucket within this interval
     flush_interval_s: float = 0.02
+    #: Prometheus metrics on this port (0 = any free one); None = off
+    metrics_port: int | None = None
     #: JetStream replicas of the process-table bucket and the completions stream (3 on a 3-node cluster)
     kv_replicas: int = 1
     #: an active call with no completed event after this long is dropped (its engine died, or its
@@ -35,5 +38,6 @@ class TrackerConfig:
             gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
             active_call_max_s=float(env.get("AUTELLIX_ACTIVE_CALL_MAX_S", d.active_call_max_s)),
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
+            metrics_port=metrics_port_from_env(),
             kv_replicas=int(env.get("AUTELLIX_KV_REPLICAS", d.kv_replicas)),
         )

@@ -33,6 +33,7 @@ from autellix.services.nats_conn import connect
 from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
 from .config import TrackerConfig
 from .engine_liveness import EngineLiveness
+from .metrics import TrackerMetrics
 from .process_table import ProcessTable
 from .store import ProgramStore
 
@@ -55,6 +56,7 @@ class TrackerService:
         self._gc_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self.metrics = TrackerMetrics(config.metrics_port, programs=lambda: len(self.table))
         self.health = Health(self.name)
         self.engines = EngineLiveness()
         self._throttle = LogThrottle()
@@ -77,6 +79,7 @@ class TrackerService:
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
+        self.metrics.endpoint.start()
         self.log.info("ready", root=self.config.root)
 
     async def stop(self) -> None:
@@ -93,6 +96,7 @@ class TrackerService:
         if self._nc is not None and not self._nc.is_closed:
             await self.store.flush()
             await self._nc.drain()
+        self.metrics.endpoint.stop()
         self.log.info("stopped", programs=len(self.table))
 
     async def _subscribe_completions(self, nc: NATS) -> None:
@@ -199,6 +203,7 @@ class TrackerService:
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
+        self.metrics.on_ended(summary)
         self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
         await self._publish(self.subjects.program_service, update)
         await respond({"ok": True, "program": summary})
@@ -235,4 +240,5 @@ class TrackerService:
         for update in self.table.expire(time.time()):
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)
+            self.metrics.on_expired(update)
             await self._publish(self.subjects.program_service, update)

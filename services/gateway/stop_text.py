@@ -1,0 +1,46 @@
+"""Stop sequences applied to a stream of text (pure).
+
+The engines know nothing of OpenAI's ``stop``: the gateway watches the text as it streams, holds
+back the end of it while it could still be the start of a stop string, and cuts the answer where one
+appears (the stop string itself is not returned, as OpenAI does). The gateway then aborts the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopText:
+    __slots__ = ("_buf", "_stops", "done")
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._buf = ""
+        #: a stop string was found: nothing more is to be emitted
+        self.done = False
+
+    def feed(self, text: str) -> str:
+        """The text that is safe to emit now."""
+        if self.done:
+            return ""
+        if not self._stops:
+            return text
+        buf = self._buf + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.done = True
+            self._buf = ""
+            return buf[:cut]
+        hold = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(buf)), hold, -1):
+                if buf.endswith(stop[:k]):
+                    hold = k
+                    break
+        self._buf = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        """What was held back, once the text has ended without a stop string."""
+        out, self._buf = ("" if self.done else self._buf), ""
+        return out
