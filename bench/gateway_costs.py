@@ -335,7 +335,7 @@ async def bench_load(rates: list[float], duration_s: float, probes: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--only", default="ttft,load")
     parser.add_argument("--ttft-calls", type=int, default=300)
     parser.add_argument("--rates", default="0,25,50,100,200,400")

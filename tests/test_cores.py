@@ -283,3 +283,39 @@ def test_process_table_counts_a_redelivered_completion_once() -> None:
     entry = table.get("p")
     assert entry is not None
     assert (entry.account.service_s, entry.account.calls_completed, entry.waiting_s) == (2.0, 1, 0.5)
+
+
+def test_a_completion_trailing_its_programs_end_does_not_bring_it_back() -> None:
+    from autellix.proto import CallCompleted, CallDispatched
+    from autellix.services.tracker.process_table import ProcessTable
+
+    table = ProcessTable()
+    table.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="e", priority=0.0), now=1.0)
+    assert table.end("p", now=2.0) is not None
+    late = CallCompleted(
+        call_id="c1",
+        program_id="p",
+        engine_id="e",
+        service_s=1.0,
+        queue_wait_s=0.0,
+        prompt_tokens=1,
+        output_tokens=1,
+        finish_reason="stop",
+    )
+    assert table.on_completed(late, now=3.0) is None
+    assert table.get("p") is None  # no ghost program
+    # the same id used again later is a new session
+    table.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="e", priority=0.0), now=4.0)
+    again = CallCompleted(
+        call_id="c2",
+        program_id="p",
+        engine_id="e",
+        service_s=2.0,
+        queue_wait_s=0.0,
+        prompt_tokens=1,
+        output_tokens=1,
+        finish_reason="stop",
+    )
+    assert table.on_completed(again, now=5.0) is not None
+    entry = table.get("p")
+    assert entry is not None and entry.account.service_s == 2.0

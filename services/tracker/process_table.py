@@ -11,6 +11,7 @@ being forgotten when idle.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
@@ -117,6 +118,10 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
     )
 
 
+#: ended program ids remembered against trailing completions
+MAX_RECENTLY_ENDED = 100_000
+
+
 class ProcessTable:
     def __init__(self, idle_ttl_s: float = 600.0, active_call_max_s: float = 900.0) -> None:
         if idle_ttl_s <= 0:
@@ -126,6 +131,9 @@ class ProcessTable:
         self.idle_ttl_s = idle_ttl_s
         self.active_call_max_s = active_call_max_s
         self._programs: dict[str, ProgramEntry] = {}
+        #: programs ended recently, oldest first: a completion that arrives after the end (the engine's
+        #: event can trail the caller's program.end) must not bring the program back as a ghost
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._programs)
@@ -148,6 +156,7 @@ class ProcessTable:
         return entry
 
     def on_dispatched(self, event: CallDispatched, now: float) -> None:
+        self._ended.pop(event.program_id, None)  # a new call: the program id starts a new session
         entry = self._entry(event.program_id, now)
         if not entry.owner:
             entry.owner = event.owner
@@ -162,6 +171,8 @@ class ProcessTable:
     def on_completed(self, event: CallCompleted, now: float) -> ProgramService | None:
         """Account a finished call; returns the program's update to publish (None for a call handed
         back mid-way, whose service counts when it completes on its next engine)."""
+        if event.program_id in self._ended and event.program_id not in self._programs:
+            return None  # it trails the program's end: its final figures went out already
         if event.finish_reason == REJECTED:
             # refused before it ran: it only leaves the active calls (never creates a program)
             rejected = self._programs.get(event.program_id)
@@ -212,6 +223,9 @@ class ProcessTable:
         entry = self._programs.pop(program_id, None)
         if entry is None:
             return None
+        self._ended[program_id] = None
+        while len(self._ended) > MAX_RECENTLY_ENDED:
+            self._ended.popitem(last=False)
         return entry.summary(ended=True), self._service(entry, now, ended=True)
 
     def engine_gone(self, engine_id: str) -> list[str]:
