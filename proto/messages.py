@@ -54,6 +54,8 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt: Text | None = None
     max_tokens: int = 128
     temperature: float = 0.0
+    #: sampling seed (temperature > 0): the same seed gives the same tokens; None: unseeded
+    seed: int | None = None
     ignore_eos: bool = False
     # None: the client does not say (ATLAS uses its one-scalar approximation); []: a root call;
     # [ids]: the calls of the same program this call depends on (exact critical path).
@@ -172,6 +174,7 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     prompt: Text | None = None
     max_tokens: int = 128
     temperature: float = 0.0
+    seed: int | None = None
     ignore_eos: bool = False
     parents: Parents | None = None
     stream: bool = True

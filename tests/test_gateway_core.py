@@ -98,6 +98,7 @@ def test_parse_chat_maps_fields_and_rejects_the_unsupported() -> None:
     )
     assert [(m.role, m.content) for m in call.messages] == [("system", "be brief"), ("user", "hi there")]
     assert call.max_tokens == 9 and call.temperature == 0.0 and call.stop == ["x"] and call.include_usage
+    assert call.seed == 3
     assert parse_chat({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 512).max_tokens == 512
     assert parse_completion({"model": "m", "prompt": ["p"]}).max_tokens == 16
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}

@@ -198,3 +198,23 @@ async def test_engine_stop_drains_running_calls(nats_url: str, root: str) -> Non
 def test_reply_messages_decode_as_a_tagged_union() -> None:
     chunk = msgspec.json.encode({"type": "chunk", "call_id": "c", "seq": 0, "text": "hi"})
     assert isinstance(decode_reply(chunk), CallChunk)
+
+
+async def test_a_calls_seed_reaches_the_engine(mesh) -> None:  # type: ignore[no-untyped-def]
+    """``seed`` travels request -> stamped call -> the engine core's call (the hf backend seeds its
+    sampler from it)."""
+    import asyncio as _asyncio
+
+    seen: list[int | None] = []
+    engine = mesh.engines[0]
+    assert engine.core is not None
+    add = engine.core.add
+
+    def spy(spec, now):  # type: ignore[no-untyped-def]
+        seen.append(spec.seed)
+        return add(spec, now)
+
+    engine.core.add = spy  # type: ignore[method-assign]
+    async with mesh.client.program() as p:
+        await _asyncio.gather(p.call("x", max_tokens=2, seed=1234), p.call("y", max_tokens=2))
+    assert sorted(seen, key=lambda v: v is None) == [1234, None]

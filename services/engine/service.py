@@ -241,6 +241,7 @@ class EngineService:
                 max_tokens=call.max_tokens,
                 priority=call.priority,
                 temperature=call.temperature,
+                seed=call.seed,
                 ignore_eos=call.ignore_eos,
                 program_wait_s=call.program_wait_s,
                 program_service_s=call.program_service_s,

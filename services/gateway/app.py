@@ -171,6 +171,7 @@ class Gateway:
             prompt=parsed.prompt,
             max_tokens=parsed.max_tokens,
             temperature=parsed.temperature,
+            seed=parsed.seed,
             ignore_eos=parsed.ignore_eos,
             parents=ident.parents,
             tenant=tenant,

@@ -101,6 +101,7 @@ class ParsedCall:
     prompt: str | None
     max_tokens: int
     temperature: float
+    seed: int | None
     stop: list[str]
     stream: bool
     include_usage: bool
@@ -153,7 +154,7 @@ def _common(body: dict[str, Any], allowed: frozenset[str], default_max_tokens: i
     temperature = _get(body, "temperature", float, 1.0)  # OpenAI's default
     if not 0.0 <= temperature <= 2.0:
         raise bad("'temperature' must be between 0 and 2", param="temperature")
-    _get(body, "seed", int)  # accepted; see the README (greedy calls are deterministic, sampling is not seeded)
+    seed = _get(body, "seed", int, None)
     stop_value = body.get("stop")
     if stop_value is None:
         stop: list[str] = []
@@ -175,6 +176,7 @@ def _common(body: dict[str, Any], allowed: frozenset[str], default_max_tokens: i
     return {
         "model": model,
         "temperature": temperature,
+        "seed": seed,
         "stop": stop,
         "stream": stream,
         "include_usage": include_usage,

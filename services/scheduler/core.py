@@ -278,6 +278,7 @@ class SchedulerCore:
             prompt=request.prompt,
             max_tokens=request.max_tokens,
             temperature=request.temperature,
+            seed=request.seed,
             ignore_eos=request.ignore_eos,
             parents=request.parents,
             stream=request.stream,
