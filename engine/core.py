@@ -14,12 +14,13 @@ between steps. Tests, benchmarks and the simulator-agreement checks do the same 
   promotes starved calls. Boundaries follow the observed distribution of call service.
 - **Continuous batching.** Calls join the running batch when a slot and KV room are free and leave
   it the step they finish. Prompts are prefilled in chunks within a per-step token budget.
-- **Preemption.** Every ``schedule_every`` steps (a *scheduling point*) a preemptive policy
-  recomputes the running set top-down in queue order; a running call that no longer fits is
-  displaced by the waiting calls above it. On any step, KV pressure (running calls growing past the
-  KV capacity) preempts the lowest running call. A displaced call's KV is swapped to the backend's
-  CPU pool, or dropped and recomputed later when that is cheaper by the engine's own running
-  estimates, or when the pool is full. Either way it resumes exactly where it stopped.
+- **Preemption.** Every ``schedule_every`` steps (a *scheduling point*) a preemptive policy recomputes
+  the running set top-down in queue order; a running call that no longer fits is displaced by the
+  waiting calls above it, where the queue's ``displaces`` rule allows (the same rule the simulator
+  applies: a hysteresis gap of ``MLFQConfig.preempt_gap`` levels). On any step, KV pressure (running
+  calls growing past the KV capacity) preempts the lowest running call. A displaced call's KV is swapped
+  to the backend's CPU pool, or dropped and recomputed later when that is cheaper by the engine's own
+  running estimates, or when the pool is full. Either way it resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -404,7 +405,12 @@ class EngineCore:
         return plan
 
     def _replan(self, plan: StepPlan, now: float) -> None:
-        """A scheduling point: the running set becomes the top of the queue order that fits."""
+        """A scheduling point: the running set moves toward the top of the queue order that fits.
+
+        The calls of that top that are not running (the displacers, best first) come in; each
+        swaps out running calls outside the top, lowest first, while it needs their room and the
+        queue's ``displaces`` rule allows (the multi-level queues' hysteresis gap: a call only one
+        level ahead does not swap a running call out). A displacer that cannot make room waits."""
         desired: list[str] = []
         used = 0
         for call_id in list(self.queue.order()):
@@ -416,11 +422,25 @@ class EngineCore:
                 used += need
         keep = set(desired)
         displacers = [c for c in desired if self._calls[c].phase is not CallPhase.RUNNING]
-        for i, call_id in enumerate(c for c in reversed(self._running) if c not in keep):
-            by = displacers[i] if i < len(displacers) else "a higher-priority call"
-            self._preempt(plan, call_id, f"displaced by {by}", now)
+        if not displacers:
+            return
+        key = self.queue.sort_key
+        victims = sorted((c for c in self._running if c not in keep), key=key, reverse=True)
+        used = sum(self._need(self._calls[c]) for c in self._running)
+        cap, slots = self.kv_capacity, self.config.max_batch
         for call_id in displacers:
-            self._admit(plan, call_id, now)
+            need = self._need(self._calls[call_id])
+            while (
+                (used + need > cap or len(self._running) >= slots)
+                and victims
+                and self.queue.displaces(call_id, victims[0])
+            ):
+                victim = victims.pop(0)
+                used -= self._need(self._calls[victim])
+                self._preempt(plan, victim, f"displaced by {call_id}", now)
+            if used + need <= cap and len(self._running) < slots:
+                used += need
+                self._admit(plan, call_id, now)
 
     def _relieve_kv_pressure(self, plan: StepPlan, now: float) -> None:
         used = sum(self._need(self._calls[c]) for c in self._running)

@@ -17,6 +17,12 @@ Levels ``0..K-1``; level 0 is the top (served first). Boundaries ``b_0 < b_1 < .
   so charging ``a`` then ``b`` ends where charging ``a + b`` at once does. The bottom level has no
   quantum.
 - **order**: call ids top-down, FCFS within each level; an engine fills its batch from the front.
+- **displacement** (:meth:`MultiLevelQueues.displaces`, the one rule the engine core and the simulator
+  both apply at scheduling points): a waiting call displaces a running call only from at least
+  ``preempt_gap`` levels above it. A call demoted by one level, or a fresh call stamped one level
+  higher than a running call, does not swap it out; the gap is hysteresis against preemption churn
+  (see :class:`MLFQConfig`). ``preempt_gap = 0`` displaces on any lead in the queue order (the same
+  level's earlier arrival included).
 - **anti-starvation**: a waiting call below the top level whose
   ``(program wait + call wait) / (program service + call service) >= beta`` is moved to the back of
   the top level; only the call's own counters (its wait, its service and its level service) reset.
@@ -36,6 +42,9 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+#: the default displacement gap in levels (MLFQConfig.preempt_gap); measured in bench/SIM_RESULTS.md
+PREEMPT_GAP = 2
+
 
 @dataclass(frozen=True, slots=True)
 class MLFQConfig:
@@ -53,6 +62,10 @@ class MLFQConfig:
       (a program whose slowdown is below 17 is never promoted).
     - ``calibration_percentile`` (25.0): percentile of observed call service used as the first
       boundary by :class:`autellix.policy.calibration.ServiceCalibrator`.
+    - ``preempt_gap`` (PREEMPT_GAP): a waiting call displaces a running one only from at least this
+      many levels above it (hysteresis). Without it, wide fan-outs (tens of parallel calls of one
+      program, each demoted as it is charged) were swapped out by every newer program's calls one
+      level above them, and the program, which waits for its slowest call, paid for each swap.
     """
 
     num_levels: int = 12
@@ -60,6 +73,7 @@ class MLFQConfig:
     growth: float = 2.0
     beta: float = 16.0
     calibration_percentile: float = 25.0
+    preempt_gap: int = PREEMPT_GAP
 
     def __post_init__(self) -> None:
         if self.num_levels < 1:
@@ -70,6 +84,8 @@ class MLFQConfig:
             raise ValueError(f"growth must be > 1, got {self.growth}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.preempt_gap < 0:
+            raise ValueError(f"preempt_gap must be >= 0, got {self.preempt_gap}")
 
 
 def doubling_boundaries(first_s: float, num_levels: int, growth: float = 2.0) -> tuple[float, ...]:
@@ -164,6 +180,15 @@ class MultiLevelQueues:
         """A key that sorts calls in :meth:`order` order (smaller = served first)."""
         e = self._entries[call_id]
         return (e.level, e.seq)
+
+    def displaces(self, waiting_id: str, running_id: str) -> bool:
+        """Whether the waiting call may displace the running one at a scheduling point: it is
+        ahead in the queue order, and at least ``preempt_gap`` levels above (module docstring)."""
+        w, r = self._entries[waiting_id], self._entries[running_id]
+        gap = self.config.preempt_gap
+        if gap == 0:
+            return (w.level, w.seq) < (r.level, r.seq)
+        return w.level + gap <= r.level
 
     def level_sizes(self) -> list[int]:
         return [len(q) for q in self._levels]

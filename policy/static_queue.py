@@ -89,6 +89,11 @@ class StaticPriorityQueue:
         key, seq, _ = self._keys[call_id]
         return (key, seq)
 
+    def displaces(self, waiting_id: str, running_id: str) -> bool:
+        """A waiting call displaces a running one whenever it is ahead in the order (no gap: the
+        oracle's keys are exact)."""
+        return self.sort_key(waiting_id) < self.sort_key(running_id)
+
     def order(self) -> Iterator[str]:
         """Call ids by ascending key, ties in arrival order. Do not mutate while iterating."""
         for _, _, call_id in self._sorted:

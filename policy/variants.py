@@ -14,8 +14,9 @@ policy        a new call's stamp (its priority)                      queue      
 ============  =====================================================  ==========  ==========
 
 "Preemptive" means that at a scheduling point a waiting call ahead in the queue order displaces a
-running call behind it. Every policy may still preempt on KV pressure (a running batch that grows
-past the KV budget), the lowest call in the queue order first.
+running call behind it, by the queue's ``displaces`` rule (for the multi-level queues: only from at
+least ``MLFQConfig.preempt_gap`` levels above). Every policy may still preempt on KV pressure (a running
+batch that grows past the KV budget), the lowest call in the queue order first.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class CallQueue(Protocol):
     def promote_starved(self, now: float) -> list[str]: ...
 
     def sort_key(self, call_id: str) -> tuple[float, int]: ...
+
+    def displaces(self, waiting_id: str, running_id: str) -> bool: ...
 
     def order(self) -> Iterator[str]: ...
 

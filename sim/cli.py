@@ -111,6 +111,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sched-every", default="8", help="decode steps between scheduling points (default %(default)s)")
     p.add_argument("--levels", default=str(MLFQConfig().num_levels), help="number of queues K")
     p.add_argument("--beta", default=str(MLFQConfig().beta), help="anti-starvation threshold")
+    p.add_argument(
+        "--preempt-gap",
+        default=str(MLFQConfig().preempt_gap),
+        help="levels a waiting call must be above a running one to displace it (hysteresis; default %(default)s)",
+    )
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
     p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
     p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
@@ -184,7 +189,9 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         targets = parse_targets(args.targets)
         cost = profile(args.profile)
         mlfq = MLFQConfig(
-            num_levels=parse_number(args.levels, "--levels", int, 1), beta=parse_number(args.beta, "--beta", float, 0.0)
+            num_levels=parse_number(args.levels, "--levels", int, 1),
+            beta=parse_number(args.beta, "--beta", float, 0.0),
+            preempt_gap=parse_number(args.preempt_gap, "--preempt-gap", int, 0),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -15,7 +15,8 @@ running or waiting, and advances in *segments* of steps whose time comes from th
   The step that finishes a call's prefill also samples its first token.
 - **scheduling points** every ``sched_every_steps`` steps (and whenever the engine is idle): the
   running calls are charged their service, the beta rule is applied, and, under a preemptive
-  policy, waiting calls ahead in queue order displace running calls behind them (lowest first),
+  policy, waiting calls ahead in queue order displace running calls behind them (lowest first;
+  only where the queue's ``displaces`` rule allows: the multi-level queues' hysteresis gap),
   each displaced call's KV swapped to CPU as one contiguous transfer at the cost model's rate and
   swapped back in when it is readmitted, so it resumes where it stopped. Between scheduling points
   waiting calls are admitted when they fit, in queue order, stopping at the first that does not.
@@ -376,10 +377,11 @@ class SimEngine:
             if not self._fits(need):
                 if not preempt:
                     return
-                ck = q.sort_key(key)
                 if victims is None:
                     victims = sorted(((q.sort_key(k), k) for k in self.running), reverse=True)
-                while not self._fits(need) and victims and victims[0][0] > ck:
+                # lowest first; the queue's displacement rule (with its hysteresis gap) is
+                # monotone in the order, so the first victim it spares ends the search
+                while not self._fits(need) and victims and q.displaces(key, victims[0][1]):
                     _, vk = victims.pop(0)
                     self._preempt(self.running[vk], now)
                 if not self._fits(need):
