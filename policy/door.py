@@ -50,6 +50,9 @@ class DoorConfig:
     #: admit while the projected working set stays under this fraction of the KV capacity; the gap
     #: absorbs the growth of the admitted programs' contexts between two decisions
     high_water: float = 0.9
+    #: count the engines' CPU tiers in the capacity: a context that spills there is swapped back in,
+    #: not re-prefilled, so the cliff is where GPU KV and tier together no longer hold the working set
+    count_tier: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.high_water <= 1.0:
@@ -65,6 +68,8 @@ class EngineReport:
     active_tokens: int
     #: latest contexts of the active programs between calls (see the module docstring)
     retained_tokens: int
+    #: the engine's CPU tier for evicted contexts (0: none)
+    tier_tokens: int = 0
 
 
 class Door:
@@ -81,8 +86,10 @@ class Door:
         self.wait_s_total = 0.0
 
     # --- inputs -------------------------------------------------------------------------------
-    def report(self, engine_id: str, capacity_tokens: int, active_tokens: int, retained_tokens: int) -> None:
-        self._reports[engine_id] = EngineReport(capacity_tokens, active_tokens, retained_tokens)
+    def report(
+        self, engine_id: str, capacity_tokens: int, active_tokens: int, retained_tokens: int, tier_tokens: int = 0
+    ) -> None:
+        self._reports[engine_id] = EngineReport(capacity_tokens, active_tokens, retained_tokens, tier_tokens)
 
     def forget_engine(self, engine_id: str) -> None:
         self._reports.pop(engine_id, None)
@@ -116,7 +123,8 @@ class Door:
     def working_set(self) -> tuple[int, int]:
         """(working set, capacity) in tokens, summed over the engines reported."""
         w = sum(r.active_tokens + r.retained_tokens for r in self._reports.values())
-        c = sum(r.capacity_tokens for r in self._reports.values())
+        tier = self.config.count_tier
+        c = sum(r.capacity_tokens + (r.tier_tokens if tier else 0) for r in self._reports.values())
         return w, c
 
     def admit(self, now: float) -> list[str]:

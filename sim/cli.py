@@ -17,6 +17,7 @@ from typing import Any
 
 from autellix.engine.cost_model import profile
 from autellix.policy.balancer import BALANCER_NAMES
+from autellix.policy.door import DoorConfig
 from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
 from autellix.sim.analysis import analyse, parse_targets
@@ -116,6 +117,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=str(MLFQConfig().preempt_gap),
         help="levels a waiting call must be above a running one to displace it (hysteresis; default %(default)s)",
     )
+    p.add_argument(
+        "--door-high-water",
+        default=str(DoorConfig().high_water),
+        help="door: admit while the working set stays under this fraction of capacity (default %(default)s)",
+    )
+    p.add_argument(
+        "--door-tier",
+        action=argparse.BooleanOptionalAction,
+        default=DoorConfig().count_tier,
+        help="door: count the CPU tier in the capacity (with tier; default %(default)s)",
+    )
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
     p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
     p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
@@ -197,6 +209,12 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(e)) from None
     if args.rates is None and not args.capacity:
         raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
+    try:
+        door = DoorConfig(
+            high_water=parse_number(args.door_high_water, "--door-high-water", float, 0.0), count_tier=args.door_tier
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     warmup = parse_number(args.warmup, "--warmup", float, 0.0)
     drain = parse_number(args.drain, "--drain", float, 0.0)
     if warmup + drain >= 1.0:
@@ -211,6 +229,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
         mlfq=mlfq,
         tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
+        door=door,
     )
     source = WorkloadSource(
         name=workload,

@@ -316,7 +316,9 @@ class Simulation:
         door = self.door
         assert door is not None
         for e in self.engines:
-            door.report(str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens())
+            door.report(
+                str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens(), e.config.tier_tokens
+            )
         for program_id in door.admit(t):
             prog = self._by_id[program_id]
             prog.door_wait_s = t - prog.spec.arrival_s

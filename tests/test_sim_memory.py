@@ -134,6 +134,20 @@ def test_door_admits_in_arrival_order_while_the_working_set_fits() -> None:
     assert door.waiting == 0 and door.active == 3 and door.held_total == 3
 
 
+def test_door_counts_the_cpu_tier_in_its_capacity_only_when_told() -> None:
+    for count_tier, admitted in ((False, []), (True, ["p2"])):
+        door = Door(DoorConfig(high_water=0.9, count_tier=count_tier))
+        door.report("e0", 1000, 0, 0, tier_tokens=4000)
+        door.arrive("p1", 0.0)
+        assert door.admit(0.0) == ["p1"]
+        door.started("p1")
+        door.report("e0", 1000, 300, 600, tier_tokens=4000)
+        door.arrive("p2", 1.0)
+        # 900 + 900 > 0.9 * 1000 without the tier; <= 0.9 * 5000 with it
+        assert door.admit(1.0) == admitted
+        assert door.working_set() == (900, 5000 if count_tier else 1000)
+
+
 def test_door_never_deadlocks_a_program_larger_than_the_budget_runs_alone() -> None:
     door = Door()
     door.report("e0", 1000, 5000, 3000)  # stale or huge: still, nothing is active
