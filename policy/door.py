@@ -53,10 +53,17 @@ class DoorConfig:
     #: count the engines' CPU tiers in the capacity: a context that spills there is swapped back in,
     #: not re-prefilled, so the cliff is where GPU KV and tier together no longer hold the working set
     count_tier: bool = False
+    #: with a CPU tier on every engine reported: the door applies its rule only while the engines
+    #: spend at least this share of their busy time swapping contexts back in from the tier (their
+    #: working set has outgrown the GPU KV and the spill costs); below it the tier absorbs the
+    #: overflow at little cost and the door stays open. None: the rule always applies.
+    spill_gate: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.high_water <= 1.0:
             raise ValueError(f"high_water must be in (0, 1], got {self.high_water}")
+        if self.spill_gate is not None and not 0.0 <= self.spill_gate < 1.0:
+            raise ValueError(f"spill_gate must be in [0, 1), got {self.spill_gate}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +77,8 @@ class EngineReport:
     retained_tokens: int
     #: the engine's CPU tier for evicted contexts (0: none)
     tier_tokens: int = 0
+    #: share of its recent busy time spent swapping contexts back in from the tier
+    spill_share: float = 0.0
 
 
 class Door:
@@ -87,9 +96,17 @@ class Door:
 
     # --- inputs -------------------------------------------------------------------------------
     def report(
-        self, engine_id: str, capacity_tokens: int, active_tokens: int, retained_tokens: int, tier_tokens: int = 0
+        self,
+        engine_id: str,
+        capacity_tokens: int,
+        active_tokens: int,
+        retained_tokens: int,
+        tier_tokens: int = 0,
+        spill_share: float = 0.0,
     ) -> None:
-        self._reports[engine_id] = EngineReport(capacity_tokens, active_tokens, retained_tokens, tier_tokens)
+        self._reports[engine_id] = EngineReport(
+            capacity_tokens, active_tokens, retained_tokens, tier_tokens, spill_share
+        )
 
     def forget_engine(self, engine_id: str) -> None:
         self._reports.pop(engine_id, None)
@@ -127,10 +144,24 @@ class Door:
         c = sum(r.capacity_tokens + (r.tier_tokens if tier else 0) for r in self._reports.values())
         return w, c
 
+    def spill_open(self) -> bool:
+        """The spill gate holds the door open: every engine reported has a CPU tier and the
+        capacity-weighted share of busy time they spend swapping contexts back in is below
+        ``spill_gate``."""
+        gate = self.config.spill_gate
+        reports = self._reports.values()
+        if gate is None or not reports or any(r.tier_tokens <= 0 for r in reports):
+            return False
+        c = sum(r.capacity_tokens for r in reports)
+        share = sum(r.spill_share * r.capacity_tokens for r in reports) / c if c > 0 else 0.0
+        return share < gate
+
     def admit(self, now: float) -> list[str]:
         """The programs to let in now, in arrival order (possibly none)."""
         if not self._waiting:
             return []
+        if self.spill_open():
+            return self._let_in(now, len(self._waiting))
         w, c = self.working_set()
         limit = self.config.high_water * c
         out: list[str] = []
@@ -143,6 +174,12 @@ class Door:
                 per = w / shown
                 if w + (self._pending + 1) * per > limit:
                     break
+            out += self._let_in(now, 1)
+        return out
+
+    def _let_in(self, now: float, n: int) -> list[str]:
+        out: list[str] = []
+        for _ in range(n):
             program_id, arrived = self._waiting.popitem(last=False)
             self._active[program_id] = False
             self._pending += 1

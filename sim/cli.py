@@ -128,6 +128,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DoorConfig().count_tier,
         help="door: count the CPU tier in the capacity (with tier; default %(default)s)",
     )
+    p.add_argument(
+        "--door-spill-gate",
+        default=None,
+        help="door, with a tier: apply the door's rule only while the engines spend at least this share of busy "
+        "time swapping contexts back in from the tier (default: always apply it)",
+    )
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
     p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
     p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
@@ -211,7 +217,13 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
     try:
         door = DoorConfig(
-            high_water=parse_number(args.door_high_water, "--door-high-water", float, 0.0), count_tier=args.door_tier
+            high_water=parse_number(args.door_high_water, "--door-high-water", float, 0.0),
+            count_tier=args.door_tier,
+            spill_gate=(
+                parse_number(args.door_spill_gate, "--door-spill-gate", float, 0.0)
+                if args.door_spill_gate is not None
+                else DoorConfig().spill_gate
+            ),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -55,6 +55,9 @@ from autellix.sim.workload import CallSpec
 
 QUEUED, PREFILL, DECODE, PAUSED, DONE = range(5)
 
+#: busy seconds per window of the spill share the door's spill gate reads
+SPILL_WINDOW_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -168,6 +171,9 @@ class SimEngine:
         self.stat_tier_in_tokens = 0
         self.stat_tier_s = 0.0
         self.stat_tier_out_s = 0.0
+        #: (busy_s, stat_tier_s) where the current spill window began, and the last window's share
+        self._spill_mark = (0.0, 0.0)
+        self._spill_share = 0.0
 
     # --- views --------------------------------------------------------------------------------
     @property
@@ -184,6 +190,16 @@ class SimEngine:
         cache's contents: the cache fills free KV with anything, stale branches of a tree search
         included, and would look full at any load."""
         return self.idle_context_tokens
+
+    def spill_share(self) -> float:
+        """The share of busy time spent swapping contexts back in from the tier over the last
+        complete window of ``SPILL_WINDOW_S`` seconds of busy time (the door's spill gate)."""
+        busy0, tier0 = self._spill_mark
+        span = self.busy_s - busy0
+        if span >= SPILL_WINDOW_S:
+            self._spill_share = (self.stat_tier_s - tier0) / span
+            self._spill_mark = (self.busy_s, self.stat_tier_s)
+        return self._spill_share
 
     def _idle_change(self, program_id: str, inflight: int, latest: int | None) -> None:
         """Set a program's in-flight count (and latest context), keeping idle_context_tokens."""

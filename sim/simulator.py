@@ -317,7 +317,8 @@ class Simulation:
         assert door is not None
         for e in self.engines:
             door.report(
-                str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens(), e.config.tier_tokens
+                str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens(), e.config.tier_tokens,
+                e.spill_share(),
             )
         for program_id in door.admit(t):
             prog = self._by_id[program_id]

@@ -148,6 +148,31 @@ def test_door_counts_the_cpu_tier_in_its_capacity_only_when_told() -> None:
         assert door.working_set() == (900, 5000 if count_tier else 1000)
 
 
+def test_door_spill_gate_opens_the_door_while_the_tier_spill_is_cheap() -> None:
+    door = Door(DoorConfig(high_water=0.9, spill_gate=0.05))
+    door.report("e0", 1000, 0, 0, tier_tokens=4000)
+    door.arrive("p1", 0.0)
+    assert door.admit(0.0) == ["p1"]
+    door.started("p1")
+    # the working set (900) is over 0.9 x 1000 with p2, but swapping in costs 1% of busy time: open
+    door.report("e0", 1000, 300, 600, tier_tokens=4000, spill_share=0.01)
+    door.arrive("p2", 1.0)
+    door.arrive("p3", 1.1)
+    assert door.spill_open() and door.admit(1.2) == ["p2", "p3"]
+    door.started("p2")
+    door.started("p3")
+    # the spill now costs 8%: the working-set rule applies again, p4 waits
+    door.report("e0", 1000, 500, 900, tier_tokens=4000, spill_share=0.08)
+    door.arrive("p4", 2.0)
+    assert not door.spill_open() and door.admit(2.0) == []
+    # an engine without a tier: the gate never opens (an evicted context there is re-prefilled)
+    door.report("e1", 1000, 0, 0, tier_tokens=0, spill_share=0.0)
+    door.report("e0", 1000, 500, 900, tier_tokens=4000, spill_share=0.0)
+    assert not door.spill_open()
+    with pytest.raises(ValueError):
+        DoorConfig(spill_gate=1.0)
+
+
 def test_door_never_deadlocks_a_program_larger_than_the_budget_runs_alone() -> None:
     door = Door()
     door.report("e0", 1000, 5000, 3000)  # stale or huge: still, nothing is active
