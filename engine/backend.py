@@ -129,6 +129,10 @@ class CacheStats:
     tiered_tokens: int = 0
     #: retained entries evicted for good (not moved to the CPU tier)
     evictions: int = 0
+    #: the CPU tier's size in tokens (0: none)
+    tier_capacity_tokens: int = 0
+    #: seconds spent copying contexts back in from the CPU tier (cumulative)
+    tier_in_s: float = 0.0
 
     @property
     def hit_rate(self) -> float:

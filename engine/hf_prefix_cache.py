@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ class RetainedKV:
         self.tier_index: RetentionIndex[int] = RetentionIndex()
         with torch.inference_mode():
             self.tier = CpuPool(kv.region_elems(tier_tokens) * kv.itemsize if enabled else 0, kv.dtype, pin=kv.cuda)
+        self.tier_tokens = tier_tokens if enabled else 0
         self._keys = itertools.count()
         self.stats = CacheStats()
 
@@ -99,6 +101,8 @@ class RetainedKV:
             retained_tokens=self.index.tokens,
             tiered_tokens=self.tier_index.tokens,
             evictions=s.evictions,
+            tier_capacity_tokens=self.tier_tokens,
+            tier_in_s=s.tier_in_s,
         )
 
     def _index_of(self, entry: Entry) -> RetentionIndex[int]:
@@ -181,8 +185,10 @@ class RetainedKV:
             else:
                 assert entry.region is not None
                 view = kv.region_view(self.tier, entry.region.offset, entry.region.length)
+                t0 = time.perf_counter()
                 dst.copy_(view[:, :, :, :m], non_blocking=kv.cuda)
                 kv.sync()
+                self.stats.tier_in_s += time.perf_counter() - t0
                 self.stats.tier_hit_tokens += m
                 if m == len(entry.tokens):
                     self._discard(key, evicted=False)  # swapped back in whole: the tier copy goes

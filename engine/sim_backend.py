@@ -315,6 +315,8 @@ class SimBackend:
             retained_tokens=self.device.tokens,
             tiered_tokens=self.tier.tokens if self.tier is not None else 0,
             evictions=s.evictions,
+            tier_capacity_tokens=self.tier_tokens,
+            tier_in_s=self.stat_tier_s,
         )
 
     def _forget(self, seq_id: str) -> None:

@@ -283,6 +283,10 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     # the calls (running, waiting, swapped) the engine holds at most; more are shed with
     # "rate_limited", so schedulers route elsewhere while others have room (0: no limit said)
     calls_limit: Count = 0
+    # the CPU tier's size (0: none), and the share of the engine's recent busy time spent copying
+    # contexts back in from it (policy/door.py SpillMeter; the schedulers' door reads both)
+    kv_tokens_tier_capacity: Count = 0
+    tier_spill_share: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):

@@ -126,7 +126,7 @@ def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-unty
 
 
 def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
-    from .scheduler.config import SchedulerConfig
+    from .scheduler.config import SchedulerConfig, parse_spill_gate
 
     cfg = SchedulerConfig.from_env()
     cfg = replace(cfg, nats_url=url, root=_env_root(args))
@@ -142,6 +142,8 @@ def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-un
         cfg = replace(cfg, door_high_water=args.door_high_water)
     if getattr(args, "door_max_waiting", None) is not None:
         cfg = replace(cfg, door_max_waiting=args.door_max_waiting)
+    if getattr(args, "door_spill_gate", None) is not None:
+        cfg = replace(cfg, door_spill_gate=parse_spill_gate(args.door_spill_gate, cfg.door_spill_gate))
     return _metrics_port(cfg, args)
 
 
@@ -157,6 +159,12 @@ def _add_door_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="scheduler: admit while the working set stays under this fraction of KV (env AUTELLIX_DOOR_HIGH_WATER)",
+    )
+    p.add_argument(
+        "--door-spill-gate",
+        default=None,
+        help="scheduler: with CPU tiers, hold programs only while the engines spend this share of busy time "
+        "swapping contexts back in, or none: always (env AUTELLIX_DOOR_SPILL_GATE; default 0.02)",
     )
     p.add_argument(
         "--door-max-waiting",

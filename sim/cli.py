@@ -132,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--door-spill-gate",
         default=None,
         help="door, with a tier: apply the door's rule only while the engines spend at least this share of busy "
-        "time swapping contexts back in from the tier (default: always apply it)",
+        f"time swapping contexts back in from the tier, or none: always (default {DoorConfig().spill_gate})",
     )
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
     p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
@@ -220,9 +220,11 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
             high_water=parse_number(args.door_high_water, "--door-high-water", float, 0.0),
             count_tier=args.door_tier,
             spill_gate=(
-                parse_number(args.door_spill_gate, "--door-spill-gate", float, 0.0)
-                if args.door_spill_gate is not None
-                else DoorConfig().spill_gate
+                DoorConfig().spill_gate
+                if args.door_spill_gate is None
+                else None
+                if args.door_spill_gate.strip().lower() in ("none", "off")
+                else parse_number(args.door_spill_gate, "--door-spill-gate", float, 0.0)
             ),
         )
     except ValueError as e:

@@ -49,6 +49,7 @@ from typing import Any
 
 from autellix.engine.cost_model import CostModel
 from autellix.policy.balancer import EngineLoad
+from autellix.policy.door import SpillMeter
 from autellix.policy.variants import CallQueue
 from autellix.sim.context_pool import ContextPool
 from autellix.sim.workload import CallSpec
@@ -171,9 +172,7 @@ class SimEngine:
         self.stat_tier_in_tokens = 0
         self.stat_tier_s = 0.0
         self.stat_tier_out_s = 0.0
-        #: (busy_s, stat_tier_s) where the current spill window began, and the last window's share
-        self._spill_mark = (0.0, 0.0)
-        self._spill_share = 0.0
+        self._spill = SpillMeter(SPILL_WINDOW_S)
 
     # --- views --------------------------------------------------------------------------------
     @property
@@ -194,12 +193,7 @@ class SimEngine:
     def spill_share(self) -> float:
         """The share of busy time spent swapping contexts back in from the tier over the last
         complete window of ``SPILL_WINDOW_S`` seconds of busy time (the door's spill gate)."""
-        busy0, tier0 = self._spill_mark
-        span = self.busy_s - busy0
-        if span >= SPILL_WINDOW_S:
-            self._spill_share = (self.stat_tier_s - tier0) / span
-            self._spill_mark = (self.busy_s, self.stat_tier_s)
-        return self._spill_share
+        return self._spill.observe(self.busy_s, self.stat_tier_s)
 
     def _idle_change(self, program_id: str, inflight: int, latest: int | None) -> None:
         """Set a program's in-flight count (and latest context), keeping idle_context_tokens."""

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autellix.policy.door import DoorConfig, SpillMeter
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService
 from autellix.services.scheduler.door_gate import DoorFull, DoorGate
 
@@ -50,6 +51,41 @@ def test_door_admits_in_arrival_order_while_the_working_set_fits() -> None:
     gate.started("B")
     gate.on_heartbeat(hb(used=100, retained=50))
     assert [h.request.call_id for h, _ in gate.release(3.5)] == ["c1"]
+
+
+def test_spill_gate_reads_the_engines_tier_from_their_heartbeats() -> None:
+    def tiered(spill: float) -> EngineHeartbeat:
+        return EngineHeartbeat(
+            engine_id="e1", backend="sim", model="m", kv_tokens_used=600, kv_tokens_capacity=1000,
+            kv_tokens_idle_contexts=300, kv_tokens_tier_capacity=4000, tier_spill_share=spill,
+        )
+
+    gate = DoorGate(DoorConfig(spill_gate=0.02))
+    gate.on_heartbeat(hb())
+    assert let_in(gate, "A", "a1", 0.0) == ["a1"]
+    gate.started("A")
+    gate.on_heartbeat(tiered(0.01))  # over the working set, but the tier's spill is cheap: open
+    assert let_in(gate, "B", "b1", 1.0) == ["b1"]
+    gate.started("B")
+    gate.on_heartbeat(tiered(0.10))  # the spill costs 10% of busy time: the working-set rule holds C
+    assert let_in(gate, "C", "c1", 2.0) == []
+    gate.on_heartbeat(tiered(0.0))
+    assert [h.request.call_id for h, _ in gate.release(3.0)] == ["c1"]
+    # without the gate the same reports hold B at once
+    gate = DoorGate(DoorConfig(spill_gate=None))
+    gate.on_heartbeat(hb())
+    assert let_in(gate, "A", "a1", 0.0) == ["a1"]
+    gate.started("A")
+    gate.on_heartbeat(tiered(0.0))
+    assert let_in(gate, "B", "b1", 1.0) == []
+
+
+def test_spill_meter_reads_complete_windows_of_busy_time() -> None:
+    meter = SpillMeter(window_s=5.0)
+    assert meter.observe(2.0, 1.0) == 0.0  # the window is not complete yet
+    assert meter.observe(5.0, 1.0) == pytest.approx(0.2)
+    assert meter.observe(8.0, 3.0) == pytest.approx(0.2)  # held until the next window completes
+    assert meter.observe(10.0, 3.0) == pytest.approx(0.4)
 
 
 def test_a_program_larger_than_the_budget_still_runs_alone() -> None:

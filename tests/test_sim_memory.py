@@ -136,7 +136,7 @@ def test_door_admits_in_arrival_order_while_the_working_set_fits() -> None:
 
 def test_door_counts_the_cpu_tier_in_its_capacity_only_when_told() -> None:
     for count_tier, admitted in ((False, []), (True, ["p2"])):
-        door = Door(DoorConfig(high_water=0.9, count_tier=count_tier))
+        door = Door(DoorConfig(high_water=0.9, count_tier=count_tier, spill_gate=None))
         door.report("e0", 1000, 0, 0, tier_tokens=4000)
         door.arrive("p1", 0.0)
         assert door.admit(0.0) == ["p1"]

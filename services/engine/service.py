@@ -30,6 +30,7 @@ from autellix.engine.core import (
     execute_plan,
 )
 from autellix.engine.factory import make_backend
+from autellix.policy.door import SpillMeter
 from autellix.proto import (
     REJECTED,
     CallAbort,
@@ -93,6 +94,9 @@ class EngineService:
         self._cache_stats_due = True
         self._stepping = False
         self._step_started = 0.0  # monotonic start of the step now running
+        #: seconds spent in model steps, and the tier's spill share over them (the door's spill gate)
+        self._busy_s = 0.0
+        self._spill = SpillMeter()
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
@@ -357,6 +361,7 @@ class EngineService:
             return
         finally:
             self._stepping = False
+            self._busy_s += time.monotonic() - self._step_started
         await self._publish_events(self.core.update(plan, result, time.time()))
         self._apply_program_ends()
         if self._cache_stats_due:
@@ -593,6 +598,8 @@ class EngineService:
             prefix_hit_tokens_total=cache.hit_tokens,
             prefix_hit_rate=cache.hit_rate,
             calls_limit=self.config.backend.max_batch + self.config.max_waiting,
+            kv_tokens_tier_capacity=cache.tier_capacity_tokens,
+            tier_spill_share=self._spill.observe(self._busy_s, cache.tier_in_s),
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
         self.metrics.on_heartbeat(hb)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from autellix.policy.door import DEFAULT_SPILL_GATE
 from autellix.proto import DEFAULT_ROOT
 from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
@@ -34,12 +35,17 @@ class SchedulerConfig:
     door_high_water: float = 0.9
     #: programs that may wait at the door; one more is refused with ``rate_limited``
     door_max_waiting: int = 1000
+    #: with CPU tiers on the engines, the door holds programs only while the engines spend at least
+    #: this share of their busy time swapping contexts back in from them (None: always)
+    door_spill_gate: float | None = DEFAULT_SPILL_GATE
 
     def __post_init__(self) -> None:
         if not 0.0 < self.door_high_water <= 1.0:
             raise ValueError(f"door_high_water must be in (0, 1], got {self.door_high_water}")
         if self.door_max_waiting < 1:
             raise ValueError(f"door_max_waiting must be >= 1, got {self.door_max_waiting}")
+        if self.door_spill_gate is not None and not 0.0 <= self.door_spill_gate < 1.0:
+            raise ValueError(f"door_spill_gate must be in [0, 1), got {self.door_spill_gate}")
 
     @classmethod
     def from_env(cls) -> SchedulerConfig:
@@ -59,4 +65,14 @@ class SchedulerConfig:
             door=env.get("AUTELLIX_DOOR", "1" if d.door else "0").lower() in ("1", "true", "yes", "on"),
             door_high_water=float(env.get("AUTELLIX_DOOR_HIGH_WATER", d.door_high_water)),
             door_max_waiting=int(env.get("AUTELLIX_DOOR_MAX_WAITING", d.door_max_waiting)),
+            door_spill_gate=parse_spill_gate(env.get("AUTELLIX_DOOR_SPILL_GATE"), d.door_spill_gate),
         )
+
+
+def parse_spill_gate(text: str | None, default: float | None) -> float | None:
+    """``AUTELLIX_DOOR_SPILL_GATE`` / ``--door-spill-gate``: a share of busy time, or ``none``."""
+    if text is None or text == "":
+        return default
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return float(text)

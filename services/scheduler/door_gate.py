@@ -79,6 +79,8 @@ class DoorGate:
             hb.kv_tokens_capacity,
             hb.kv_tokens_used + hb.kv_tokens_queued,
             hb.kv_tokens_idle_contexts,
+            hb.kv_tokens_tier_capacity,
+            hb.tier_spill_share,
         )
 
     def forget_engine(self, engine_id: str) -> None:

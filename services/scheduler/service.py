@@ -64,7 +64,10 @@ class SchedulerService:
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         #: the door (issue 10): new programs wait while the engines' working set does not fit
         self.door: DoorGate | None = (
-            DoorGate(DoorConfig(high_water=config.door_high_water), config.door_max_waiting) if config.door else None
+            DoorGate(
+                DoorConfig(high_water=config.door_high_water, spill_gate=config.door_spill_gate),
+                config.door_max_waiting,
+            ) if config.door else None
         )
         self._nc: NATS | None = None
         self._engine_seen = asyncio.Event()
