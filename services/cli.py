@@ -152,7 +152,8 @@ def _add_door_flags(p: argparse.ArgumentParser) -> None:
         "--door",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="scheduler: new programs wait while the engines' working set does not fit their KV (env AUTELLIX_DOOR)",
+        help="scheduler: new programs wait while the engines' working set does not fit their KV (env AUTELLIX_DOOR; "
+        "default on)",
     )
     p.add_argument(
         "--door-high-water",

@@ -37,6 +37,7 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     hb = view()
     assert hb.prefix_hit_tokens_total == 37 and hb.prefix_hit_rate == 37 / 75
     assert hb.kv_tokens_capacity == engine.core.kv_capacity > 0
+    assert hb.kv_tokens_tier_capacity == backend.tier_tokens > 0 and hb.tier_spill_share == 0.0
     # retained: prog-mem's two contexts (the first is inside the second) and prog-other's; the
     # working set between calls: each program's latest context
     assert hb.kv_tokens_retained == 37 + 44 + 7 and hb.kv_tokens_tiered == 0
@@ -48,7 +49,9 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
 
 
 async def test_door_holds_a_new_program_while_the_working_set_does_not_fit(nats_url: str, root: str) -> None:
-    spec = BackendSpec(name="sim", sim_time_scale=0.05, kv_capacity_tokens=300, max_batch=8)
+    # no CPU tier: the working-set rule applies at once (with a tier the spill gate would keep the
+    # door open while swapping back in costs under 2% of busy time)
+    spec = BackendSpec(name="sim", sim_time_scale=0.05, kv_capacity_tokens=300, max_batch=8, kv_tier_tokens=0)
     m = await start_mesh(nats_url, root, backend=spec, door=True)
     try:
         a = m.client.program("prog-a")

@@ -30,7 +30,9 @@ class SchedulerConfig:
     #: a tenant's service counts half after this long (policy/tenant_account.py)
     tenant_half_life_s: float = 300.0
     #: the door: a new program's calls wait while the engines' working set does not fit their KV
-    door: bool = False
+    #: (on by default: with the spill gate it never cost latency or capacity in the simulator's
+    #: capacity searches, and gained up to 16% over the CPU tier alone; bench/SIM_RESULTS.md)
+    door: bool = True
     #: admit while the projected working set stays under this fraction of the engines' KV capacity
     door_high_water: float = 0.9
     #: programs that may wait at the door; one more is refused with ``rate_limited``
