@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import CostModel, llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend, VirtualClock
 from autellix.engine.sim_context_store import Retention
@@ -201,7 +201,7 @@ class CoreReplay:
         call = prog.calls[c.call_id] = _Call(i, self._prompt(prog, i), submit_s=t)
         priority = stamp(self.config.policy, prog.account, list(c.parents), prog.remaining_output)
         self.core.add(
-            CallSpec(
+            CoreCall(
                 call_id=f"{prog.spec.program_id}/{c.call_id}",
                 program_id=prog.spec.program_id,
                 prompt_ids=call.prompt,

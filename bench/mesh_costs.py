@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
 from autellix.services.embedded_nats import EmbeddedNats
@@ -181,7 +181,7 @@ def ttft_in_process(n: int, time_scale: float) -> list[float]:
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        core.add(CallSpec(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
+        core.add(CoreCall(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
         first = None
         while not core.idle:
             outcome = core.step(time.time)

@@ -75,8 +75,9 @@ class CallPhase(Enum):
 
 
 @dataclass(slots=True)
-class CallSpec:
-    """What the core needs to know about a call."""
+class CoreCall:
+    """What the core needs to know about a call (the engine service builds it from the stamped
+    call in one place, ``services/engine/call_record.py``; the core makes its queue entry from it)."""
 
     call_id: str
     program_id: str
@@ -95,7 +96,7 @@ class CallSpec:
 
 @dataclass(slots=True)
 class CallState:
-    spec: CallSpec
+    spec: CoreCall
     arrived_at: float
     seq: int
     phase: CallPhase = CallPhase.WAITING
@@ -273,7 +274,7 @@ class EngineCore:
             )
         return None
 
-    def add(self, spec: CallSpec, now: float) -> None:
+    def add(self, spec: CoreCall, now: float) -> None:
         if spec.call_id in self._calls:
             raise ValueError(f"call {spec.call_id!r} is already on this engine")
         if not spec.prompt_ids:

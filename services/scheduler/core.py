@@ -21,6 +21,7 @@ from autellix.policy.tenant_account import TenantAccounts
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import (
     CallError,
+    CallParams,
     CallRequest,
     EngineHeartbeat,
     ErrorCode,
@@ -74,7 +75,7 @@ class Routed:
     deadline_at: float = 0.0
 
 
-def estimate_prompt_tokens(call: CallRequest | StampedCall) -> int:
+def estimate_prompt_tokens(call: CallParams) -> int:
     """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
     chars = len(call.prompt or "") + sum(len(m.content) + 8 for m in call.messages)
     return max(1, chars // 4 + len(call.resume_token_ids))
@@ -270,27 +271,16 @@ class SchedulerCore:
     def stamp(self, request: CallRequest, reply_to: str, now: float, owner: str = "") -> StampedCall:
         """``owner``: the authenticated user the submission came from (its subject says), "" without auth."""
         account = self.programs.get(request.program_id)
-        return StampedCall(
-            call_id=request.call_id,
-            program_id=request.program_id,
+        return StampedCall.stamp(
+            request,
             reply_to=reply_to,
-            messages=request.messages,
-            prompt=request.prompt,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            parents=request.parents,
-            stream=request.stream,
+            submitted_at=request.submitted_at or now,
             priority=self._priority(account, request, owner, now),
             policy=self.policy,
-            submitted_at=request.submitted_at or now,
             stamped_at=now,
             scheduler_id=self.scheduler_id,
             program_service_s=account.service_s if account is not None else 0.0,
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
-            resume_token_ids=request.resume_token_ids,
-            attempt=request.attempt,
             deadline_at=now + self.deadline_for(request),
             owner=owner,
         )
@@ -307,7 +297,7 @@ class SchedulerCore:
             return request.deadline_s
         return self.call_deadline_s
 
-    def route(self, call: CallRequest | StampedCall, now: float) -> str | None:
+    def route(self, call: CallParams, now: float) -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
         what this scheduler routed since each engine's last heartbeat); None when none is live."""
         live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from autellix.policy.program_account import ProgramAccount
-from autellix.proto import REJECTED, CallCompleted, CallDispatched, ProgramService, ProgramSummary
+from autellix.proto import REJECTED, CallCompleted, CallDispatched, FinishReason, ProgramService, ProgramSummary
 from autellix.proto.limits import MAX_PERSISTED_CALL_PATHS
 
 
@@ -187,7 +187,7 @@ class ProcessTable:
         entry.engines.add(event.engine_id)
         entry.waiting_s += event.queue_wait_s
         entry.last_activity_at = now
-        if event.finish_reason == "handback":
+        if event.finish_reason == FinishReason.HANDBACK:
             entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
             return None
         entry.active_calls.pop(event.call_id, None)
