@@ -179,9 +179,10 @@ class StampedCall(CallParams, frozen=True, kw_only=True):
     The caller's fields come from :class:`CallParams` (ids and reply subject required here); the
     rest is the scheduler's stamp."""
 
-    call_id: Id
-    program_id: Id
-    reply_to: ReplySubject
+    # required here (msgspec allows a required field to override a defaulted one under kw_only)
+    call_id: Id  # pyright: ignore[reportGeneralTypeIssues]
+    program_id: Id  # pyright: ignore[reportGeneralTypeIssues]
+    reply_to: ReplySubject  # pyright: ignore[reportGeneralTypeIssues]
     priority: Priority = 0.0
     #: the policy the priority was computed under; an engine serving another policy refuses the call
     policy: Name = "plas"
