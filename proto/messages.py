@@ -307,6 +307,9 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     # the calls (running, waiting, swapped) the engine holds at most; more are shed with
     # "rate_limited", so schedulers route elsewhere while others have room (0: no limit said)
     calls_limit: Count = 0
+    #: the policy of the engine's local queues (fcfs | mlfq | plas | atlas); schedulers of another
+    #: policy route nothing here ("" from older engines: taken by every scheduler)
+    policy: Name = ""
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):

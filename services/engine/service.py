@@ -92,6 +92,8 @@ class EngineService:
         self._throttle = LogThrottle()
         #: step-loop iterations in a row that raised; the loop gives up (and the service fails) after a few
         self._step_failures = 0
+        #: policies of stamps that differ from this engine's, each logged once
+        self._foreign_policies: set[str] = set()
 
     @property
     def stop_timeout_s(self) -> float:
@@ -176,6 +178,15 @@ class EngineService:
 
     async def _accept(self, call: StampedCall) -> None:
         assert self.core is not None and self.backend is not None
+        if call.policy != self.core.config.policy and call.policy not in self._foreign_policies:
+            # a scheduler that does not read the heartbeat's policy (an older one): served, said once
+            self._foreign_policies.add(call.policy)
+            self.log.warning(
+                "call stamped under another policy; served by this engine's",
+                stamp_policy=call.policy,
+                policy=self.core.config.policy,
+                scheduler_id=call.scheduler_id,
+            )
         with structlog.contextvars.bound_contextvars(program_id=call.program_id, call_id=call.call_id):
             held = self._inflight.get(call.call_id)
             if held is not None:
@@ -517,6 +528,7 @@ class EngineService:
             prefix_hit_tokens_total=cache.hit_tokens,
             prefix_hit_rate=cache.hit_rate,
             calls_limit=self.config.backend.max_batch + self.config.max_waiting,
+            policy=self.core.config.policy,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
         self.metrics.on_heartbeat(hb)

@@ -116,6 +116,8 @@ class SchedulerCore:
         self._deadlines: list[tuple[float, str, str]] = []
         #: recent service per tenant (a program's owner): splitting work into programs gains nothing
         self.tenants = TenantAccounts(half_life_s=tenant_half_life_s)
+        #: engines that serve another policy, with it: nothing is routed to them
+        self.refused: dict[str, str] = {}
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
@@ -138,12 +140,25 @@ class SchedulerCore:
         if update.call_id:
             account.call_path_s[update.call_id] = update.call_path_s
 
-    def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
+    def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> bool:
+        """Take an engine's heartbeat. An engine whose local queues serve another policy than this
+        scheduler's is refused: it is not among the engines calls are routed to (its queues would
+        order the stamps by another rule). Returns True when such an engine is first heard (or
+        changes its policy), for the shell to say so once."""
         if hb.state == "down":
             self.engines.pop(hb.engine_id, None)
+            self.refused.pop(hb.engine_id, None)
             self._forget_engine(hb.engine_id)
-            return
+            return False
+        if hb.policy and hb.policy != self.policy:
+            news = self.refused.get(hb.engine_id) != hb.policy
+            self.refused[hb.engine_id] = hb.policy
+            if self.engines.pop(hb.engine_id, None) is not None:
+                self._forget_engine(hb.engine_id)  # it served our policy until now: restarted otherwise
+            return news
+        self.refused.pop(hb.engine_id, None)
         self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        return False
 
     def _fresh(self, view: EngineView, now: float) -> bool:
         return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
