@@ -104,7 +104,9 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
             core.on_heartbeat(_heartbeat(f"e{e}"), now)
         for p in range(programs):
             core.on_program_service(
-                ProgramService(program_id=f"p{p}", service_s=p * 0.01, critical_path_s=p * 0.005, calls_completed=3)
+                ProgramService(
+                    program_id=f"p{p}", program_service_s=p * 0.01, critical_path_s=p * 0.005, calls_completed=3
+                )
             )
 
     # (a) the core alone

@@ -312,11 +312,24 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     policy: Name = ""
 
 
+def same_figure(message: msgspec.Struct, name: str, alias: str) -> None:
+    """Fill a figure sent under one of its two names into the other: a message says both (older
+    readers read the alias), and one that says either (an older sender's) reads the same."""
+    value, aliased = getattr(message, name), getattr(message, alias)
+    if aliased and not value:
+        msgspec.structs.force_setattr(message, name, aliased)
+    elif value != aliased:
+        msgspec.structs.force_setattr(message, alias, value)
+
+
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
-    """The tracker's figures for one program, published after every update."""
+    """The tracker's figures for one program, published after every update.
+
+    ``program_service_s`` and ``program_wait_s`` are the program's totals; ``service_s`` and
+    ``waiting_s`` are their older names, always sent with the same values and accepted alone."""
 
     program_id: Id
-    service_s: Seconds
+    service_s: Seconds = 0.0
     critical_path_s: Seconds = 0.0
     waiting_s: Seconds = 0.0
     calls_completed: Count = 0
@@ -328,6 +341,14 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: Epoch = 0.0
     #: the program's owner (its tenant; "" without auth): schedulers account service per tenant
     owner: Id = ""
+    #: the service its calls received, in total (``service_s`` is the older name)
+    program_service_s: Seconds = 0.0
+    #: the time its calls waited, in engine queues and at the schedulers' door (``waiting_s``)
+    program_wait_s: Seconds = 0.0
+
+    def __post_init__(self) -> None:
+        same_figure(self, "program_service_s", "service_s")
+        same_figure(self, "program_wait_s", "waiting_s")
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -335,20 +356,29 @@ class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """One row of the tracker's process table (reply to program end and table requests)."""
+    """One row of the tracker's process table (reply to program end and table requests).
+
+    ``program_service_s`` and ``program_wait_s`` are the program's totals; ``service_s`` and
+    ``waiting_s`` are their older names, always sent with the same values and accepted alone."""
 
     program_id: str
-    service_s: float
+    service_s: float = 0.0
     critical_path_s: float
-    waiting_s: float
+    waiting_s: float = 0.0
     calls_completed: int
     active_calls: int
     engines: list[str]
     first_seen_at: float
     last_activity_at: float
     ended: bool = False
-    # of waiting_s, the time its calls waited at the schedulers' door for engine memory
+    # of program_wait_s, the time its calls waited at the schedulers' door for engine memory
     door_wait_s: float = 0.0
+    program_service_s: float = 0.0
+    program_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        same_figure(self, "program_service_s", "service_s")
+        same_figure(self, "program_wait_s", "waiting_s")
 
 
 class ProgramEndReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -106,7 +106,7 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
         assert point["errors"] == 0 and point["programs_completed"] == 3
         assert point["calls_completed"] == point["calls_offered"] == 9
         assert point["latency_s_mean"] > 0 and point["ttft_s_p50"] > 0
-    assert report["kv_budget_tokens"] == llama31_8b_h100().kv_budget_tokens // 2
+    assert report["kv_capacity_tokens"] == llama31_8b_h100().kv_capacity_tokens // 2
     overs = {(r["policy"], r["balancer"], r["over"]) for r in report["ratios"]}
     assert overs == {
         ("plas", "locality", "fcfs"), ("plas", "round-robin", "fcfs"),

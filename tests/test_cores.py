@@ -53,7 +53,7 @@ def test_process_table_plas_and_atlas_arithmetic() -> None:
     assert up.call_path_s == pytest.approx(6.0)  # ATLAS: a(2) + b(3) + d(1)
     assert up.critical_path_s == pytest.approx(6.0)
     entry = t.get("p")
-    assert entry is not None and entry.waiting_s == 0.5 and not entry.active_calls
+    assert entry is not None and entry.program_wait_s == 0.5 and not entry.active_calls
 
 
 def test_process_table_forgets_idle_programs_and_ends_on_request() -> None:
@@ -282,7 +282,7 @@ def test_process_table_counts_a_redelivered_completion_once() -> None:
     assert table.on_completed(event, now=2.0) is None  # the same completion again (JetStream redelivery)
     entry = table.get("p")
     assert entry is not None
-    assert (entry.account.service_s, entry.account.calls_completed, entry.waiting_s) == (2.0, 1, 0.5)
+    assert (entry.account.service_s, entry.account.calls_completed, entry.program_wait_s) == (2.0, 1, 0.5)
 
 
 def test_a_completion_trailing_its_programs_end_does_not_bring_it_back() -> None:

@@ -152,7 +152,7 @@ ops = st.lists(
 )
 def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv, retention, tier) -> None:  # type: ignore[no-untyped-def]
     # retained contexts share the KV budget; evicted ones go to a small CPU tier when there is one
-    backend = SimBackend(clock=(clock := FakeClock()), kv_budget_tokens=kv, retention=retention, tier_tokens=tier)
+    backend = SimBackend(clock=(clock := FakeClock()), kv_capacity_tokens=kv, retention=retention, tier_tokens=tier)
     # a small swap pool so the pool-full fallback to recompute is exercised too
     backend.swap_pool_capacity_bytes = 200 * backend.kv_bytes_per_token()  # type: ignore[attr-defined]
     core = EngineCore(

@@ -53,8 +53,8 @@ def test_retention_order_contained_then_ended_then_lru() -> None:
     assert backend.cache_stats().retained_tokens == 23 + 23 + 23 + 31
     assert core.load().idle_context_tokens == 23 + 31  # C's and A's latest contexts; B ended
     # a call that needs the room evicts in that order
-    backend.kv_budget_tokens = 23 + 23 + 31 + 10
-    core.kv_capacity = backend.kv_budget_tokens
+    backend.kv_capacity_tokens = 23 + 23 + 31 + 10
+    core.kv_capacity_tokens = backend.kv_capacity_tokens
     run_call(core, CoreCall("d1", "D", words(19, "d"), 1))
     assert list(backend.device) == ["c1", "a2", "d1"]
     assert backend.cache_stats().evictions == 2
@@ -82,7 +82,7 @@ def test_ended_program_calling_again_is_live_again() -> None:
 
 def tier_setup(cost: CostModel) -> tuple[SimBackend, EngineCore, VirtualClock, FinishEvent]:
     clock = VirtualClock()
-    backend = SimBackend(cost, clock=clock, retention="program", tier_tokens=10_000, kv_budget_tokens=400)
+    backend = SimBackend(cost, clock=clock, retention="program", tier_tokens=10_000, kv_capacity_tokens=400)
     core = EngineCore(backend, CoreConfig(kv_capacity_tokens=400, max_batched_tokens=512))
     p1, _ = run_call(core, CoreCall("p1", "P", words(100, "p"), 10))
     assert list(backend.device) == ["p1"]
@@ -126,7 +126,7 @@ def test_tier_entry_is_reprefilled_when_the_swap_costs_more() -> None:
 
 
 def test_no_tier_loses_the_context_and_lru_keeps_the_old_behaviour() -> None:
-    backend = SimBackend(time_scale=0, retention="lru", kv_budget_tokens=400)
+    backend = SimBackend(time_scale=0, retention="lru", kv_capacity_tokens=400)
     core = EngineCore(backend, CoreConfig(kv_capacity_tokens=400, max_batched_tokens=512))
     p1, _ = run_call(core, CoreCall("p1", "P", words(100, "p"), 10))
     run_call(core, CoreCall("q1", "Q", words(320, "q"), 5))
@@ -140,7 +140,7 @@ def test_engine_flags_and_env_choose_retention_and_tier(monkeypatch: pytest.Monk
     from autellix.services.engine.config import EngineConfig
 
     default = make_backend(BackendSpec(name="sim", kv_capacity_tokens=1000))
-    assert isinstance(default, SimBackend) and default.kv_budget_tokens == 1000
+    assert isinstance(default, SimBackend) and default.kv_capacity_tokens == 1000
     assert default.device.retention == "program" and default.tier is not None and default.tier_tokens == 4000
     monkeypatch.setenv("AUTELLIX_BACKEND", "sim")
     monkeypatch.setenv("AUTELLIX_RETENTION", "lru")

@@ -520,7 +520,7 @@ class EngineService:
             max_context=self.backend.max_context,
             interval_s=self.config.heartbeat_s,
             sent_at=time.time(),
-            kv_tokens_capacity=self.core.kv_capacity,
+            kv_tokens_capacity=self.core.kv_capacity_tokens,
             kv_tokens_retained=cache.retained_tokens,
             kv_tokens_idle_contexts=load.idle_context_tokens,
             kv_tokens_tiered=cache.tiered_tokens,

@@ -123,18 +123,18 @@ class SchedulerCore:
     def on_program_service(self, update: ProgramService) -> None:
         if update.owner:
             before = self.programs.get(update.program_id)
-            grown = update.service_s - (before.service_s if before is not None else 0.0)
+            grown = update.program_service_s - (before.service_s if before is not None else 0.0)
             self.tenants.charge(update.owner, grown, update.updated_at)
         if update.ended:
             self.programs.pop(update.program_id, None)
             self.program_wait_s.pop(update.program_id, None)
             self.balancer.forget(update.program_id)
             return
-        self.program_wait_s[update.program_id] = update.waiting_s
+        self.program_wait_s[update.program_id] = update.program_wait_s
         account = self.programs.get(update.program_id)
         if account is None:
             account = self.programs[update.program_id] = ProgramAccount(update.program_id)
-        account.service_s = update.service_s
+        account.service_s = update.program_service_s
         account.critical_path_s = update.critical_path_s
         account.calls_completed = update.calls_completed
         if update.call_id:

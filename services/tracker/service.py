@@ -169,7 +169,7 @@ class TrackerService:
             "program service updated",
             program_id=event.program_id,
             call_id=event.call_id,
-            service_s=round(update.service_s, 6),
+            program_service_s=round(update.program_service_s, 6),
             critical_path_s=round(update.critical_path_s, 6),
         )
         await self._publish(self.subjects.program_service, update)
@@ -205,7 +205,7 @@ class TrackerService:
         summary, update = ended
         self.store.mark_deleted(request.program_id)
         self.metrics.on_ended(summary)
-        self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
+        self.log.info("program ended", program_id=request.program_id, program_service_s=summary.program_service_s)
         await self._publish(self.subjects.program_service, update)
         await respond(ProgramEndReply(ok=True, program=summary))
 
