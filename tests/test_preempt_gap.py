@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import CostModel
 from autellix.engine.sim_backend import SimBackend, VirtualClock
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.variants import make_queue
-from autellix.sim.engine_model import EngineConfig, SimCall, SimEngine
+from autellix.sim.engine_model import SimCall, SimEngine, SimEngineConfig
 from autellix.sim.workload import CallSpec as SimCallSpec
 
 # boundaries 1, 2, 4, 8, 16 s: priority 0.5 -> level 0, 1.5 -> level 1, 2.5 -> level 2
@@ -53,11 +53,11 @@ def core_run(gap: int, newcomer: float) -> tuple[list[str], int]:
             mlfq=MLFQConfig(**LEVELS, preempt_gap=gap),  # type: ignore[arg-type]
         ),
     )
-    core.add(CallSpec("low", "a", [1] * 20, 40, priority=2.5, program_service_s=2.5), clock.now)
+    core.add(CoreCall("low", "a", [1] * 20, 40, priority=2.5, program_service_s=2.5), clock.now)
     finished: list[str] = []
     for i in range(200):
         if i == 3:
-            core.add(CallSpec("new", "b", [1] * 20, 5, priority=newcomer, program_service_s=newcomer), clock.now)
+            core.add(CoreCall("new", "b", [1] * 20, 5, priority=newcomer, program_service_s=newcomer), clock.now)
         outcome = core.step(clock)
         if outcome is None:
             break
@@ -68,7 +68,7 @@ def core_run(gap: int, newcomer: float) -> tuple[list[str], int]:
 def sim_run(gap: int, newcomer: float) -> tuple[list[str], int]:
     """The simulator's engine model, the same scenario."""
     queue = make_queue("plas", MLFQConfig(**LEVELS, preempt_gap=gap))  # type: ignore[arg-type]
-    engine = SimEngine(0, EngineConfig(cost=CostModel(max_batch=1), sched_every_steps=1), queue, preemptive=True)
+    engine = SimEngine(0, SimEngineConfig(cost=CostModel(max_batch=1), schedule_every=1), queue, preemptive=True)
 
     def call(name: str, output: int) -> SimCall:
         return SimCall(name, None, name, SimCallSpec(name, (), 20, output, 0.0, None), 20, output)
