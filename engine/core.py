@@ -412,7 +412,9 @@ class EngineCore:
         The calls of that top that are not running (the displacers, best first) come in; each
         swaps out running calls outside the top, lowest first, while it needs their room and the
         queue's ``displaces`` rule allows (the multi-level queues' hysteresis gap: a call only one
-        level ahead does not swap a running call out). A displacer that cannot make room waits."""
+        level ahead does not swap a running call out). A displacer that cannot make room waits.
+        KV pressure is relieved first, as between scheduling points."""
+        self._relieve_kv_pressure(plan, now)
         desired: list[str] = []
         used = 0
         for call_id in list(self.queue.order()):

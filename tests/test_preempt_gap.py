@@ -98,3 +98,21 @@ def test_one_level_ahead_does_not_swap_a_running_call_out(run) -> None:  # type:
     # gap 1: one level above is enough
     finished, preemptions = run(1, 1.5)
     assert finished == ["new", "low"] and preemptions == 1
+
+
+def test_kv_pressure_is_relieved_at_scheduling_points_too() -> None:
+    # every step is a scheduling point; two calls whose decode growth overflows the KV between them
+    backend = SimBackend(clock=(clock := Clock()))
+    core = EngineCore(
+        backend, CoreConfig(max_batch=2, kv_capacity_tokens=60, schedule_every=1, policy="plas", preempt_mode="swap")
+    )
+    core.add(CoreCall("a", "pa", [1] * 20, 30, priority=0.0), clock.now)
+    core.add(CoreCall("b", "pb", [1] * 20, 30, priority=0.0), clock.now)
+    reasons: list[str] = []
+    finished: list[str] = []
+    while (outcome := core.step(clock)) is not None:
+        reasons += [p.reason for p in outcome.plan.preemptions]
+        finished += [e.call_id for e in outcome.events if isinstance(e, FinishEvent)]
+        running = [core.get(c) for c in core.running_ids()]
+        assert sum(s.context_len for s in running if s is not None) <= 60
+    assert sorted(finished) == ["a", "b"] and "kv pressure" in reasons
