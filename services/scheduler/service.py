@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -257,8 +256,7 @@ class SchedulerService:
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
-        self.metrics.stamps.inc()
-        self.metrics.routes.labels(engine_id).inc()
+        self.metrics.on_routed(engine_id)
         if self.door is not None:
             self.door.started(stamped.program_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
@@ -277,8 +275,10 @@ class SchedulerService:
                 )
             ),
         )
-        with structlog.contextvars.bound_contextvars(program_id=stamped.program_id, call_id=stamped.call_id):
-            self.log.debug("call dispatched", engine_id=engine_id, priority=round(stamped.priority, 6))
+        self.log.debug(
+            "call dispatched", program_id=stamped.program_id, call_id=stamped.call_id, engine_id=engine_id,
+            priority=stamped.priority,
+        )
         return engine_id
 
     async def _on_completed(self, msg: Msg) -> None:

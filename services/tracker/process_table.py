@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 import msgspec
 
@@ -76,6 +77,13 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     door_wait_s: float = 0.0
 
 
+def _newest(d: dict[str, float], n: int) -> dict[str, float]:
+    """The ``n`` newest items of ``d`` in order, in O(n) (a long program's dict can be large)."""
+    if len(d) <= n:
+        return dict(d)
+    return dict(reversed(list(islice(reversed(d.items()), n))))
+
+
 def to_record(entry: ProgramEntry) -> ProgramRecord:
     a = entry.account
     return ProgramRecord(
@@ -84,14 +92,14 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         critical_path_s=a.critical_path_s,
         calls_completed=a.calls_completed,
         # the newest paths only: a record must stay far below the broker's payload limit
-        call_path_s=dict(list(a.call_path_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        call_path_s=_newest(a.call_path_s, MAX_PERSISTED_CALL_PATHS),
         waiting_s=entry.waiting_s,
         engines=sorted(entry.engines),
-        active_calls=list(entry.active_calls)[-MAX_PERSISTED_CALL_PATHS:],
-        partial_service_s=dict(list(entry.partial_service_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        active_calls=list(_newest(entry.active_calls, MAX_PERSISTED_CALL_PATHS)),
+        partial_service_s=_newest(entry.partial_service_s, MAX_PERSISTED_CALL_PATHS),
         first_seen_at=entry.first_seen_at,
         last_activity_at=entry.last_activity_at,
-        active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        active_since=_newest(entry.active_calls, MAX_PERSISTED_CALL_PATHS),
         owner=entry.owner,
         door_wait_s=entry.door_wait_s,
     )
