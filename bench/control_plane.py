@@ -167,7 +167,7 @@ class _Load:
             dispatched = CallDispatched(
                 call_id=call_id, program_id=pid, engine_id=engine_id, priority=0.0, dispatched_at=now
             )
-            await self.nc.publish(s.call_dispatched, encode(dispatched))
+            await self.nc.publish(s.call_dispatched_for(pid), encode(dispatched))
             completed = CallCompleted(
                 call_id=call_id,
                 program_id=pid,
@@ -180,7 +180,7 @@ class _Load:
                 completed_at=now,
             )
             await self.nc.publish(
-                s.call_completed, encode(completed), headers={"Nats-Msg-Id": completed_message_id(completed)}
+                s.call_completed_for(pid), encode(completed), headers={"Nats-Msg-Id": completed_message_id(completed)}
             )
         else:
             request = CallRequest(
@@ -235,6 +235,8 @@ class _Service:
     pythonpath: str = ""
     cpu: int | None = None
     profile: str = ""
+    shards: int = 1
+    shard_index: int = 0
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -245,6 +247,8 @@ class _Service:
             AUTELLIX_ROOT=self.root,
             AUTELLIX_LOG_LEVEL="warning",
             AUTELLIX_TRACKER_PERSIST="1" if self.persist else "0",
+            AUTELLIX_TRACKER_SHARDS=str(self.shards),
+            AUTELLIX_TRACKER_SHARD=str(self.shard_index),
         )
         env.update(self.env)
         if self.pythonpath:
@@ -345,7 +349,7 @@ class _Counter:
             finish_reason="stop",
             completed_at=time.time(),
         )
-        await self.nc.publish(self.subjects.call_completed, encode(completed))
+        await self.nc.publish(self.subjects.call_completed_for(call.program_id), encode(completed))
         update = ProgramService(program_id=call.program_id, service_s=0.05, calls_completed=1, call_id=call.call_id)
         await self.nc.publish(self.subjects.program_service, encode(update))
 
@@ -376,7 +380,7 @@ def _spawn_load(plan: _Plan) -> subprocess.Popen[bytes]:
 
 
 async def _run_one(
-    args: argparse.Namespace, url: str, label: str, pythonpath: str, rates: list[float]
+    args: argparse.Namespace, url: str, label: str, pythonpath: str, rates: list[float], shards: int = 1
 ) -> dict[str, Any]:
     """Start a service and a load generator on a fresh root; run every rate; return the results."""
     from nats.aio.client import Client as NATS
@@ -384,7 +388,21 @@ async def _run_one(
     root = f"cp{uuid.uuid4().hex[:8]}"
     subjects = Subjects(root)
     profile = f"{args.profile}.{label}.{'txt' if args.profile_raw else 'svg'}" if args.profile else ""
-    service = _Service(args.service, url, root, args.persist, pythonpath, cpu=args.cpu, profile=profile)
+    shards = shards if args.service == "tracker" else 1
+    services = [
+        _Service(
+            args.service,
+            url,
+            root,
+            args.persist,
+            pythonpath,
+            cpu=args.cpu,
+            profile=profile if i == 0 else "",
+            shards=shards,
+            shard_index=i,
+        )
+        for i in range(shards)
+    ]
     plan = _Plan(
         url=url,
         root=root,
@@ -398,10 +416,13 @@ async def _run_one(
     await nc.connect(url, pending_size=64 * 1024 * 1024)
     counter = _Counter(nc, subjects, args.service, feedback=args.service == "scheduler" and not args.no_feedback)
     await counter.start()
-    service.start()
-    out: dict[str, Any] = {"label": label, "steps": []}
+    for service in services:
+        service.start()
+    out: dict[str, Any] = {"label": label, "shards": shards, "steps": []}
     try:
         await _wait_ready(nc, subjects, args.service, counter)
+        if shards > 1:
+            await asyncio.sleep(2.0)  # the other shards (the priming below waits for all of them)
         control = f"{root}.{CONTROL}"
         for _ in range(100):  # the load process subscribes a moment after it starts
             try:
@@ -421,7 +442,7 @@ async def _run_one(
             await asyncio.sleep(1.0)
         _log(f"[{label}] primed {args.programs} programs in {time.monotonic() - t0:.1f} s")
         for rate in rates:
-            step = await _step(nc, control, counter, service, rate, args, label, load.pid)
+            step = await _step(nc, control, counter, services, rate, args, label, load.pid)
             out["steps"].append(step)
             if not step["kept_up"] and args.stop_at_first_miss:
                 break
@@ -432,7 +453,8 @@ async def _run_one(
         except Exception:
             load.kill()
         load.wait(timeout=10)
-        service.stop()
+        for service in services:
+            service.stop()
         await nc.close()
     return out
 
@@ -450,7 +472,7 @@ async def _step(
     nc: Any,
     control: str,
     counter: _Counter,
-    service: _Service,
+    services: list[_Service],
     rate: float,
     args: argparse.Namespace,
     label: str,
@@ -459,7 +481,7 @@ async def _step(
     got0 = counter.got
     others = _others(load_pid)
     others0 = {k: _cpu_seconds(p) for k, p in others.items()}
-    cpu0 = _cpu_seconds(service.pid)
+    cpu0 = [_cpu_seconds(service.pid) for service in services]
     w0 = time.monotonic()
     counter.load_sent = 0
     tag = uuid.uuid4().hex[:6]
@@ -483,7 +505,8 @@ async def _step(
     while counter.got - got0 < sent and time.monotonic() < drain_deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     produced = counter.got - got0
-    cpu_s = _cpu_seconds(service.pid) - cpu0
+    per_service = [_cpu_seconds(service.pid) - c0 for service, c0 in zip(services, cpu0, strict=True)]
+    cpu_s = sum(per_service)
     w1 = time.monotonic()
     others_util = {k: round((_cpu_seconds(p) - others0[k]) / (w1 - w0), 2) for k, p in others.items()}
     offered = sent / send_wall if send_wall > 0 else 0.0
@@ -503,6 +526,7 @@ async def _step(
         "cpu_ms_per_call": round(1000 * cpu_s / max(1, produced), 4),
         "calls_per_cpu_s": round(produced / cpu_s, 1) if cpu_s > 0 else None,
         "utilisation": round(cpu_s / (w1 - w0), 3),
+        "utilisation_per_process": [round(c / (w1 - w0), 3) for c in per_service],
         "others_utilisation": others_util,
         "load_avg": os.getloadavg()[0],
     }
@@ -526,6 +550,7 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "programs": args.programs,
         "engines": args.engines,
         "heartbeat_s": args.heartbeat_s,
+        "shards": args.shards,
         "persist": args.persist,
         "feedback": not args.no_feedback,
         "step_s": args.step_s,
@@ -536,15 +561,16 @@ async def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [],
     }
     try:
-        variants = [("after", "")]
+        counts = [int(n) for n in args.shards.split(",")]
+        variants = [("after" if len(counts) == 1 else f"{n} shard(s)", "", n) for n in counts]
         if args.baseline:
-            variants = [("before", args.baseline), *variants]
+            variants = [("before", args.baseline, counts[0]), *variants]
         for _round in range(args.rounds):
-            for label, path in variants:
+            for label, path, n in variants:
                 _log(
                     f"== {args.service} [{label}] round {_round + 1}: {args.programs} programs, {args.engines} engines"
                 )
-                result["runs"].append(await _run_one(args, url, label, path, rates))
+                result["runs"].append(await _run_one(args, url, label, path, rates, n))
     finally:
         if not args.nats:
             server.stop()
@@ -594,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-s", type=float, default=3.0, help="wait this long for owed output after a step")
     p.add_argument("--max-lag-s", type=float, default=0.25, help="lag (in seconds of load) still counted as kept up")
     p.add_argument("--no-feedback", action="store_true", help="scheduler: no completed events or service updates")
+    p.add_argument(
+        "--shards", default="1", help="tracker: shard processes; a list (1,2) compares them, interleaved (default 1)"
+    )
     p.add_argument("--persist", action="store_true", help="tracker: JetStream table and durable completions")
     p.add_argument("--cpu", type=int, default=-1, help="pin the service to this core with taskset (-1: no pin)")
     p.add_argument("--baseline", default="", help="also run the service from this package copy (before/after)")

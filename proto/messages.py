@@ -326,3 +326,6 @@ class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):
 
 class ProgramTable(msgspec.Struct, frozen=True, kw_only=True):
     programs: list[ProgramSummary]
+    #: the tracker shard that answered, of how many (each holds its own programs; a client asks all)
+    shard: int = 0
+    shards: int = 1

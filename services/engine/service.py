@@ -134,7 +134,7 @@ class EngineService:
             ),
         )
         nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
-        self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
+        self._outbox = CompletionOutbox(nc, self.subjects, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)

@@ -80,7 +80,8 @@ class SchedulerService:
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
-        await nc.subscribe(s.call_completed, cb=self._on_completed)
+        await nc.subscribe(s.call_completed, cb=self._on_completed)  # publishers older than the slots
+        await nc.subscribe(s.any_slot(s.call_completed), cb=self._on_completed)
         await nc.subscribe(s.call_submit, queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(f"{s.call_submit}.*", queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
@@ -261,7 +262,7 @@ class SchedulerService:
             self.door.started(stamped.program_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
         await self._nc.publish(
-            self.subjects.call_dispatched,
+            self.subjects.call_dispatched_for(stamped.program_id),  # the program's slot: its tracker shard
             encode(
                 CallDispatched(
                     call_id=stamped.call_id,

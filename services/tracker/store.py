@@ -56,8 +56,12 @@ def jetstream_not_ready(exc: Exception) -> bool:
 
 
 class ProgramStore:
-    def __init__(self, table: ProcessTable, root: str, replicas: int = 1) -> None:
+    def __init__(
+        self, table: ProcessTable, root: str, replicas: int = 1, owns: Callable[[str], bool] | None = None
+    ) -> None:
         self.replicas = replicas
+        #: which programs this tracker restores (a shard's own; all when None)
+        self.owns = owns
         self.table = table
         self.bucket = bucket_name(root)
         self.log = get_logger("tracker")
@@ -110,7 +114,10 @@ class ProgramStore:
                 if not entry.value:
                     continue
                 try:
-                    self.table.restore(from_record(self._decoder.decode(entry.value), time.time()))
+                    record = self._decoder.decode(entry.value)
+                    if self.owns is not None and not self.owns(record.program_id):
+                        continue  # another shard's
+                    self.table.restore(from_record(record, time.time()))
                     restored += 1
                 except msgspec.MsgspecError as exc:
                     self.log.warning("unreadable program record skipped", key=entry.key, error=str(exc))
@@ -167,7 +174,10 @@ class ProgramStore:
                     del self._failures[program_id]  # written again at its next change
                     await self._release(program_id)  # redelivering its events cannot help
                 self._throttle.log(
-                    self.log, "program record not written", program_id=program_id[:80], failures=failures,
+                    self.log,
+                    "program record not written",
+                    program_id=program_id[:80],
+                    failures=failures,
                     error=str(exc)[:200],
                 )
         if transient:
