@@ -77,6 +77,8 @@ class _Plan(msgspec.Struct):
     programs: int
     engines: int
     heartbeat_s: float
+    #: events under the program's slot (False: the unslotted subjects, for a baseline older than slots)
+    slotted: bool = True
 
 
 class _Step(msgspec.Struct):
@@ -167,7 +169,8 @@ class _Load:
             dispatched = CallDispatched(
                 call_id=call_id, program_id=pid, engine_id=engine_id, priority=0.0, dispatched_at=now
             )
-            await self.nc.publish(s.call_dispatched_for(pid), encode(dispatched))
+            slotted = self.plan.slotted
+            await self.nc.publish(s.call_dispatched_for(pid) if slotted else s.call_dispatched, encode(dispatched))
             completed = CallCompleted(
                 call_id=call_id,
                 program_id=pid,
@@ -180,7 +183,9 @@ class _Load:
                 completed_at=now,
             )
             await self.nc.publish(
-                s.call_completed_for(pid), encode(completed), headers={"Nats-Msg-Id": completed_message_id(completed)}
+                s.call_completed_for(pid) if slotted else s.call_completed,
+                encode(completed),
+                headers={"Nats-Msg-Id": completed_message_id(completed)},
             )
         else:
             request = CallRequest(
@@ -304,8 +309,9 @@ class _Counter:
         call_id: str
         program_id: str
 
-    def __init__(self, nc: Any, subjects: Subjects, service: str, feedback: bool) -> None:
+    def __init__(self, nc: Any, subjects: Subjects, service: str, feedback: bool, slotted: bool = True) -> None:
         self.nc = nc
+        self.slotted = slotted
         self.subjects = subjects
         self.service = service
         self.feedback = feedback
@@ -349,7 +355,10 @@ class _Counter:
             finish_reason="stop",
             completed_at=time.time(),
         )
-        await self.nc.publish(self.subjects.call_completed_for(call.program_id), encode(completed))
+        s = self.subjects
+        await self.nc.publish(
+            s.call_completed_for(call.program_id) if self.slotted else s.call_completed, encode(completed)
+        )
         update = ProgramService(program_id=call.program_id, service_s=0.05, calls_completed=1, call_id=call.call_id)
         await self.nc.publish(self.subjects.program_service, encode(update))
 
@@ -410,11 +419,13 @@ async def _run_one(
         programs=args.programs,
         engines=args.engines,
         heartbeat_s=args.heartbeat_s,
+        slotted=not pythonpath,
     )
     load = _spawn_load(plan)
     nc = NATS()
     await nc.connect(url, pending_size=64 * 1024 * 1024)
-    counter = _Counter(nc, subjects, args.service, feedback=args.service == "scheduler" and not args.no_feedback)
+    feedback = args.service == "scheduler" and not args.no_feedback
+    counter = _Counter(nc, subjects, args.service, feedback=feedback, slotted=not pythonpath)
     await counter.start()
     for service in services:
         service.start()

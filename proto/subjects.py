@@ -125,6 +125,12 @@ class Subjects:
         """The tracker publishes each program's updated service figures here."""
         return f"{self.root}.tracker.service"
 
+    @property
+    def program_ended(self) -> str:
+        """The final figures of each program that ended or was forgotten, also published here: engines
+        need only these (to free ended programs' contexts first), not one update per call."""
+        return f"{self.root}.tracker.ended"
+
     # -- schedulers -> engines ------------------------------------------------------------------
     def engine_calls(self, engine_id: str) -> str:
         """Priority-stamped calls for one engine."""

@@ -104,13 +104,14 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
     if role == "engine":
         return Permissions(
             publish=(s.engine_heartbeat, s.call_completed, s.any_slot(s.call_completed), s.call_handback, any_inbox),
-            subscribe=(own_inbox, engine_calls, s.call_abort, f"{s.call_abort}.*", s.program_service),
+            subscribe=(own_inbox, engine_calls, s.call_abort, f"{s.call_abort}.*", s.program_service, s.program_ended),
         )
     if role == "tracker":
         return Permissions(
             # the slotted event subjects too: a tracker forwards events from older publishers to their shard
             publish=(
                 s.program_service,
+                s.program_ended,
                 s.any_slot(s.call_completed),
                 s.any_slot(s.call_dispatched),
                 "$JS.API.>",

@@ -18,6 +18,7 @@ from autellix.proto import (
     EngineHeartbeat,
     ErrorCode,
     ProgramEnd,
+    ProgramService,
     ProgramTable,
     Subjects,
     TrackerShard,
@@ -175,6 +176,10 @@ class TrackerService:
         assert self._nc is not None
         await self._nc.publish(subject, encode(message))
 
+    async def _publish_ended(self, update: ProgramService) -> None:
+        await self._publish(self.subjects.program_service, update)  # schedulers forget the program
+        await self._publish(self.subjects.program_ended, update)  # engines free its contexts first
+
     async def _on_dispatched(self, msg: Msg) -> None:
         try:
             event = decode(msg.data, CallDispatched)
@@ -250,7 +255,7 @@ class TrackerService:
         self.store.mark_deleted(request.program_id)
         self.metrics.on_ended(summary)
         self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
-        await self._publish(self.subjects.program_service, update)
+        await self._publish_ended(update)
         await respond({"ok": True, "program": summary})
 
     async def _on_table(self, msg: Msg) -> None:
@@ -287,4 +292,4 @@ class TrackerService:
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)
             self.metrics.on_expired(update)
-            await self._publish(self.subjects.program_service, update)
+            await self._publish_ended(update)
