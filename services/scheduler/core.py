@@ -123,13 +123,17 @@ class SchedulerCore:
         self._deadlines: list[tuple[float, str, str]] = []
         #: recent service per tenant (a program's owner): splitting work into programs gains nothing
         self.tenants = TenantAccounts(half_life_s=tenant_half_life_s)
-        # Routing reads the live engines on every call: they are kept, sorted by engine id, until a
-        # heartbeat or a lost engine changes them or the first of them goes stale (``_live_until``),
-        # and the balancer's candidates (engines with room) with them, updated in place per call.
+        # Routing reads the live engines on every call: they are kept, sorted by engine id, until an
+        # engine joins, leaves or changes state, or the first of them may have gone stale
+        # (``_live_until``), and the balancer's candidates (engines with room) with them. A routed call
+        # or an engine's next heartbeat updates its own entries in place: O(1), not O(engines).
         self._live: list[EngineView] | None = None
+        self._live_at: dict[str, int] = {}
         self._live_until = 0.0
         self._candidates: list[EngineLoad] | None = None
         self._candidate_at: dict[str, int] = {}
+        #: the candidates are every live engine, each full (then the chosen one sheds the call)
+        self._all_full = False
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
@@ -153,12 +157,26 @@ class SchedulerCore:
             account.call_path_s[update.call_id] = update.call_path_s
 
     def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
-        self._live = self._candidates = None
         if hb.state == "down":
+            self._live = self._candidates = None
             self.engines.pop(hb.engine_id, None)
             self._forget_engine(hb.engine_id)
             return
-        self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        view = self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        at = self._live_at.get(hb.engine_id) if self._live is not None and hb.state == "up" else None
+        if at is None or self._live is None:  # joined, or not "up" (now or before): choose again
+            self._live = self._candidates = None
+            return
+        self._live[at] = view
+        # the cache expires when its oldest heartbeat may have gone stale; this one, fresher, only
+        # moves that earlier if its interval shrank
+        self._live_until = min(self._live_until, now + self.engine_timeout_factor * max(hb.interval_s, 0.05))
+        if self._candidates is not None:
+            slot = self._candidate_at.get(hb.engine_id)
+            if slot is None or view.full() or self._all_full:  # its room changed: the candidates are chosen again
+                self._candidates = None
+            else:
+                self._candidates[slot] = view.as_load()
 
     def _fresh(self, view: EngineView, now: float) -> bool:
         return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
@@ -167,11 +185,15 @@ class SchedulerCore:
         """The engines heartbeating "up" and not stale, by engine id."""
         return list(self._live_views(now))
 
+    def live_count(self, now: float) -> int:
+        return len(self._live_views(now))
+
     def _live_views(self, now: float) -> list[EngineView]:
         if self._live is None or now > self._live_until:
             live = [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
             live.sort(key=lambda v: v.heartbeat.engine_id)
             self._live = live
+            self._live_at = {v.heartbeat.engine_id: i for i, v in enumerate(live)}
             self._live_until = min(
                 (v.received_at + self.engine_timeout_factor * max(v.heartbeat.interval_s, 0.05) for v in live),
                 default=float("inf"),
@@ -346,8 +368,9 @@ class SchedulerCore:
         loads = self._candidates
         if loads is None:
             # engines with room first; when every one is full, the chosen one sheds with rate_limited
-            room = [v for v in live if not v.full()] or live
-            loads = self._candidates = [v.as_load() for v in room]
+            room = [v for v in live if not v.full()]
+            self._all_full = not room
+            loads = self._candidates = [v.as_load() for v in room or live]
             self._candidate_at = {load.engine_id: i for i, load in enumerate(loads)}
         tokens = estimate_prompt_tokens(call)
         engine_id = self.balancer.choose(call.program_id, tokens, loads)

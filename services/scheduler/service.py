@@ -137,7 +137,7 @@ class SchedulerService:
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
-        self.metrics.engines.set(len(self.core.live_engines(time.time())))
+        self.metrics.engines.set(self.core.live_count(time.time()))
         if self.door is not None:
             self.door.on_heartbeat(hb)
             await self._open_door()
