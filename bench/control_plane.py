@@ -275,7 +275,9 @@ class _Service:
                 "--",
                 *cmd,
             ]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # from a neutral directory: ``python -c`` puts the working directory first on the path, so a
+        # baseline's PYTHONPATH would lose to the checkout the bench runs from
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, cwd=self.pythonpath or "/")
 
     @property
     def pid(self) -> int:

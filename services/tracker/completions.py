@@ -1,9 +1,10 @@
 """Completed events through JetStream: a tracker that was down counts every completion once.
 
-Engines publish one completed event per call on ``<root>.events.call.completed`` (core NATS, so the
-schedulers read it at once) with a ``Nats-Msg-Id`` header of call id, attempt and finish reason. A
-work-queue stream captures that subject, dropping duplicates within its window, and the trackers read
-it through one durable consumer (a deliver group when several trackers share the work), acknowledging
+Engines publish one completed event per call on ``<root>.events.call.completed.<slot>`` (the program's
+slot; core NATS, so the schedulers read it at once) with a ``Nats-Msg-Id`` header of engine, call and
+finish reason. A work-queue stream captures those subjects (and the unslotted one of older engines),
+dropping duplicates within its window, and the trackers read it through one durable consumer per shard,
+filtered to the shard's slots (a deliver group when replicas of a shard share the work), acknowledging
 each event after applying it. So events published while every tracker was down (restarting, or cut
 off with the broker) wait in the stream and are applied when a tracker comes back, and an event
 redelivered after a crash between apply and acknowledgement is recognised by the process table (a

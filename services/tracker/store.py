@@ -30,8 +30,9 @@ from .process_table import ProcessTable, ProgramRecord, from_record, to_record
 
 #: writes of one record that may fail in a row before it waits for the program's next change
 MAX_WRITE_FAILURES = 5
-#: records written at once (their acknowledgements awaited together)
-WRITE_WINDOW = 1024
+#: records written at once (their acknowledgements awaited together, WRITE_TIMEOUT_S at most)
+WRITE_WINDOW = 256
+WRITE_TIMEOUT_S = 10.0
 
 
 def bucket_name(root: str) -> str:
@@ -157,7 +158,7 @@ class ProgramStore:
                 continue
             items.append((_key(program_id), self._encoder.encode(to_record(entry))))
             written.append(program_id)
-        outcomes = await self._writer.put_many(items)
+        outcomes = await self._writer.put_many(items, timeout_s=WRITE_TIMEOUT_S)
         transient: list[Exception] = []
         for program_id, exc in zip(written, outcomes, strict=True):
             if exc is None:
