@@ -126,10 +126,10 @@ async def test_two_shards_count_each_program_once_by_its_owner(nats_url: str, ro
             assert sorted(r.program_id for r in table.programs) == sorted(programs)
             pid = next(p for p in programs if trackers[1].shard.owns(p))
             ended = await client.end_program(pid)
-            assert ended["ok"] is True and ended["program"]["calls_completed"] == 3
+            assert ended.ok is True and ended.program is not None and ended.program.calls_completed == 3
             assert trackers[1].table.get(pid) is None
             again = await client.end_program(pid)
-            assert again["ok"] is False and again["code"] == "unknown_program"
+            assert again.ok is False and again.code == "unknown_program"
     finally:
         await nc.close()
         await stop_all(trackers)
@@ -211,6 +211,6 @@ async def test_calls_through_a_mesh_with_two_tracker_shards(nats_url: str, root:
             assert sorted(r.program_id for r in table.programs) == sorted(p.program_id for p in programs)
             assert all(r.calls_completed == 2 and r.active_calls == 0 for r in table.programs)
             for p in programs:
-                assert (await p.end())["ok"] is True
+                assert (await p.end()).ok is True
     finally:
         await stop_all(services)

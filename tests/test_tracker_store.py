@@ -41,3 +41,20 @@ def test_a_long_programs_record_keeps_its_newest_paths() -> None:
     paths = list(record.call_path_s)
     assert paths[0] == "c4488" and paths[-1] == "c4999"
     assert record.active_calls[0] == "a88" and len(record.active_since) == 512
+
+
+def test_a_dispatch_trailing_its_completion_leaves_no_active_call() -> None:
+    from autellix.proto import CallCompleted, CallDispatched
+    from autellix.services.tracker.process_table import ProcessTable
+
+    table = ProcessTable()
+    done = CallCompleted(
+        call_id="c1", program_id="p", engine_id="e", service_s=0.5, queue_wait_s=0.0, prompt_tokens=1,
+        output_tokens=1, finish_reason="stop",
+    )  # fmt: skip
+    table.on_completed(done, 1.0)
+    table.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="e", priority=0.0), 1.1)
+    entry = table.get("p")
+    assert entry is not None and not entry.active_calls and entry.account.calls_completed == 1
+    table.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="e", priority=0.0), 1.2)
+    assert list(entry.active_calls) == ["c2"]
