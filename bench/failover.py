@@ -26,6 +26,7 @@ from autellix.services.client import CallStream, Client
 from autellix.services.embedded_nats import EmbeddedNats
 from autellix.services.lifecycle import stop_all
 from autellix.services.logs import configure_logging
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
@@ -49,8 +50,8 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
     root = f"failover{uuid.uuid4().hex[:8]}"
     with EmbeddedNats(port=0) as broker:
         url = broker.url
-        tracker = TrackerService(TrackerConfig(nats_url=url, root=root))
-        scheduler = SchedulerService(SchedulerConfig(nats_url=url, root=root))
+        tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(url, root)))
+        scheduler = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root)))
         await tracker.start()
         await scheduler.start()
         procs = {f"e{i}": _engine(url, root, f"e{i}", heartbeat, scale) for i in range(engines)}

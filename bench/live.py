@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from autellix.engine.core import CoreConfig
 from autellix.engine.cost_model import CostModel, llama31_8b_h100
 from autellix.engine.factory import BackendSpec
 from autellix.engine.sim_backend import SimBackend
@@ -46,6 +47,7 @@ from autellix.services.client import CallFailed, CallResult, CallStream, Client
 from autellix.services.engine.config import EngineConfig
 from autellix.services.engine.service import EngineService
 from autellix.services.lifecycle import stop_all
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
@@ -383,9 +385,11 @@ async def start_local_mesh(
     retention, tier_scale = MEMORY_VARIANTS[memory]
     cost = cost or llama31_8b_h100()
     root = root or f"bench{uuid.uuid4().hex[:8]}"
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=1.0, persist=False))
+    tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(url, root), gc_interval_s=1.0, persist=False))
     scheduler = SchedulerService(
-        SchedulerConfig(nats_url=url, root=root, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context)
+        SchedulerConfig(
+            nats=NatsConfig.at(url, root), policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context
+        )
     )
     tier_tokens = int(tier_scale * cost.kv_budget_tokens)
     spec = BackendSpec(
@@ -399,15 +403,14 @@ async def start_local_mesh(
     services = [
         EngineService(
             EngineConfig(
-                nats_url=url,
-                root=root,
+                nats=NatsConfig.at(url, root),
                 engine_id=f"engine-{i}-{root}",
                 backend=spec,
-                max_batched_tokens=cost.max_batched_tokens,
+                core=CoreConfig(
+                    max_batched_tokens=cost.max_batched_tokens, policy=policy, schedule_every=schedule_every,
+                    preempt_mode="swap",
+                ),
                 heartbeat_s=0.25,
-                policy=policy,
-                schedule_every=schedule_every,
-                preempt_mode="swap",
             ),
             backend=backends[i],
         )

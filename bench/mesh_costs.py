@@ -43,6 +43,7 @@ from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
 from autellix.services.embedded_nats import EmbeddedNats
+from autellix.services.nats_config import NatsConfig
 
 PROMPT_WORDS = 256
 
@@ -123,7 +124,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
 
     # (b) the service's submit path, publishing to a real nats-server
     root = f"mc{uuid.uuid4().hex[:6]}"
-    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
     await service.start()
     try:
         prime(service.core)
@@ -139,7 +140,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
     # (c) end to end through NATS: submissions in on the subject, stamped calls out to the engines
     root = f"mc{uuid.uuid4().hex[:6]}"
     subjects = Subjects(root)
-    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
     await service.start()
     pub, sink = NATS(), NATS()
     await pub.connect(url, pending_size=256 * 1024 * 1024)

@@ -9,19 +9,24 @@ import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import uvloop
 
-from autellix.engine.factory import BACKENDS, DEFAULT_TIER_SCALE, RETENTIONS
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
-from autellix.proto import DEFAULT_ROOT
 
 from .auth import redact_url
+from .engine.config import EngineConfig
+from .gateway.config import GatewayConfig
 from .logs import configure_logging
-from .nats_conn import DEFAULT_NATS_URL
+from .nats_config import NatsConfig
+from .scheduler.config import SchedulerConfig
+from .settings import add_flags, from_env_and_flags, parse_url_list
+from .tracker.config import TrackerConfig
+
+C = TypeVar("C")
 
 POLICIES = SERVING_POLICIES
 BALANCERS = BALANCER_NAMES
@@ -32,209 +37,62 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 # -- shared flags -------------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser, nats_default: str | None = DEFAULT_NATS_URL) -> None:
-    p.add_argument("--nats", default=None, help=f"NATS URL (env AUTELLIX_NATS; default {nats_default})")
-    p.add_argument(
-        "--creds",
-        default=None,
-        metavar="FILE",
-        help="credentials file (one line: nats://user:password@host:port), used instead of --nats "
-        "(env AUTELLIX_NATS_CREDS; default: the file `autellix up` wrote, if there is one)",
-    )
-    p.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+#: each service's config class; its settings table makes its flags (autellix.services.settings)
+SERVICE_CONFIGS: dict[str, type] = {
+    "tracker": TrackerConfig,
+    "scheduler": SchedulerConfig,
+    "engine": EngineConfig,
+    "gateway": GatewayConfig,
+}
+#: flags of `up` that are its own, not a service's: its broker's address, the gateway's port, the
+#: metrics ports of all services; and each engine gets its own id
+UP_OWN_FLAGS = ("--nats", "--creds", "--host", "--port", "--metrics-port", "--engine-id")
+NATS_FLAGS_BUT_ROOT = tuple(s.flag for s in NatsConfig.SETTINGS if s.flag and s.flag != "--root")
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="debug|info|warning|error (env AUTELLIX_LOG_LEVEL; default info)")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="model backend (env AUTELLIX_BACKEND; default hf)")
-    p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
-    p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
-    p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
-    p.add_argument(
-        "--retention",
-        choices=RETENTIONS,
-        default=None,
-        help="engine: eviction order of retained contexts, lru or program (contained, ended programs', then LRU) "
-        "(env AUTELLIX_RETENTION; default program)",
-    )
-    p.add_argument(
-        "--kv-tier-tokens",
-        type=int,
-        default=None,
-        help=f"engine: CPU tier for evicted contexts of live programs, in tokens; 0 = none "
-        f"(env AUTELLIX_KV_TIER_TOKENS; default {DEFAULT_TIER_SCALE} x --kv-tokens)",
-    )
-    p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
-    p.add_argument(
-        "--schedule-every",
-        type=int,
-        default=None,
-        help="engine: a scheduling point (preemption) every N steps (env AUTELLIX_SCHEDULE_EVERY; default 4)",
-    )
-    p.add_argument(
-        "--preempt-mode",
-        choices=("auto", "swap", "recompute"),
-        default=None,
-        help="engine: how a displaced call gives up its KV (env AUTELLIX_PREEMPT_MODE; default auto)",
-    )
-    p.add_argument(
-        "--sim-time-scale",
-        type=float,
-        default=None,
-        help="sim backend: factor on modelled step times, 0 = instant (env AUTELLIX_SIM_TIME_SCALE; default 1)",
-    )
-
-
-def _add_metrics_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics here, 0 = any free port (env AUTELLIX_METRICS_PORT; default off)",
-    )
-
-
-def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
-    port = getattr(args, "metrics_port", None)
-    return replace(cfg, metrics_port=port) if port is not None else cfg
-
-
-def _env_url(args: argparse.Namespace, client: bool = False) -> str:
-    """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
-    environment, and for clients the credentials `autellix up` wrote on this machine)."""
-    from .auth import resolve_url
-
+def _config(cls: type[C], args: argparse.Namespace, skip: Sequence[str] = ()) -> C:
+    """Defaults, then the environment, then the flags given; one line and exit 2 on a bad value."""
     try:
-        return resolve_url(args.nats, getattr(args, "creds", None), client=client)
-    except (OSError, ValueError) as exc:
+        return from_env_and_flags(cls, args, skip)
+    except ValueError as exc:
         raise SystemExit(f"autellix: {exc}") from None
 
 
-def _env_root(args: argparse.Namespace) -> str:
-    return args.root or os.environ.get("AUTELLIX_ROOT", DEFAULT_ROOT)
-
-
-def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
-    from .tracker.config import TrackerConfig
-
-    cfg = TrackerConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if getattr(args, "program_ttl", None) is not None:
-        cfg = replace(cfg, idle_ttl_s=args.program_ttl)
-    return _metrics_port(cfg, args)
-
-
-def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
-    from .scheduler.config import SchedulerConfig
-
-    cfg = SchedulerConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if getattr(args, "policy", None):
-        cfg = replace(cfg, policy=args.policy)
-    if getattr(args, "max_tokens_ceiling", None) is not None:
-        cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
-    if getattr(args, "balancer", None):
-        cfg = replace(cfg, balancer=args.balancer)
-    if getattr(args, "door", None) is not None:
-        cfg = replace(cfg, door=args.door)
-    if getattr(args, "door_high_water", None) is not None:
-        cfg = replace(cfg, door_high_water=args.door_high_water)
-    if getattr(args, "door_max_waiting", None) is not None:
-        cfg = replace(cfg, door_max_waiting=args.door_max_waiting)
-    return _metrics_port(cfg, args)
-
-
-def _add_door_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--door",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="scheduler: new programs wait while the engines' working set does not fit their KV (env AUTELLIX_DOOR)",
-    )
-    p.add_argument(
-        "--door-high-water",
-        type=float,
-        default=None,
-        help="scheduler: admit while the working set stays under this fraction of KV (env AUTELLIX_DOOR_HIGH_WATER)",
-    )
-    p.add_argument(
-        "--door-max-waiting",
-        type=int,
-        default=None,
-        help="scheduler: programs that may wait at the door (env AUTELLIX_DOOR_MAX_WAITING; default 1000)",
-    )
-
-
-def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = None):  # type: ignore[no-untyped-def]
-    from .engine.config import EngineConfig
-
-    cfg = EngineConfig.from_env()
-    spec = cfg.backend
-    if args.backend:
-        spec = replace(spec, name=args.backend)
-    if args.model:
-        spec = replace(spec, model=args.model)
-    if args.max_batch is not None:
-        spec = replace(spec, max_batch=args.max_batch)
-    if args.kv_tokens is not None:
-        spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
-    if getattr(args, "retention", None) is not None:
-        spec = replace(spec, retention=args.retention)
-    if getattr(args, "kv_tier_tokens", None) is not None:
-        spec = replace(spec, kv_tier_tokens=args.kv_tier_tokens)
-    if args.sim_time_scale is not None:
-        spec = replace(spec, sim_time_scale=args.sim_time_scale)
-    if args.threads is not None:
-        spec = replace(spec, threads=args.threads)
-    if args.device is not None:
-        spec = replace(spec, device=args.device)
-    cfg = replace(cfg, nats_url=url, root=_env_root(args), backend=spec)
-    if getattr(args, "policy", None):
-        cfg = replace(cfg, policy=args.policy)
-    if args.schedule_every is not None:
-        cfg = replace(cfg, schedule_every=args.schedule_every)
-    if args.preempt_mode is not None:
-        cfg = replace(cfg, preempt_mode=args.preempt_mode)
-    if engine_id or getattr(args, "engine_id", None):
-        cfg = replace(cfg, engine_id=engine_id or args.engine_id)
-    return _metrics_port(cfg, args)
-
-
-def _gateway_config(args: argparse.Namespace, url: str, host: str | None = None, port: int | None = None):  # type: ignore[no-untyped-def]
-    from .gateway.config import GatewayConfig
-
-    cfg = GatewayConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if host is not None:
-        cfg = replace(cfg, host=host)
-    if port is not None:
-        cfg = replace(cfg, port=port)
-    return cfg
+def _server_url(nats: NatsConfig, client: bool = False) -> str:
+    """The URL to connect with; one line and exit 1 on an unreadable credentials file."""
+    try:
+        return nats.server_url(client=client)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"autellix: {exc}") from None
 
 
 # -- one service --------------------------------------------------------------------------------
 def cmd_service(args: argparse.Namespace) -> int:
     from .lifecycle import run_until_signal
 
-    url = _env_url(args)
+    config: Any = _config(SERVICE_CONFIGS[args.command], args)
+    _server_url(config.nats)  # a bad credentials file: one line now, not a failed start
     service: Any
     if args.command == "tracker":
         from .tracker.service import TrackerService
 
-        service = TrackerService(_tracker_config(args, url))
+        service = TrackerService(config)
     elif args.command == "scheduler":
         from .scheduler.service import SchedulerService
 
-        service = SchedulerService(_scheduler_config(args, url))
+        service = SchedulerService(config)
     elif args.command == "gateway":
         from .gateway.service import GatewayService
 
-        service = GatewayService(_gateway_config(args, url, args.host, args.port))
+        service = GatewayService(config)
     else:
         from .engine.service import EngineService
 
-        service = EngineService(_engine_config(args, url))
+        service = EngineService(config)
 
     async def main() -> int:
         return await run_until_signal([service])
@@ -281,12 +139,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("autellix up: --cluster must be at least 1", file=sys.stderr)
         return 2
     broker: EmbeddedNats | EmbeddedNatsCluster | None = None
-    url = args.nats or (read_credentials(args.creds) if args.creds else None)
+    url = ",".join(args.nats) if args.nats else (read_credentials(args.creds) if args.creds else None)
+    root = _config(NatsConfig, args).root
     urls: dict[str, str] = {}  # per role, with auth on
     creds_path: Path | None = None
     if url is None:
         identities = {} if args.no_auth else make_identities()
-        config = server_config(identities, Subjects(_env_root(args))) if identities else ""
+        config = server_config(identities, Subjects(root)) if identities else ""
         if args.cluster > 1:  # every node on a free port; services get every node's URL
             broker = EmbeddedNatsCluster(args.cluster, host=args.host, config=config)
         else:
@@ -306,19 +165,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ports = _up_metrics_ports(args)
-        tracker_config = replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0))
-        if args.cluster > 1:  # the process table and the completions on every node (at most 3)
-            tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
-        tracker = TrackerService(tracker_config)
-        scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
-        scheduler = SchedulerService(scheduler_cfg)
+
+        def config(cls: type[C], role: str, **fields: Any) -> C:
+            """The role's config from the environment and flags, on this mesh's broker as the role."""
+            cfg: Any = _config(cls, args, UP_OWN_FLAGS)
+            nats = replace(cfg.nats, urls=parse_url_list(urls.get(role, url)), creds=None)
+            if broker is not None:  # our own broker: no TLS
+                nats = NatsConfig(urls=nats.urls, root=root)
+            return replace(cfg, nats=nats, **fields)  # type: ignore[no-any-return]
+
+        # the process table and the completions on every node of a cluster (at most 3)
+        tracker = TrackerService(config(TrackerConfig, "tracker", metrics_port=ports(0),
+                                        **({"kv_replicas": min(3, args.cluster)} if args.cluster > 1 else {})))
+        scheduler = SchedulerService(config(SchedulerConfig, "scheduler", metrics_port=ports(1)))
         engines = [
-            EngineService(replace(_engine_config(args, urls.get("engine", url)), metrics_port=ports(2 + i)))
-            for i in range(args.engines)
+            EngineService(config(EngineConfig, "engine", metrics_port=ports(2 + i))) for i in range(args.engines)
         ]
         # --demo runs the demo with the Python client and exits: no HTTP ports to claim
         serve_http = not (args.no_gateway or args.demo)
-        gateway_cfg = _gateway_config(args, urls.get("gateway", url), args.host, args.gateway_port)
+        gateway_cfg = config(GatewayConfig, "gateway", host=args.host, port=args.gateway_port)
         gateway = GatewayService(gateway_cfg) if serve_http else None
         started: list[Any] = []
         try:
@@ -346,14 +211,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
                 f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
-                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
+                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {root} | Ctrl-C to stop",
                 flush=True,
             )
             if args.demo:
                 from .client import Client
                 from .demo import run_demo
 
-                async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
+                async with await Client.connect(urls.get("client", url), root=root) as client:
                     await run_demo(client)
                 return 0
             failed = await wait_for_stop(stop, started)
@@ -374,9 +239,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import Client
 
-    url = _env_url(args, client=True)
+    nats_config = _config(NatsConfig, args)
+    url = _server_url(nats_config, client=True)
     try:
-        return await asyncio.wait_for(Client.connect(url, root=_env_root(args), timeout_s=args.timeout), 10)
+        return await asyncio.wait_for(Client.connect(nats=nats_config, timeout_s=args.timeout), 10)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise SystemExit(
             f"cannot reach NATS at {redact_url(url)} ({exc or type(exc).__name__}): is `autellix up` running? "
@@ -447,7 +313,7 @@ def cmd_auth_init(args: argparse.Namespace) -> int:
 
     from .auth import init_deployment
 
-    written = init_deployment(Path(args.directory), Subjects(_env_root(args)))
+    written = init_deployment(Path(args.directory), Subjects(_config(NatsConfig, args).root))
     for what, path in written.items():
         print(f"{what:9} {path}")
     print(
@@ -463,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start NATS, tracker, scheduler and engines on this machine")
-    _add_common(up, nats_default="an embedded nats-server")
-    _add_engine_flags(up)
+    up.add_argument("--nats", type=parse_url_list, default=None,
+                    help="use the NATS server(s) at this URL (list) instead of an embedded nats-server")
+    up.add_argument("--creds", default=None, metavar="FILE",
+                    help="use the NATS server named in this credentials file instead of an embedded nats-server")
+    # every service's own settings (the scheduler's and the engines' --policy is one flag)
+    add_flags(up, [NatsConfig, *SERVICE_CONFIGS.values()], skip=UP_OWN_FLAGS)
+    _add_log_level(up)
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
-    up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
-    up.add_argument("--balancer", choices=BALANCERS, default=None, help="engine choice (env AUTELLIX_BALANCER)")
-    _add_door_flags(up)
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
@@ -502,37 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    tracker = sub.add_parser("tracker", help="run the program-tracker service")
-    _add_common(tracker)
-    tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
-    _add_metrics_port(tracker)
-    tracker.set_defaults(func=cmd_service)
-
-    scheduler = sub.add_parser("scheduler", help="run a scheduler service")
-    _add_common(scheduler)
-    scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
-    scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
-    scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
-    _add_metrics_port(scheduler)
-    _add_door_flags(scheduler)
-    scheduler.set_defaults(func=cmd_service)
-
-    engine = sub.add_parser("engine", help="run an engine service")
-    _add_common(engine)
-    _add_engine_flags(engine)
-    engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
-    engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
-    _add_metrics_port(engine)
-    engine.set_defaults(func=cmd_service)
-
-    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
-    _add_common(gateway)
-    gateway.add_argument("--host", default=None, help="listen address (env AUTELLIX_GATEWAY_HOST; default 0.0.0.0)")
-    gateway.add_argument("--port", type=int, default=None, help="HTTP port (env AUTELLIX_GATEWAY_PORT; default 8000)")
-    gateway.set_defaults(func=cmd_service)
+    helps = {
+        "tracker": "run the program-tracker service",
+        "scheduler": "run a scheduler service",
+        "engine": "run an engine service",
+        "gateway": "run the OpenAI-compatible HTTP gateway",
+    }
+    for name, cls in SERVICE_CONFIGS.items():
+        service = sub.add_parser(name, help=helps[name])
+        add_flags(service, [cls])
+        _add_log_level(service)
+        service.set_defaults(func=cmd_service)
 
     call = sub.add_parser("call", help="send one call and stream the answer")
-    _add_common(call)
+    add_flags(call, [NatsConfig])
+    _add_log_level(call)
     call.add_argument("prompt")
     call.add_argument("--max-tokens", type=int, default=128)
     call.add_argument("--temperature", type=float, default=0.0)
@@ -543,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
 
     demo = sub.add_parser("demo", help="run a small agent program against the mesh")
-    _add_common(demo)
+    add_flags(demo, [NatsConfig])
+    _add_log_level(demo)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
     demo.set_defaults(func=cmd_demo)
@@ -552,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
     init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
     init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
-    init.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    add_flags(init, [NatsConfig], skip=NATS_FLAGS_BUT_ROOT)
     init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -50,8 +50,10 @@ from autellix.proto import (
     encode,
 )
 
-from .auth import INBOX_ROOT, resolve_url, url_user
+from .auth import INBOX_ROOT, url_user
+from .nats_config import NatsConfig
 from .nats_conn import connect
+from .settings import parse_url_list
 
 MessagesLike = str | Sequence[dict[str, str]] | Sequence[Message]
 
@@ -357,20 +359,28 @@ class Client:
     async def connect(
         cls,
         url: str | None = None,
-        root: str = DEFAULT_ROOT,
+        root: str | None = None,
         timeout_s: float = 300.0,
         ack_timeout_s: float = 5.0,
         max_attempts: int = 5,
+        nats: NatsConfig | None = None,
     ) -> Client:
-        """Connect to the mesh. Without ``url``: ``AUTELLIX_NATS_CREDS`` (a credentials file), else
-        ``AUTELLIX_NATS``, else the credentials ``autellix up`` wrote on this machine, else the
-        open default nats://127.0.0.1:4222 (:func:`autellix.services.auth.resolve_url`)."""
-        url = url or resolve_url(client=True)
-        nc = await connect(url, "autellix-client", fail_fast=True)
+        """Connect to the mesh at ``url`` (a comma list for a cluster) under ``root``, or as ``nats``
+        says (servers or credentials file, root, TLS). With neither: the environment, as every
+        service reads it (:class:`autellix.services.nats_config.NatsConfig`: ``AUTELLIX_NATS_CREDS``,
+        else ``AUTELLIX_NATS``, else the credentials ``autellix up`` wrote on this machine, else the
+        open default nats://127.0.0.1:4222; ``AUTELLIX_ROOT``)."""
+        config = nats or NatsConfig.from_env()
+        if url:
+            config = replace(config, urls=parse_url_list(url), creds=None)
+        if root is not None:
+            config = replace(config, root=root)
+        server_url = config.server_url(client=True)
+        nc = await connect(config, "autellix-client", fail_fast=True, client=True)
         return cls(
             nc,
-            user=url_user(url) or "",
-            root=root,
+            user=url_user(server_url) or "",
+            root=config.root,
             timeout_s=timeout_s,
             owns_connection=True,
             ack_timeout_s=ack_timeout_s,

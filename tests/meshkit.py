@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autellix.engine.backend import ModelBackend
+from autellix.engine.core import CoreConfig
 from autellix.engine.factory import BackendSpec
 from autellix.services.client import Client
 from autellix.services.engine.config import EngineConfig
@@ -15,6 +16,7 @@ from autellix.services.engine.service import EngineService
 from autellix.services.gateway.config import GatewayConfig
 from autellix.services.gateway.service import GatewayService
 from autellix.services.lifecycle import stop_all
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
@@ -54,8 +56,7 @@ async def start_mesh(
     port = 0 if metrics else None  # Prometheus endpoints on free ports
     tracker = TrackerService(
         TrackerConfig(
-            nats_url=urls.get("tracker", url),
-            root=root,
+            nats=NatsConfig.at(urls.get("tracker", url), root),
             gc_interval_s=0.2,
             kv_replicas=kv_replicas,
             metrics_port=port,
@@ -63,8 +64,7 @@ async def start_mesh(
     )
     scheduler = SchedulerService(
         SchedulerConfig(
-            nats_url=urls.get("scheduler", url),
-            root=root,
+            nats=NatsConfig.at(urls.get("scheduler", url), root),
             policy=policy,
             max_tokens_ceiling=512,
             no_engine_wait_s=no_engine_wait_s,
@@ -75,14 +75,12 @@ async def start_mesh(
     engine_services = [
         EngineService(
             EngineConfig(
-                nats_url=urls.get("engine", url),
-                root=root,
+                nats=NatsConfig.at(urls.get("engine", url), root),
                 engine_id=f"e{i}-{root}",
                 backend=spec,
                 heartbeat_s=heartbeat_s,
                 drain_timeout_s=5.0,
-                max_batched_tokens=max_batched_tokens,
-                policy=policy,
+                core=CoreConfig(max_batched_tokens=max_batched_tokens, policy=policy),
                 metrics_port=port,
             ),
             backend=backend_instance,
@@ -98,7 +96,7 @@ async def start_mesh(
 
 async def start_gateway(mesh: Mesh, **config: Any) -> GatewayService:
     """A gateway on a free port in front of the mesh, once it has heard the engines' heartbeats."""
-    service = GatewayService(GatewayConfig(nats_url=mesh.url, root=mesh.root, host="127.0.0.1", port=0, **config))
+    service = GatewayService(GatewayConfig(nats=NatsConfig.at(mesh.url, mesh.root), host="127.0.0.1", port=0, **config))
     await service.start()
     deadline = time.monotonic() + 5
     while mesh.engines and not service.live.engines(time.time()):

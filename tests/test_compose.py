@@ -191,10 +191,12 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
             for var, value in env.items():
                 m.setenv(var, value)
             cfg: Any = configs[_command(svc)[0]].from_env()
-            assert cfg.nats_url == "nats://nats:4222", name
-            assert cfg.root == env.get("AUTELLIX_ROOT", "autellix")
-            if isinstance(cfg, SchedulerConfig | EngineConfig):
+            assert cfg.nats.urls == ("nats://nats:4222",), name
+            assert cfg.nats.root == env.get("AUTELLIX_ROOT", "autellix")
+            if isinstance(cfg, SchedulerConfig):
                 assert cfg.policy in POLICIES
+            if isinstance(cfg, EngineConfig):
+                assert cfg.core.policy in POLICIES
             if isinstance(cfg, SchedulerConfig):
                 assert cfg.balancer in BALANCERS
             if isinstance(cfg, GatewayConfig):

@@ -15,6 +15,7 @@ from meshkit import Mesh
 from autellix.proto import CallError, CallFinal, Subjects, decode_reply
 from autellix.proto.limits import MAX_ID_CHARS, check_shape, is_subject, storage_key
 from autellix.services.log_throttle import LogThrottle
+from autellix.services.nats_config import NatsConfig
 
 
 async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -359,8 +360,9 @@ async def test_engine_sheds_past_its_waiting_limit(nats_url: str, root: str) -> 
 
     m = await start_mesh(nats_url, root, engines=0)
     spec = BackendSpec(name="sim", sim_time_scale=1.0, max_batch=2)
-    engine = EngineService(EngineConfig(nats_url=nats_url, root=root, engine_id="small", backend=spec, max_waiting=1,
-                                        heartbeat_s=0.2))  # fmt: skip
+    config = EngineConfig(nats=NatsConfig.at(nats_url, root), engine_id="small", backend=spec, max_waiting=1,
+                          heartbeat_s=0.2)  # fmt: skip
+    engine = EngineService(config)
     await engine.start()
     nc = await nats.connect(nats_url)
     try:
@@ -434,7 +436,7 @@ async def test_stuck_model_step_fails_the_engine(nats_url: str, root: str, monke
 
     m = await start_mesh(nats_url, root, engines=0)
     spec = BackendSpec(name="sim", sim_time_scale=0)
-    config = EngineConfig(nats_url=nats_url, root=root, engine_id="stuck", heartbeat_s=0.1, step_stuck_s=0.4,
+    config = EngineConfig(nats=NatsConfig.at(nats_url, root), engine_id="stuck", heartbeat_s=0.1, step_stuck_s=0.4,
                           backend=spec)  # fmt: skip
     engine = EngineService(config)
     await engine.start()

@@ -13,6 +13,7 @@ from meshkit import Mesh, start_mesh, stop_mesh
 
 from autellix.proto import CallChunk, CallError, CallFinal, Subjects, decode_reply
 from autellix.services.client import CallFailed
+from autellix.services.nats_config import NatsConfig
 
 
 async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -169,7 +170,9 @@ async def test_calls_wait_for_an_engine_that_joins(nats_url: str, root: str) -> 
 
     m = await start_mesh(nats_url, root, engines=0, no_engine_wait_s=10)
     late = EngineService(
-        EngineConfig(nats_url=nats_url, root=root, engine_id="late", backend=BackendSpec(name="sim", sim_time_scale=0))
+        EngineConfig(
+            nats=NatsConfig.at(nats_url, root), engine_id="late", backend=BackendSpec(name="sim", sim_time_scale=0)
+        )
     )
     try:
         pending = asyncio.create_task(m.client.program().call("hello", max_tokens=2))

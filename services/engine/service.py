@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from nats.aio.subscription import Subscription
 from autellix.engine.backend import CacheStats, ModelBackend, PrefixCache
 from autellix.engine.core import (
     CallSpec,
-    CoreConfig,
     CoreEvent,
     EngineCore,
     FinishEvent,
@@ -48,6 +46,7 @@ from autellix.proto import (
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .completions_out import CompletionOutbox
@@ -73,7 +72,7 @@ class EngineService:
 
     def __init__(self, config: EngineConfig, backend: ModelBackend | None = None) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.log = get_logger("engine", engine_id=config.engine_id)
         self.backend = backend
         self.core: EngineCore | None = None
@@ -117,23 +116,13 @@ class EngineService:
 
     async def start(self) -> None:
         cfg = self.config
-        self.log.info("starting", config=dataclasses.asdict(cfg))
+        self.log.info("starting", config=config_for_log(cfg))
         if self.backend is None:
             t0 = time.perf_counter()
             self.backend = await asyncio.to_thread(make_backend, cfg.backend)
             self.log.info("model loaded", model=self.backend.model_name, load_s=round(time.perf_counter() - t0, 2))
-        self.core = EngineCore(
-            self.backend,
-            CoreConfig(
-                max_batch=cfg.backend.max_batch,
-                max_batched_tokens=cfg.max_batched_tokens,
-                kv_capacity_tokens=cfg.backend.kv_capacity_tokens,
-                policy=cfg.policy,
-                schedule_every=cfg.schedule_every,
-                preempt_mode=cfg.preempt_mode,  # type: ignore[arg-type]
-            ),
-        )
-        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
+        self.core = EngineCore(self.backend, cfg.core_config)
+        nc = self._nc = await connect(cfg.nats, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
         self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)

@@ -63,8 +63,8 @@ class GatewayService:
     async def start(self) -> None:
         cfg = self.config
         self.log.info("starting", config=cfg.redacted())
-        nc = self._nc = await connect(cfg.nats_url, "autellix-gateway")
-        client = Client(nc, root=cfg.root, timeout_s=cfg.call_timeout_s)
+        nc = self._nc = await connect(cfg.nats, "autellix-gateway")
+        client = Client(nc, root=cfg.nats.root, timeout_s=cfg.call_timeout_s)
         await nc.subscribe(client.subjects.engine_heartbeat, cb=self._on_heartbeat)
         await nc.flush()
         self.gateway = Gateway(cfg, client, self.live, self.metrics)

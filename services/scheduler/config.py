@@ -1,17 +1,18 @@
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from autellix.proto import DEFAULT_ROOT
-from autellix.services.metrics import metrics_port_from_env
-from autellix.services.nats_conn import DEFAULT_NATS_URL
+from autellix.policy.balancer import BALANCER_NAMES
+from autellix.policy.variants import SERVING_POLICIES
+from autellix.services.nats_config import NATS_SETTINGS, NatsConfig
+from autellix.services.settings import METRICS_PORT, Setting, from_env, parse_bool, parse_finite
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    nats_url: str = DEFAULT_NATS_URL
-    root: str = DEFAULT_ROOT
+    nats: NatsConfig = field(default_factory=NatsConfig)
     #: fcfs | mlfq | plas | atlas
     policy: str = "plas"
     #: largest max_tokens a call may ask for
@@ -35,6 +36,29 @@ class SchedulerConfig:
     #: programs that may wait at the door; one more is refused with ``rate_limited``
     door_max_waiting: int = 1000
 
+    SETTINGS: ClassVar[tuple[Setting, ...]] = (
+        *NATS_SETTINGS,
+        Setting("policy", "AUTELLIX_POLICY", "--policy", str, "scheduling policy", choices=SERVING_POLICIES),
+        Setting("balancer", "AUTELLIX_BALANCER", "--balancer", str, "engine choice", choices=BALANCER_NAMES),
+        Setting("max_tokens_ceiling", "AUTELLIX_MAX_TOKENS_CEILING", "--max-tokens-ceiling", int,
+                "largest `max_tokens` a call may ask for"),
+        Setting("no_engine_wait_s", "AUTELLIX_NO_ENGINE_WAIT_S", "--no-engine-wait-s", parse_finite,
+                "how long a call waits for a live engine before it fails with `no_engine`"),
+        Setting("call_deadline_s", "AUTELLIX_CALL_DEADLINE_S", "--call-deadline-s", parse_finite,
+                "a routed call not finished by then fails with `deadline_exceeded`"),
+        Setting("max_calls_per_program", "AUTELLIX_MAX_CALLS_PER_PROGRAM", "--max-calls-per-program", int,
+                "calls of one program in flight (per scheduler); more get `rate_limited`"),
+        Setting("tenant_half_life_s", "AUTELLIX_TENANT_HALF_LIFE_S", "--tenant-half-life-s", parse_finite,
+                "a tenant's recent service counts half after this long"),
+        Setting("door", "AUTELLIX_DOOR", "--door", parse_bool,
+                "new programs wait while the engines' working set does not fit their KV", boolean=True),
+        Setting("door_high_water", "AUTELLIX_DOOR_HIGH_WATER", "--door-high-water", parse_finite,
+                "admit while the projected working set stays under this fraction of KV"),
+        Setting("door_max_waiting", "AUTELLIX_DOOR_MAX_WAITING", "--door-max-waiting", int,
+                "programs that may wait at the door (`rate_limited` beyond)"),
+        METRICS_PORT,
+    )
+
     def __post_init__(self) -> None:
         if not 0.0 < self.door_high_water <= 1.0:
             raise ValueError(f"door_high_water must be in (0, 1], got {self.door_high_water}")
@@ -42,21 +66,5 @@ class SchedulerConfig:
             raise ValueError(f"door_max_waiting must be >= 1, got {self.door_max_waiting}")
 
     @classmethod
-    def from_env(cls) -> SchedulerConfig:
-        env = os.environ
-        d = cls()
-        return cls(
-            nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
-            root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
-            policy=env.get("AUTELLIX_POLICY", d.policy),
-            max_tokens_ceiling=int(env.get("AUTELLIX_MAX_TOKENS_CEILING", d.max_tokens_ceiling)),
-            no_engine_wait_s=float(env.get("AUTELLIX_NO_ENGINE_WAIT_S", d.no_engine_wait_s)),
-            balancer=env.get("AUTELLIX_BALANCER", d.balancer),
-            metrics_port=metrics_port_from_env(),
-            max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
-            call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
-            tenant_half_life_s=float(env.get("AUTELLIX_TENANT_HALF_LIFE_S", d.tenant_half_life_s)),
-            door=env.get("AUTELLIX_DOOR", "1" if d.door else "0").lower() in ("1", "true", "yes", "on"),
-            door_high_water=float(env.get("AUTELLIX_DOOR_HIGH_WATER", d.door_high_water)),
-            door_max_waiting=int(env.get("AUTELLIX_DOOR_MAX_WAITING", d.door_max_waiting)),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerConfig:
+        return from_env(cls, env)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -39,6 +38,7 @@ from autellix.services.auth import inbox_prefix
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
@@ -52,7 +52,7 @@ class SchedulerService:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.core = SchedulerCore(
             policy=config.policy,
             max_tokens_ceiling=config.max_tokens_ceiling,
@@ -76,8 +76,8 @@ class SchedulerService:
         self._stopping = False
 
     async def start(self) -> None:
-        self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler", on_closed=self._on_closed)
+        self.log.info("starting", config=config_for_log(self.config))
+        nc = self._nc = await connect(self.config.nats, "autellix-scheduler", on_closed=self._on_closed)
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)

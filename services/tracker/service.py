@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +27,7 @@ from autellix.proto.limits import explain
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
@@ -48,9 +48,9 @@ class TrackerService:
 
     def __init__(self, config: TrackerConfig) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
-        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas)
+        self.store = ProgramStore(self.table, config.nats.root, replicas=config.kv_replicas)
         self.log = get_logger("tracker")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -62,8 +62,8 @@ class TrackerService:
         self._throttle = LogThrottle()
 
     async def start(self) -> None:
-        self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-tracker", on_closed=self._on_closed)
+        self.log.info("starting", config=config_for_log(self.config))
+        nc = self._nc = await connect(self.config.nats, "autellix-tracker", on_closed=self._on_closed)
         if self.config.persist:
             restored = await self.store.open(nc)
             self.log.info(
@@ -80,7 +80,7 @@ class TrackerService:
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
         self.metrics.endpoint.start()
-        self.log.info("ready", root=self.config.root)
+        self.log.info("ready", root=self.config.nats.root)
 
     async def stop(self) -> None:
         # The loops end on their own at the stop event: cancelling one in the middle of a JetStream
