@@ -122,15 +122,10 @@ def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from autellix.proto import Subjects
-
-    from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
-    from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
-    from .engine.service import EngineService
-    from .gateway.service import GatewayService
-    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
-    from .scheduler.service import SchedulerService
-    from .tracker.service import TrackerService
+    from .auth import default_credentials_path, read_credentials
+    from .embedded_nats import NatsServerError
+    from .lifecycle import install_signal_handlers, wait_for_stop
+    from .local_mesh import LocalBroker, LocalMesh
 
     if args.engines < 1:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
@@ -138,79 +133,64 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.cluster < 1:
         print("autellix up: --cluster must be at least 1", file=sys.stderr)
         return 2
-    broker: EmbeddedNats | EmbeddedNatsCluster | None = None
+    nats_config = _config(NatsConfig, args)
+    root = nats_config.root
+    broker: LocalBroker | None = None
     url = ",".join(args.nats) if args.nats else (read_credentials(args.creds) if args.creds else None)
-    root = _config(NatsConfig, args).root
-    urls: dict[str, str] = {}  # per role, with auth on
     creds_path: Path | None = None
-    if url is None:
-        identities = {} if args.no_auth else make_identities()
-        config = server_config(identities, Subjects(root)) if identities else ""
-        if args.cluster > 1:  # every node on a free port; services get every node's URL
-            broker = EmbeddedNatsCluster(args.cluster, host=args.host, config=config)
-        else:
-            broker = EmbeddedNats(host=args.host, port=args.port, config=config)
+    if url is None:  # a cluster: every node on a free port; services get every node's URL
+        broker = LocalBroker(nodes=args.cluster, host=args.host, port=args.port, auth=not args.no_auth, root=root)
         try:
             url = broker.start()
-            urls = {role: ident.url(url) for role, ident in identities.items()}
-            if urls:
-                creds_path = write_credentials(Path(args.creds_out or default_credentials_path()), urls["client"])
+            creds_path = broker.write_client_credentials(Path(args.creds_out or default_credentials_path()))
         except NatsServerError as exc:
             print(f"autellix up: could not start nats-server: {exc}", file=sys.stderr)
             if args.port:
                 print(f"  (is port {args.port} taken? try --port 0 for a free one)", file=sys.stderr)
             return 1
 
+    def nats_for(role: str) -> NatsConfig:
+        """Our own broker: the role's identity, no TLS; another: its URL, with the TLS settings given."""
+        if broker is not None:
+            return broker.nats_for(role)
+        return replace(nats_config, urls=parse_url_list(url), creds=None)
+
+    def config(cls: type[C], role: str, **fields: Any) -> C:
+        """The role's config from the environment and the flags, on this mesh's broker."""
+        cfg: Any = _config(cls, args, UP_OWN_FLAGS)
+        return replace(cfg, nats=nats_for(role), **fields)  # type: ignore[no-any-return]
+
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ports = _up_metrics_ports(args)
-
-        def config(cls: type[C], role: str, **fields: Any) -> C:
-            """The role's config from the environment and flags, on this mesh's broker as the role."""
-            cfg: Any = _config(cls, args, UP_OWN_FLAGS)
-            nats = replace(cfg.nats, urls=parse_url_list(urls.get(role, url)), creds=None)
-            if broker is not None:  # our own broker: no TLS
-                nats = NatsConfig(urls=nats.urls, root=root)
-            return replace(cfg, nats=nats, **fields)  # type: ignore[no-any-return]
-
         # the process table and the completions on every node of a cluster (at most 3)
-        tracker = TrackerService(config(TrackerConfig, "tracker", metrics_port=ports(0),
-                                        **({"kv_replicas": min(3, args.cluster)} if args.cluster > 1 else {})))
-        scheduler = SchedulerService(config(SchedulerConfig, "scheduler", metrics_port=ports(1)))
-        engines = [
-            EngineService(config(EngineConfig, "engine", metrics_port=ports(2 + i))) for i in range(args.engines)
-        ]
+        replicas = {"kv_replicas": min(3, args.cluster)} if args.cluster > 1 else {}
         # --demo runs the demo with the Python client and exits: no HTTP ports to claim
         serve_http = not (args.no_gateway or args.demo)
-        gateway_cfg = config(GatewayConfig, "gateway", host=args.host, port=args.gateway_port)
-        gateway = GatewayService(gateway_cfg) if serve_http else None
-        started: list[Any] = []
+        mesh = LocalMesh.of(
+            tracker=config(TrackerConfig, "tracker", metrics_port=ports(0), **replicas),
+            scheduler=config(SchedulerConfig, "scheduler", metrics_port=ports(1)),
+            engines=[config(EngineConfig, "engine", metrics_port=ports(2 + i)) for i in range(args.engines)],
+            gateway=config(GatewayConfig, "gateway", host=args.host, port=args.gateway_port) if serve_http else None,
+        )
         try:
-            # the gateway before the engines: it hears their first heartbeats, so /v1/models is full at once
-            for service in [tracker, scheduler, *([gateway] if gateway else []), *engines]:
-                starting = asyncio.create_task(service.start())
-                waiter = asyncio.create_task(stop.wait())
-                done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if starting not in done:
-                    await abandon(starting)
+            try:
+                if not await mesh.start(stop, engines_within_s=None):
                     return 130
-                try:
-                    starting.result()
-                except OSError as exc:  # a port taken
-                    print(f"autellix up: the {service.name} could not start: {exc}", file=sys.stderr)
-                    print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
-                    return 1
-                started.append(service)
+            except OSError as exc:  # a port taken
+                print(f"autellix up: the {mesh.not_started()[0].name} could not start: {exc}", file=sys.stderr)
+                print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
+                return 1
+            engines, gateway = mesh.engines, mesh.gateway
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
             http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
-            scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
+            scraped = [s.metrics.endpoint.port for s in [mesh.tracker, mesh.scheduler, *engines]]
             if all(scraped):
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
+                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({mesh.scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {root} | Ctrl-C to stop",
                 flush=True,
             )
@@ -218,15 +198,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                 from .client import Client
                 from .demo import run_demo
 
-                async with await Client.connect(urls.get("client", url), root=root) as client:
+                client_url = broker.url_for("client") if broker is not None else url
+                async with await Client.connect(client_url, root=root) as client:
                     await run_demo(client)
                 return 0
-            failed = await wait_for_stop(stop, started)
+            failed = await wait_for_stop(stop, mesh.started)
             return 1 if failed else 0
         finally:
             # the gateway stops taking requests first; engines drain in parallel: one drain timeout for the mesh
-            stages = [[gateway], [scheduler], engines, [tracker]]
-            await stop_stages([[s for s in stage if s is not None and s in started] for stage in stages])
+            await mesh.stop()
 
     try:
         return _run(main())

@@ -8,8 +8,6 @@ its own parser (``sim/__main__.py``). :func:`run` returns the exit code: 0, or 2
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from dataclasses import asdict, replace
@@ -19,13 +17,26 @@ from autellix.engine.cost_model import profile
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
-from autellix.sim.analysis import analyse, parse_targets
+from autellix.sim.analysis import analyse
+from autellix.sim.cli_kit import (
+    UsageError,
+    check_workload,
+    jsonable,
+    parse_latency_targets,
+    parse_names,
+    parse_number,
+    parse_numbers,
+    parse_rates,
+    parse_steady_state,
+    progress_bar,
+    read_input,
+    write_json,
+)
 from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.simulator import MEMORY_NAMES, SimConfig
 from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs, variant_name
 from autellix.sim.trace import write_trace
-from autellix.sim.workload import WorkloadError
 
 DESCRIPTION = """\
 Simulate agent programs on engines in virtual time and compare scheduling policies.
@@ -38,14 +49,6 @@ discarded from the figures; the run continues until every program has finished.
 
 _DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
 
-
-class UsageError(ValueError):
-    """Bad command-line input: reported in one line, exit code 2."""
-
-
-
-def _tick(bar: Any) -> None:
-    bar.update(1)
 
 def register(subparsers: Any) -> None:
     """Add the ``sim`` sub-command to an argparse sub-parsers object."""
@@ -120,68 +123,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
 
 
-def parse_number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
-    try:
-        value = cast(text)
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}: not a{'n integer' if cast is int else ' number'}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"bad {what} {text!r}: must be finite")
-    if minimum is not None and value < minimum:
-        raise UsageError(f"bad {what} {text!r}: must be >= {minimum:g}")
-    return value
-
-
-def _names(text: str, known: tuple[str, ...], what: str, flag: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise UsageError(f"no {what} given to {flag}")
-    for n in names:
-        if n not in known:
-            raise UsageError(f"unknown {what} {n!r} in {flag}; expected {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def _rates(text: str) -> list[float]:
-    items = [x.strip() for x in text.split(",")]
-    if not items or any(not x for x in items):
-        raise UsageError(f"bad --rates {text!r}: expected a comma list of positive numbers")
-    rates = []
-    for x in items:
-        try:
-            r = float(x)
-        except ValueError:
-            raise UsageError(f"bad --rates {text!r}: {x!r} is not a number") from None
-        if not (math.isfinite(r) and r > 0):
-            raise UsageError(f"bad --rates {text!r}: {x!r} is not a positive rate")
-        rates.append(r)
-    return sorted(set(rates))
-
-
-def _fractions(text: str) -> list[float]:
-    return [parse_number(x.strip(), "--fractions item", float, 0.0) for x in text.split(",")]
-
-
 def parse(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the options; raises :class:`UsageError`."""
-    workload = args.workload
-    if workload not in WORKLOAD_NAMES:
-        if not workload.endswith(".jsonl") and not os.path.exists(workload):
-            raise UsageError(f"unknown workload {workload!r}; expected {', '.join(WORKLOAD_NAMES)} or a .jsonl trace")
-        if not os.path.isfile(workload):
-            raise UsageError(f"trace file not found: {workload}")
-    policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
+    workload = check_workload(args.workload)
+    policies = parse_names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
-    memories = _names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
+    balancers = parse_names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
+    memories = parse_names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
     if "lru" not in memories:
         memories.insert(0, "lru")  # the ratios are to fcfs + lru
     engines = parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
+    targets = parse_latency_targets(args.targets)
     try:
-        targets = parse_targets(args.targets)
         cost = profile(args.profile)
         mlfq = MLFQConfig(
             num_levels=parse_number(args.levels, "--levels", int, 1), beta=parse_number(args.beta, "--beta", float, 0.0)
@@ -190,10 +146,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(e)) from None
     if args.rates is None and not args.capacity:
         raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
-    warmup = parse_number(args.warmup, "--warmup", float, 0.0)
-    drain = parse_number(args.drain, "--drain", float, 0.0)
-    if warmup + drain >= 1.0:
-        raise UsageError("--warmup plus --drain must be below 1")
+    warmup, drain = parse_steady_state(args.warmup, args.drain)
     config = SimConfig(
         policy="fcfs",
         engines=engines,
@@ -218,9 +171,9 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "memories": memories,
         "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
-        "rates": _rates(args.rates) if args.rates is not None else [],
+        "rates": parse_rates(args.rates) if args.rates is not None else [],
         "targets": targets,
-        "fractions": _fractions(args.fractions),
+        "fractions": parse_numbers(args.fractions, "--fractions item", float, 0.0),
         "warmup": warmup,
         "drain": drain,
         "jobs": parse_number(args.jobs, "--jobs", int, 1),
@@ -230,24 +183,21 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    def read() -> tuple[dict[str, Any], list[Any]]:
         opts = parse(args)
-        source: WorkloadSource = opts["source"]
-        programs = unit_rate_programs(source)  # reads and checks a trace before any run starts
-    except (UsageError, WorkloadError) as e:
-        print(f"autellix sim: error: {e}", file=sys.stderr)
+        return opts, unit_rate_programs(opts["source"])  # reads and checks a trace before any run starts
+
+    loaded = read_input("autellix sim", args.workload, read)
+    if loaded is None:
         return 2
-    except OSError as e:
-        print(f"autellix sim: error: cannot read {args.workload}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    opts, programs = loaded
+    source: WorkloadSource = opts["source"]
     if args.trace_out:
         write_trace(args.trace_out, programs)
     if args.capacity:
         return _run_capacity(args, opts, programs)
     points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
+    bar = progress_bar(len(points), "sim", "run", args.no_progress)
     try:
         results = run_sweep(
             source,
@@ -256,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=opts["warmup"],
             drain=opts["drain"],
             jobs=opts["jobs"],
-            on_done=lambda _: _tick(bar),
+            on_done=lambda _: bar.update(1),
         )
     finally:
         bar.close()
@@ -271,14 +221,13 @@ def run(args: argparse.Namespace) -> int:
         "kv_budget_tokens": cost.kv_budget_tokens,
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable(
+        "config": jsonable(
             {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
         ),
         "points": results,
         "analysis": analysis,
     }
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+    write_json(args.json, summary)
     if not args.quiet:
         print(points_table(results))
         print()
@@ -332,23 +281,13 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
         "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable(
+        "config": jsonable(
             {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
         ),
-        "capacity_config": _jsonable(asdict(cap_config)),
+        "capacity_config": jsonable(asdict(cap_config)),
         "capacity": result,
     }
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+    write_json(args.json, summary)
     print(capacity_text(result))
     return 0
 
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshkit import gateway_chat
 
 from autellix.services.client import Client
 from autellix.services.embedded_nats import EmbeddedNats
@@ -440,22 +441,7 @@ async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[
 
 def _exercise_gateway(base: str, check_alive: Any) -> None:
     """An OpenAI chat call through the gateway process, then its /metrics."""
-    deadline = time.monotonic() + 20
-    while True:
-        check_alive()
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway never became ready"
-            time.sleep(0.1)
-    with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as reply:
-        model = json.load(reply)["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode())
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        assert json.load(reply)["usage"]["completion_tokens"] == 3
+    assert gateway_chat(base, 3, check_alive=check_alive)["usage"]["completion_tokens"] == 3
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
         assert (
             'autellix:gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in reply.read().decode()

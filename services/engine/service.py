@@ -40,9 +40,9 @@ from autellix.proto import (
     ProgramService,
     StampedCall,
     Subjects,
-    decode,
     encode,
 )
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -169,10 +169,8 @@ class EngineService:
     # -- inputs -------------------------------------------------------------------------------
     async def _on_call(self, msg: Msg) -> None:
         assert self.core is not None and self.backend is not None
-        try:
-            call = decode(msg.data, StampedCall)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad stamped call dropped", error=str(exc)[:300])
+        call = decode_or_drop(msg.data, StampedCall, self.log, self._throttle, "stamped call")
+        if call is None:
             return
         await self._accept(call)
 
@@ -243,10 +241,8 @@ class EngineService:
         self._wake.set()
 
     async def _on_abort(self, msg: Msg) -> None:
-        try:
-            abort = decode(msg.data, CallAbort)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad abort dropped", error=str(exc)[:300])
+        abort = decode_or_drop(msg.data, CallAbort, self.log, self._throttle, "abort")
+        if abort is None:
             return
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
@@ -263,10 +259,8 @@ class EngineService:
             await self._apply_aborts()
 
     async def _on_program_service(self, msg: Msg) -> None:
-        try:
-            update = decode(msg.data, ProgramService)
-        except msgspec.MsgspecError as exc:
-            self.log.warning("bad program update dropped", error=str(exc))
+        update = decode_or_drop(msg.data, ProgramService, self.log, self._throttle, "program update")
+        if update is None:
             return
         if update.ended:
             self._ended_programs.append(update.program_id)

@@ -11,7 +11,6 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -31,10 +30,10 @@ from autellix.proto import (
     ProgramService,
     StampedCall,
     Subjects,
-    decode,
     encode,
 )
 from autellix.services.auth import inbox_prefix
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -118,10 +117,8 @@ class SchedulerService:
 
     # -- inputs -----------------------------------------------------------------------------
     async def _on_service(self, msg: Msg) -> None:
-        try:
-            update = decode(msg.data, ProgramService)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad program-service update dropped", error=str(exc)[:300])
+        update = decode_or_drop(msg.data, ProgramService, self.log, self._throttle, "program-service update")
+        if update is None:
             return
         self.core.on_program_service(update)
         if self.door is not None:
@@ -130,10 +127,8 @@ class SchedulerService:
                 await self._open_door()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = decode(msg.data, EngineHeartbeat)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
+        hb = decode_or_drop(msg.data, EngineHeartbeat, self.log, self._throttle, "heartbeat")
+        if hb is None:
             return
         known = hb.engine_id in self.core.engines
         self.core.on_heartbeat(hb, time.time())
@@ -282,19 +277,15 @@ class SchedulerService:
         return engine_id
 
     async def _on_completed(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data, CallCompleted)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallCompleted, self.log, self._throttle, "call-completed event")
+        if event is None:
             return
         self.core.on_completed(event.call_id, event.engine_id)
 
     async def _on_handback(self, msg: Msg) -> None:
         """A draining engine could not finish a call: route it, with its tokens so far, elsewhere."""
-        try:
-            call = decode(msg.data, StampedCall)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad handed-back call dropped", error=str(exc)[:300])
+        call = decode_or_drop(msg.data, StampedCall, self.log, self._throttle, "handed-back call")
+        if call is None:
             return
         self.log.info(
             "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)

@@ -24,6 +24,7 @@ from autellix.proto import (
     encode,
 )
 from autellix.proto.limits import explain
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
@@ -139,26 +140,21 @@ class TrackerService:
         await self._nc.publish(subject, encode(message))
 
     async def _on_dispatched(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data, CallDispatched)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-dispatched event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallDispatched, self.log, self._throttle, "call-dispatched event")
+        if event is None:
             return
         self.table.on_dispatched(event, time.time())
         self.store.mark(event.program_id)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            self.engines.on_heartbeat(decode(msg.data, EngineHeartbeat), time.time())
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
+        heartbeat = decode_or_drop(msg.data, EngineHeartbeat, self.log, self._throttle, "heartbeat")
+        if heartbeat is not None:
+            self.engines.on_heartbeat(heartbeat, time.time())
 
     async def _on_completed(self, msg: Msg) -> str | None:
         """Apply a completed event; returns its program id (None for an unreadable event)."""
-        try:
-            event = decode(msg.data, CallCompleted)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallCompleted, self.log, self._throttle, "call-completed event")
+        if event is None:
             return None
         update = self.table.on_completed(event, time.time())
         self.store.mark(event.program_id)
