@@ -35,21 +35,9 @@ from typing import Any
 from autellix.engine.cost_model import profile
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
+from autellix.sim import cli_kit as kit
 from autellix.sim.analysis import analyse
-from autellix.sim.cli_kit import (
-    UsageError,
-    check_workload,
-    parse_latency_targets,
-    parse_names,
-    parse_number,
-    parse_numbers,
-    parse_rates,
-    parse_steady_state,
-    progress_bar,
-    read_input,
-    write_json,
-)
-from autellix.sim.generators import WORKLOAD_NAMES
+from autellix.sim.cli_kit import UsageError
 from autellix.sim.report import analysis_text, plot, points_table
 
 POLICIES = SERVING_POLICIES
@@ -58,27 +46,19 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1] if __doc__ else ""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="replay agent workloads against the live mesh",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    kit.register_command(
+        subparsers, "bench", "replay agent workloads against the live mesh", DESCRIPTION, add_arguments, run
     )
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    kit.add_workload_arguments(p, plot_help="plot mean program token latency against rate")
     p.add_argument("--nats", default=None, help="NATS URL of a running mesh (default: an in-process mesh)")
     p.add_argument("--root", default=None, help="subject root of the running mesh (default autellix)")
-    p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
     p.add_argument("--rate", default=None, help="program arrival rate (programs/s, modelled time)")
     p.add_argument("--rates", default=None, help="comma list of rates to sweep (instead of --rate)")
     p.add_argument("--duration", default="60", help="modelled seconds of arrivals when --programs is not given")
     p.add_argument("--programs", default=None, help="programs per run (default: rate x duration)")
-    p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
-    p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
-    p.add_argument("--plot", metavar="OUT.png", help="plot mean program token latency against rate")
     p.add_argument("--compare", default=None, help="comma list of policies, each on its own in-process mesh")
     p.add_argument("--policy", default="plas", choices=POLICIES, help="policy of the in-process mesh (no --compare)")
     p.add_argument(
@@ -110,15 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="in-process engines: do not take the host's overhead between steps out of the step time",
     )
     p.add_argument("--stream", action="store_true", help="stream tokens (default: final message only)")
-    p.add_argument("--no-context", action="store_true", help="prompts without their context chain's history")
-    p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
     p.add_argument("--targets", default="2x,5x,10x", help="token-latency targets, as autellix sim")
     p.add_argument("--fractions", default="0.8,0.9,1.0,1.2", help="fractions of FCFS saturation, as autellix sim")
-    p.add_argument("--warmup", default="0.1", help="fraction of programs left out at the start")
-    p.add_argument("--drain", default="0.1", help="fraction of programs left out at the end")
     p.add_argument("--with-sim", action="store_true", help="also simulate each point and print live / sim")
     p.add_argument("--timeout", default="600", help="seconds a call may go without an answer")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="warning", help="services' log level (default %(default)s)")
 
 
@@ -159,38 +134,38 @@ class BenchOptions:
 
 def parse(args: argparse.Namespace) -> BenchOptions:
     """Validate the options; raises :class:`UsageError`."""
-    workload = check_workload(args.workload)
+    workload = kit.check_workload(args.workload)
     if (args.rate is None) == (args.rates is None):
         raise UsageError("give exactly one of --rate and --rates")
-    rates = parse_rates(args.rates, "--rates") if args.rates is not None else parse_rates(args.rate, "--rate")
-    policies = parse_names(args.compare, POLICIES, "policy", "--compare") if args.compare else [args.policy]
-    balancers = parse_names(args.balancer, BALANCER_NAMES, "balancer", "--balancer")
+    rates = kit.parse_rates(args.rates, "--rates") if args.rates is not None else kit.parse_rates(args.rate, "--rate")
+    policies = kit.parse_names(args.compare, POLICIES, "policy", "--compare") if args.compare else [args.policy]
+    balancers = kit.parse_names(args.balancer, BALANCER_NAMES, "balancer", "--balancer")
     from autellix.bench.live import MEMORY_VARIANTS
 
-    memories = parse_names(args.memory, tuple(MEMORY_VARIANTS), "memory variant", "--memory")
-    scale = parse_number(args.sim_time_scale, "--sim-time-scale", float, 0.0)
+    memories = kit.parse_names(args.memory, tuple(MEMORY_VARIANTS), "memory variant", "--memory")
+    scale = kit.parse_number(args.sim_time_scale, "--sim-time-scale", float, 0.0)
     if scale <= 0:
         raise UsageError("--sim-time-scale must be > 0 (figures are divided by it)")
-    warmup, drain = parse_steady_state(args.warmup, args.drain)
+    warmup, drain = kit.parse_steady_state(args.warmup, args.drain)
     return BenchOptions(
         workload=workload,
         rates=rates,
         policies=policies,
         balancers=balancers,
         memories=memories,
-        kv_scale=parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
+        kv_scale=kit.parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
         local=args.nats is None or bool(args.compare),
-        engines=parse_number(args.engines, "--engines", int, 1),
+        engines=kit.parse_number(args.engines, "--engines", int, 1),
         time_scale=scale,
-        programs=parse_number(args.programs, "--programs", int, 1) if args.programs is not None else None,
-        duration=parse_number(args.duration, "--duration", float, 1e-9),
-        seed=parse_number(args.seed, "--seed", int),
-        think_scale=parse_number(args.think_scale, "--think-scale", float, 0.0),
+        programs=kit.parse_number(args.programs, "--programs", int, 1) if args.programs is not None else None,
+        duration=kit.parse_number(args.duration, "--duration", float, 1e-9),
+        seed=kit.parse_number(args.seed, "--seed", int),
+        think_scale=kit.parse_number(args.think_scale, "--think-scale", float, 0.0),
         warmup=warmup,
         drain=drain,
-        targets=parse_latency_targets(args.targets),
-        fractions=parse_numbers(args.fractions, "--fractions item", float, 0.0),
-        timeout=parse_number(args.timeout, "--timeout", float, 1.0),
+        targets=kit.parse_latency_targets(args.targets),
+        fractions=kit.parse_numbers(args.fractions, "--fractions item", float, 0.0),
+        timeout=kit.parse_number(args.timeout, "--timeout", float, 1.0),
         nats=args.nats,
         root=args.root,
         pace=not args.no_pace,
@@ -206,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         opts = parse(args)
         return opts, load_programs(opts.workload, max(map(opts.count, opts.rates)), opts.seed, opts.think_scale)
 
-    loaded = read_input("autellix bench", args.workload, read)
+    loaded = kit.read_input("autellix bench", args.workload, read)
     if loaded is None:
         return 2
     opts, unit = loaded
@@ -230,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"autellix bench: error: {e}", file=sys.stderr)
         return 1
     report = _report(opts, counts, config, cost, points, sims)
-    write_json(args.json, report)
+    kit.write_json(args.json, report)
     print(points_table(points))
     ratio_text = _ratios_text(report["ratios"])
     if ratio_text:
@@ -293,7 +268,7 @@ async def _run_one(
 ) -> dict[str, Any]:
     from autellix.bench.live import PointSpec, run_point
 
-    bar = progress_bar(len(programs), desc, "prog", not opts.progress)
+    bar = kit.progress_bar(len(programs), desc, "prog", not opts.progress)
     failed = 0
 
     def on_program(ok: bool) -> None:

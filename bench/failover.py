@@ -31,6 +31,7 @@ from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
 from autellix.services.tracker.service import TrackerService
+from autellix.sim.cli_kit import write_json
 
 
 def _engine(url: str, root: str, engine_id: str, heartbeat: float, scale: float) -> subprocess.Popen[str]:
@@ -109,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args.engines, args.kills, args.heartbeat, args.calls, args.sim_time_scale))
     print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 

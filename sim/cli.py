@@ -17,22 +17,9 @@ from autellix.engine.cost_model import profile
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
+from autellix.sim import cli_kit as kit
 from autellix.sim.analysis import analyse
-from autellix.sim.cli_kit import (
-    UsageError,
-    check_workload,
-    jsonable,
-    parse_latency_targets,
-    parse_names,
-    parse_number,
-    parse_numbers,
-    parse_rates,
-    parse_steady_state,
-    progress_bar,
-    read_input,
-    write_json,
-)
-from autellix.sim.generators import WORKLOAD_NAMES
+from autellix.sim.cli_kit import UsageError
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.simulator import MEMORY_NAMES, SimConfig
 from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs, variant_name
@@ -52,18 +39,13 @@ _DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
 
 def register(subparsers: Any) -> None:
     """Add the ``sim`` sub-command to an argparse sub-parsers object."""
-    p = subparsers.add_parser(
-        "sim",
-        help="compare scheduling policies in a simulator",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    kit.register_command(
+        subparsers, "sim", "compare scheduling policies in a simulator", DESCRIPTION, add_arguments, run
     )
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
+    kit.add_workload_arguments(p, plot_help="plot mean token latency against rate")
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
     p.add_argument("--rates", help="comma list of program arrival rates (programs/s), ascending")
     p.add_argument(
@@ -91,9 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV budget (default 4)")
     p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
-    p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
-    p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
-    p.add_argument("--plot", metavar="OUT.png", help="plot mean token latency against rate")
     p.add_argument(
         "--targets",
         default="2x,5x,10x",
@@ -105,64 +84,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fractions of FCFS saturation throughput (with --capacity: of fcfs + lru's capacity; default 0.5,0.9)",
     )
     p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
-    p.add_argument(
-        "--no-context",
-        action="store_true",
-        help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)",
-    )
     p.add_argument("--profile", default="llama31-8b-h100", help="engine cost profile (default %(default)s)")
     p.add_argument("--sched-every", default="8", help="decode steps between scheduling points (default %(default)s)")
     p.add_argument("--levels", default=str(MLFQConfig().num_levels), help="number of queues K")
     p.add_argument("--beta", default=str(MLFQConfig().beta), help="anti-starvation threshold")
-    p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
-    p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
-    p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
     p.add_argument("--jobs", default="1", help="simulations to run in parallel processes (default %(default)s)")
     p.add_argument("--trace-out", metavar="PATH.jsonl", help="also write the workload's programs as a trace")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
 
 
 def parse(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the options; raises :class:`UsageError`."""
-    workload = check_workload(args.workload)
-    policies = parse_names(args.policies, POLICY_NAMES, "policy", "--policies")
+    workload = kit.check_workload(args.workload)
+    policies = kit.parse_names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = parse_names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
-    memories = parse_names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
+    balancers = kit.parse_names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
+    memories = kit.parse_names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
     if "lru" not in memories:
         memories.insert(0, "lru")  # the ratios are to fcfs + lru
-    engines = parse_number(args.engines, "--engines", int, 1)
+    engines = kit.parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
-    targets = parse_latency_targets(args.targets)
+    targets = kit.parse_latency_targets(args.targets)
     try:
         cost = profile(args.profile)
         mlfq = MLFQConfig(
-            num_levels=parse_number(args.levels, "--levels", int, 1), beta=parse_number(args.beta, "--beta", float, 0.0)
+            num_levels=kit.parse_number(args.levels, "--levels", int, 1),
+            beta=kit.parse_number(args.beta, "--beta", float, 0.0),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.rates is None and not args.capacity:
         raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
-    warmup, drain = parse_steady_state(args.warmup, args.drain)
+    warmup, drain = kit.parse_steady_state(args.warmup, args.drain)
     config = SimConfig(
         policy="fcfs",
         engines=engines,
         balancer=balancers[0],
         cost=cost,
-        kv_scale=parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
+        kv_scale=kit.parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
         carry_context=not args.no_context,
-        sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
+        sched_every_steps=kit.parse_number(args.sched_every, "--sched-every", int, 1),
         mlfq=mlfq,
-        tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
+        tier_scale=kit.parse_number(args.tier_scale, "--tier-scale", float, 0.0),
     )
     source = WorkloadSource(
         name=workload,
-        programs=parse_number(args.programs, "--programs", int, 1),
-        seed=parse_number(args.seed, "--seed", int),
-        think_scale=parse_number(args.think_scale, "--think-scale", float, 0.0),
+        programs=kit.parse_number(args.programs, "--programs", int, 1),
+        seed=kit.parse_number(args.seed, "--seed", int),
+        think_scale=kit.parse_number(args.think_scale, "--think-scale", float, 0.0),
     )
     return {
         "source": source,
@@ -171,14 +142,14 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "memories": memories,
         "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
-        "rates": parse_rates(args.rates) if args.rates is not None else [],
+        "rates": kit.parse_rates(args.rates) if args.rates is not None else [],
         "targets": targets,
-        "fractions": parse_numbers(args.fractions, "--fractions item", float, 0.0),
+        "fractions": kit.parse_numbers(args.fractions, "--fractions item", float, 0.0),
         "warmup": warmup,
         "drain": drain,
-        "jobs": parse_number(args.jobs, "--jobs", int, 1),
-        "tol": parse_number(args.tol, "--tol", float, 1e-4),
-        "start_rate": parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
+        "jobs": kit.parse_number(args.jobs, "--jobs", int, 1),
+        "tol": kit.parse_number(args.tol, "--tol", float, 1e-4),
+        "start_rate": kit.parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
     }
 
 
@@ -187,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         opts = parse(args)
         return opts, unit_rate_programs(opts["source"])  # reads and checks a trace before any run starts
 
-    loaded = read_input("autellix sim", args.workload, read)
+    loaded = kit.read_input("autellix sim", args.workload, read)
     if loaded is None:
         return 2
     opts, programs = loaded
@@ -197,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity:
         return _run_capacity(args, opts, programs)
     points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
-    bar = progress_bar(len(points), "sim", "run", args.no_progress)
+    bar = kit.progress_bar(len(points), "sim", "run", args.no_progress)
     try:
         results = run_sweep(
             source,
@@ -221,13 +192,13 @@ def run(args: argparse.Namespace) -> int:
         "kv_budget_tokens": cost.kv_budget_tokens,
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": jsonable(
+        "config": kit.jsonable(
             {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
         ),
         "points": results,
         "analysis": analysis,
     }
-    write_json(args.json, summary)
+    kit.write_json(args.json, summary)
     if not args.quiet:
         print(points_table(results))
         print()
@@ -281,13 +252,13 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
         "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": jsonable(
+        "config": kit.jsonable(
             {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
         ),
-        "capacity_config": jsonable(asdict(cap_config)),
+        "capacity_config": kit.jsonable(asdict(cap_config)),
         "capacity": result,
     }
-    write_json(args.json, summary)
+    kit.write_json(args.json, summary)
     print(capacity_text(result))
     return 0
 

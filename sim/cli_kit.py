@@ -4,6 +4,7 @@ progress on stderr."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -20,6 +21,36 @@ T = TypeVar("T")
 
 class UsageError(ValueError):
     """Bad command-line input: reported in one line, exit code 2."""
+
+
+def register_command(
+    subparsers: Any,
+    name: str,
+    help_text: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Add a sub-command (``autellix sim``, ``autellix bench``) whose description keeps its lines."""
+    p = subparsers.add_parser(
+        name, help=help_text, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_workload_arguments(p: argparse.ArgumentParser, plot_help: str) -> None:
+    """The flags both commands take: the programs (workload, seed, think time), the steady-state
+    window, and where the figures go."""
+    p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
+    p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
+    p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
+    p.add_argument("--no-context", action="store_true", help="a prompt is its call's new input only (no history)")
+    p.add_argument("--warmup", default="0.1", help="fraction of programs left out of the figures at the start")
+    p.add_argument("--drain", default="0.1", help="fraction of programs left out of the figures at the end")
+    p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
+    p.add_argument("--plot", metavar="OUT.png", help=plot_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parse_number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
