@@ -45,8 +45,9 @@ class EngineConfig:
         Setting("backend.device", "AUTELLIX_DEVICE", "--device", str, "`hf` backend: `cpu` or `cuda[:N]`"),
         Setting("backend.threads", "AUTELLIX_THREADS", "--threads", int, "`hf` backend: torch threads",
                 default_text="torch's default"),
-        Setting("core.policy", "AUTELLIX_POLICY", "--policy", str, "its local queues (use the schedulers' policy)",
-                choices=SERVING_POLICIES),
+        Setting("core.policy", "AUTELLIX_POLICY", "--policy", str,
+                "its local queues; announced in its heartbeat (`policy`), and schedulers of another policy route "
+                "nothing to it (each logs it once)", choices=SERVING_POLICIES),
         Setting("core.schedule_every", "AUTELLIX_SCHEDULE_EVERY", "--schedule-every", int,
                 "a scheduling point (preemption) every N steps"),
         Setting("core.preempt_mode", "AUTELLIX_PREEMPT_MODE", "--preempt-mode", str,
