@@ -45,8 +45,8 @@ SERVICE_CONFIGS: dict[str, type] = {
     "gateway": GatewayConfig,
 }
 #: flags of `up` that are its own, not a service's: its broker's address, the gateway's port, the
-#: metrics ports of all services; and each engine gets its own id
-UP_OWN_FLAGS = ("--nats", "--creds", "--host", "--port", "--metrics-port", "--engine-id")
+#: metrics ports of all services, its tracker shards (--trackers); and each engine gets its own id
+UP_OWN_FLAGS = ("--nats", "--creds", "--host", "--port", "--metrics-port", "--engine-id", "--shards", "--shard-index")
 NATS_FLAGS_BUT_ROOT = tuple(s.flag for s in NatsConfig.SETTINGS if s.flag and s.flag != "--root")
 
 
@@ -121,7 +121,13 @@ def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return port
 
 
+def _trackers(n: int) -> str:
+    return "tracker" if n == 1 else f"{n} tracker shards"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from autellix.proto import PROGRAM_SLOTS
+
     from .auth import default_credentials_path, read_credentials
     from .embedded_nats import NatsServerError
     from .lifecycle import install_signal_handlers, wait_for_stop
@@ -132,6 +138,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     if args.cluster < 1:
         print("autellix up: --cluster must be at least 1", file=sys.stderr)
+        return 2
+    if not 1 <= args.trackers <= PROGRAM_SLOTS:
+        print(f"autellix up: --trackers must be within 1 .. {PROGRAM_SLOTS}", file=sys.stderr)
         return 2
     nats_config = _config(NatsConfig, args)
     root = nats_config.root
@@ -170,6 +179,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         serve_http = not (args.no_gateway or args.demo)
         mesh = LocalMesh.of(
             tracker=config(TrackerConfig, "tracker", metrics_port=ports(0), **replicas),
+            tracker_shards=args.trackers,
             scheduler=config(SchedulerConfig, "scheduler", metrics_port=ports(1)),
             engines=[config(EngineConfig, "engine", metrics_port=ports(2 + i)) for i in range(args.engines)],
             gateway=config(GatewayConfig, "gateway", host=args.host, port=args.gateway_port) if serve_http else None,
@@ -190,7 +200,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({mesh.scheduler.config.policy}), "
+                f"autellix is up: NATS {redact_url(url)}{auth} | {_trackers(len(mesh.trackers))}, "
+                f"scheduler ({mesh.scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {root} | Ctrl-C to stop",
                 flush=True,
             )
@@ -317,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(up, [NatsConfig, *SERVICE_CONFIGS.values()], skip=UP_OWN_FLAGS)
     _add_log_level(up)
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
+    up.add_argument("--trackers", type=int, default=1, help="tracker shards, each owning a part of the programs (1)")
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")

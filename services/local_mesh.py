@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,8 @@ class LocalMesh:
     scheduler: SchedulerService
     engines: list[EngineService]
     gateway: GatewayService | None = None
+    #: the other tracker shards, when the programs are split between several (``tracker`` is shard 0)
+    more_trackers: list[TrackerService] = field(default_factory=list)
     started: list[Any] = field(default_factory=list)
 
     @classmethod
@@ -109,13 +111,26 @@ class LocalMesh:
         engines: Sequence[EngineConfig],
         gateway: GatewayConfig | None = None,
         backends: Sequence[ModelBackend | None] = (),
+        tracker_shards: int = 1,
     ) -> LocalMesh:
+        """``tracker_shards`` trackers, each owning its part of the programs (metrics on the first only)."""
+        port = tracker.metrics_port
+        shards = [
+            replace(tracker, shards=tracker_shards, shard_index=i, metrics_port=port if i == 0 else None)
+            for i in range(tracker_shards)
+        ]
+        trackers = [TrackerService(t) for t in shards] if tracker_shards > 1 else [TrackerService(tracker)]
         return cls(
-            TrackerService(tracker),
+            trackers[0],
             SchedulerService(scheduler),
             [EngineService(e, backend=backends[i] if i < len(backends) else None) for i, e in enumerate(engines)],
             GatewayService(gateway) if gateway is not None else None,
+            more_trackers=trackers[1:],
         )
+
+    @property
+    def trackers(self) -> list[TrackerService]:
+        return [self.tracker, *self.more_trackers]
 
     @property
     def root(self) -> str:
@@ -124,7 +139,7 @@ class LocalMesh:
     @property
     def services(self) -> list[Any]:
         """In start order."""
-        return [self.tracker, self.scheduler, *([self.gateway] if self.gateway else []), *self.engines]
+        return [*self.trackers, self.scheduler, *([self.gateway] if self.gateway else []), *self.engines]
 
     async def start(self, stop: asyncio.Event | None = None, engines_within_s: float | None = 10.0) -> bool:
         """Start every service in order, then wait until the scheduler has heard every engine (unless
@@ -139,7 +154,7 @@ class LocalMesh:
     async def stop(self) -> None:
         """Stop every service (one never started, or half started, stops at once), in stages."""
         gateway = [self.gateway] if self.gateway is not None else []
-        await stop_stages([gateway, [self.scheduler], self.engines, [self.tracker]])
+        await stop_stages([gateway, [self.scheduler], self.engines, self.trackers])
         self.started.clear()
 
     def not_started(self) -> list[Any]:

@@ -25,6 +25,10 @@ class TrackerConfig:
     #: an active call with no completed event after this long is dropped (its engine died, or its
     #: event was lost); longer than the schedulers' call deadline
     active_call_max_s: float = 900.0
+    #: trackers sharing the programs (each owns the programs whose slot % shards == its index)
+    shards: int = 1
+    #: this tracker's shard, 0 .. shards - 1 (replicas of one shard share its work)
+    shard_index: int = 0
 
     SETTINGS: ClassVar[tuple[Setting, ...]] = (
         *NATS_SETTINGS,
@@ -38,6 +42,10 @@ class TrackerConfig:
                 "an active call with no completion after this many seconds stops counting"),
         Setting("kv_replicas", "AUTELLIX_KV_REPLICAS", "--kv-replicas", int,
                 "JetStream replicas of the process-table bucket and the completions stream"),
+        Setting("shards", "AUTELLIX_TRACKER_SHARDS", "--shards", int,
+                "trackers sharing the programs (`autellix up --trackers N`); see [docs/scaling.md](docs/scaling.md)"),
+        Setting("shard_index", "AUTELLIX_TRACKER_SHARD", "--shard-index", int,
+                "this tracker's shard, 0 .. shards-1 (replicas of one shard share its work)"),
         METRICS_PORT,
     )
 
