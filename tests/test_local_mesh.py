@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 import pytest
+from meshkit import until
 
 from autellix.engine.factory import BackendSpec
 from autellix.services.engine.config import EngineConfig
@@ -65,3 +66,27 @@ async def test_a_stop_before_the_start_ends_stops_at_once(root: str) -> None:
     mesh = _mesh(NatsConfig.at("nats://127.0.0.1:1", root))  # nothing listens: the tracker never connects
     assert await asyncio.wait_for(mesh.start(stop), 10) is False
     await asyncio.wait_for(mesh.stop(), 30)
+
+
+async def test_tracker_shards_split_the_programs(nats_url: str, root: str) -> None:
+    nats = NatsConfig.at(nats_url, root)
+    mesh = LocalMesh.of(
+        tracker=TrackerConfig(nats=nats, persist=False, metrics_port=None),
+        scheduler=SchedulerConfig(nats=nats),
+        engines=[EngineConfig(nats=nats, engine_id="e0", backend=BackendSpec(name="sim", sim_time_scale=0))],
+        tracker_shards=2,
+    )
+    assert [(t.config.shards, t.config.shard_index) for t in mesh.trackers] == [(2, 0), (2, 1)]
+    async with mesh:
+        from autellix.services.client import Client
+
+        async with await Client.connect(nats=nats) as client:
+            for i in range(6):
+                await client.program(f"p{i}").call("hi", max_tokens=2)
+
+        def owned() -> list[set[str]]:
+            return [{s.program_id for s in t.table.summaries()} for t in mesh.trackers]
+
+        await until(lambda: len(owned()[0] | owned()[1]) == 6)  # the completions reach their shards
+        assert not owned()[0] & owned()[1]
+    assert not mesh.started
