@@ -81,7 +81,9 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
 # engine -> caller (on the reply subject; JSON; tagged by "type")
 # ---------------------------------------------------------------------------------------------
 class CallAccepted(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="accepted"):
-    """Sent by the scheduler once the call is routed, only when the request asked (``ack``)."""
+    """Sent only when the request asked (``ack``): by the engine once it has queued the call, with
+    the priority the scheduler stamped; or by a scheduler with ``engine_id`` "" when the call waits
+    at its door (an engine sends its own once the call is routed)."""
 
     call_id: str
     engine_id: str
@@ -98,6 +100,9 @@ class CallChunk(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     token_ids: list[int] = []
     attempt: int = 0
     engine_id: str = ""
+    #: position of the chunk's first token id among the call's output tokens (resumed ones
+    #: included): the caller drops a repeat and resubmits after a gap; -1 from older engines
+    offset: int = -1
 
 
 class CallRetry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="retry"):
@@ -193,6 +198,8 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     deadline_at: Epoch = 0.0
     # The authenticated user that submitted the call ("" without auth): only it may abort the call.
     owner: Id = ""
+    #: the caller asked for an "accepted" reply: the engine sends it once the call is queued
+    ack: bool = False
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
@@ -200,6 +207,9 @@ class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
     reason: Name = "client"
     #: only this engine drops the call ("" = whichever holds it)
     engine_id: Token = ""
+    #: only this attempt and older ones are dropped (None = every attempt): a scheduler's abort of
+    #: an attempt it gave up on never drops the newer attempt the caller resubmitted meanwhile
+    attempt: Attempt | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from autellix.engine.factory import make_backend
 from autellix.proto import (
     REJECTED,
     CallAbort,
+    CallAccepted,
     CallChunk,
     CallCompleted,
     CallError,
@@ -94,6 +95,8 @@ class EngineService:
         self._stepping = False
         self._step_started = 0.0  # monotonic start of the step now running
         self._wake = asyncio.Event()
+        #: set to heartbeat at once (the connection is back: schedulers route here only after one)
+        self._beat_now = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
         self._state = "up"
@@ -133,7 +136,9 @@ class EngineService:
                 preempt_mode=cfg.preempt_mode,  # type: ignore[arg-type]
             ),
         )
-        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
+        nc = self._nc = await connect(
+            cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed, on_reconnected=self._beat_now.set
+        )
         self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
@@ -251,6 +256,12 @@ class EngineService:
             self._inflight[call.call_id] = InFlight(call)
             self._drained.clear()
             self.log.debug("call queued", priority=call.priority, prompt_tokens=len(prompt_ids))
+            if call.ack:
+                assert self._nc is not None
+                accepted = CallAccepted(
+                    call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=call.priority
+                )
+                await self._nc.publish(call.reply_to, encode(accepted))
         self._wake.set()
 
     async def _on_abort(self, msg: Msg) -> None:
@@ -262,6 +273,8 @@ class EngineService:
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
             return
+        if abort.attempt is not None and abort.attempt < flight.call.attempt:
+            return  # meant for an older attempt: the caller resubmitted, and this one is the newer
         sender = self.subjects.sender(msg.subject, self.subjects.call_abort)
         if sender and sender != flight.call.owner:  # an authenticated user aborts only its own calls
             self._throttle.log(self.log, "abort of another user's call refused", call_id=abort.call_id, by=sender)
@@ -417,6 +430,7 @@ class EngineService:
             token_ids=flight.pending_ids,
             attempt=flight.call.attempt,
             engine_id=self.engine_id,
+            offset=len(flight.call.resume_token_ids) + len(flight.sent_ids),
         )
         flight.chunks += 1
         flight.sent_ids.extend(flight.pending_ids)
@@ -606,7 +620,9 @@ class EngineService:
         """Heartbeats say the engine takes work; one whose step loop died sends none, so the
         schedulers stop routing to it and tell its callers to resubmit."""
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), timeout=self.config.heartbeat_s)
+            self._beat_now.clear()
             if self._stepping and (running := time.monotonic() - self._step_started) > self.config.step_stuck_s:
                 self.health.fail(f"a model step has run for {running:.0f} s (limit {self.config.step_stuck_s:g} s)")
             if not self.health.ok:

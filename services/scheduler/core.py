@@ -50,6 +50,9 @@ class EngineView:
     pending_tokens: int = 0
     #: calls routed here since the last heartbeat
     pending_calls: int = 0
+    #: heard from since this scheduler's connection last came back (only such engines get calls:
+    #: one still reconnecting would miss them)
+    confirmed: bool = True
 
     def full(self) -> bool:
         """Whether the engine would shed one more call (its heartbeat's limit, with what was routed since)."""
@@ -148,7 +151,15 @@ class SchedulerCore:
         return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
 
     def live_engines(self, now: float) -> list[EngineView]:
-        return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
+        return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up" and v.confirmed]
+
+    def on_reconnected(self, now: float) -> None:
+        """This scheduler's connection came back after a break: an engine gets calls again once it
+        heartbeats (it may still be reconnecting itself); each has a full timeout to do so before it
+        counts as dead, from now."""
+        for view in self.engines.values():
+            view.confirmed = False
+            view.received_at = now
 
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
         routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at)
@@ -293,6 +304,7 @@ class SchedulerCore:
             attempt=request.attempt,
             deadline_at=now + self.deadline_for(request),
             owner=owner,
+            ack=request.ack,
         )
 
     def _priority(self, account: ProgramAccount | None, request: CallRequest, tenant: str, now: float) -> float:

@@ -77,7 +77,12 @@ class SchedulerService:
 
     async def start(self) -> None:
         self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler", on_closed=self._on_closed)
+        nc = self._nc = await connect(
+            self.config.nats_url,
+            "autellix-scheduler",
+            on_closed=self._on_closed,
+            on_reconnected=lambda: self.core.on_reconnected(time.time()),
+        )
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
@@ -240,14 +245,10 @@ class SchedulerService:
     async def _dispatch(
         self, request: CallRequest, reply_to: str, submitted: float, owner: str = "", door_wait_s: float = 0.0
     ) -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner), door_wait_s)
-        if engine_id is None:
-            return False
-        if request.ack:
-            assert self._nc is not None
-            accepted = CallAccepted(call_id=request.call_id, engine_id=engine_id, attempt=request.attempt)
-            await self._nc.publish(reply_to, encode(accepted))
-        return True
+        # the engine acknowledges the call (when the request asked) once it has it: a stamped call
+        # lost on the way (the engine was reconnecting) then goes unacknowledged, and is resubmitted
+        stamped = self.core.stamp(request, reply_to, submitted, owner)
+        return await self._send(stamped, door_wait_s) is not None
 
     async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0) -> str | None:
         """Route a stamped call to a live engine and announce it; None when no engine is live."""
@@ -350,7 +351,9 @@ class SchedulerService:
                 attempt=routed.attempt,
             )
             await self._nc.publish(routed.reply_to, encode(error))
-            abort = CallAbort(call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id)
+            abort = CallAbort(
+                call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id, attempt=routed.attempt
+            )
             await self._nc.publish(self.subjects.call_abort, encode(abort))
         for engine_id, orphans in self.core.dead_engines(now):
             self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
@@ -363,7 +366,9 @@ class SchedulerService:
                     reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
                 )
                 await self._nc.publish(routed.reply_to, encode(retry))
-                abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                abort = CallAbort(
+                    call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id, attempt=routed.attempt
+                )
                 await self._nc.publish(self.subjects.call_abort, encode(abort))
 
     def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
