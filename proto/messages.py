@@ -75,6 +75,9 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
     # than the deployment's deadline): the deployment's.
     deadline_s: Seconds = 0.0
+    #: on a resubmission after lost replies: the engine that ran the previous attempt; a scheduler
+    #: routes there while it is live, and that engine carries on with the same run
+    prefer_engine: Token = ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,8 @@ class CallStream:
         self._accepted = False
         self._submitted_at = 0.0
         self.attempt = 0
+        #: the engine running the current attempt, as its replies say ("" before any)
+        self._engine_id = ""
         #: resubmissions after a failure (no scheduler took the call, its engine died)
         self._failures = 0
         self.token_ids: list[int] = []
@@ -185,7 +187,7 @@ class CallStream:
         self._started = time.perf_counter()
         await self._submit()
 
-    async def _submit(self) -> None:
+    async def _submit(self, prefer_engine: str = "") -> None:
         request = msgspec.structs.replace(
             self.request,
             reply_to=self._inbox,
@@ -193,6 +195,7 @@ class CallStream:
             attempt=self.attempt,
             resume_token_ids=list(self.token_ids),
             ack=True,
+            prefer_engine=prefer_engine,
         )
         self._accepted = False
         self._submitted_at = time.perf_counter()
@@ -200,7 +203,9 @@ class CallStream:
 
     async def _resubmit(self, why: str, failure: bool = True) -> None:
         """Submit the next attempt, after the tokens received. ``failure``: a scheduler or engine
-        failed (bounded by ``max_attempts``), not replies lost in transit."""
+        failed (bounded by ``max_attempts``); else replies were lost in transit, and the engine that
+        ran the call is asked for again (it carries on where it is, nothing recomputed)."""
+        prefer, self._engine_id = ("" if failure else self._engine_id), ""
         if failure:
             if self._failures >= self._client.max_attempts - 1:
                 await self.aclose()
@@ -209,7 +214,7 @@ class CallStream:
                 )
             self._failures += 1
         self.attempt += 1
-        await self._submit()
+        await self._submit(prefer)
 
     def _lost_tokens(self, reply: CallChunk | CallFinal) -> bool:
         """Whether tokens of this call went missing before ``reply`` (a repeat is not a loss)."""
@@ -256,8 +261,11 @@ class CallStream:
                 continue
             if isinstance(reply, CallAccepted):
                 self._accepted = True
+                self._engine_id = reply.engine_id or self._engine_id
                 continue
             self._accepted = True  # any reply of this attempt shows that it was taken
+            if isinstance(reply, CallChunk | CallFinal) and reply.engine_id:
+                self._engine_id = reply.engine_id
             if isinstance(reply, CallRetry):
                 await self._resubmit(reply.reason)
                 continue

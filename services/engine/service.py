@@ -67,6 +67,12 @@ class InFlight:
     sent_ids: list[int] = field(default_factory=list)
     #: tokens whose text the detokeniser still holds back
     pending_ids: list[int] = field(default_factory=list)
+    #: (offset, text) of every chunk sent: a newer attempt of the call is answered from here
+    texts: list[tuple[int, str]] = field(default_factory=list)
+
+    def sent_all(self) -> list[int]:
+        """Every output token id the caller was sent, from the call's first attempt on."""
+        return list(self.call.resume_token_ids) + self.sent_ids
 
 
 class EngineService:
@@ -200,6 +206,12 @@ class EngineService:
                 if call.attempt <= held.call.attempt:
                     self.log.info("duplicate call ignored", attempt=call.attempt)
                     return
+                if call.owner != held.call.owner:
+                    problem = "another caller's call with this call_id runs here; choose another call_id"
+                    await self._error(call, ErrorCode.BAD_FIELD, problem)
+                    return
+                if await self._adopt(held, call):
+                    return
                 # a newer attempt of a call held here (its caller gave up on us): the newer one wins
                 if self._stepping:
                     self._pending_aborts[call.call_id] = held.call.attempt
@@ -263,6 +275,44 @@ class EngineService:
                 )
                 await self._nc.publish(call.reply_to, encode(accepted))
         self._wake.set()
+
+    async def _adopt(self, flight: InFlight, call: StampedCall) -> bool:
+        """A newer attempt of a call still running here (its caller lost replies, say while the broker
+        restarted): carry on with the same run under the new attempt, resending in one chunk what
+        the caller lacks after its ``resume_token_ids``. Nothing is recomputed or counted twice.
+        False when its tokens do not match what was sent here (the caller resumes elsewhere)."""
+        assert self._nc is not None
+        have = len(call.resume_token_ids)
+        sent = flight.sent_all()
+        offsets = {offset for offset, _ in flight.texts} | {len(flight.call.resume_token_ids), len(sent)}
+        if have > len(sent) or have not in offsets or sent[:have] != list(call.resume_token_ids):
+            return False
+        replay = "".join(text for offset, text in flight.texts if offset >= have)
+        flight.call = call
+        flight.sent_ids = sent[have:]
+        flight.texts = [(offset, text) for offset, text in flight.texts if offset >= have]
+        flight.chunks = 0
+        self._pending_aborts.pop(call.call_id, None)  # aborts of the older attempt no longer apply
+        self._silent_aborts.discard(call.call_id)
+        self.log.info("newer attempt adopted", attempt=call.attempt, resent=len(sent) - have)
+        if call.ack:
+            accepted = CallAccepted(
+                call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=flight.call.priority
+            )
+            await self._nc.publish(call.reply_to, encode(accepted))
+        if len(sent) > have:
+            chunk = CallChunk(
+                call_id=call.call_id,
+                seq=flight.chunks,
+                text=replay,
+                token_ids=sent[have:],
+                attempt=call.attempt,
+                engine_id=self.engine_id,
+                offset=have,
+            )
+            flight.chunks += 1
+            await self._nc.publish(call.reply_to, encode(chunk))
+        return True
 
     async def _on_abort(self, msg: Msg) -> None:
         try:
@@ -433,6 +483,7 @@ class EngineService:
             offset=len(flight.call.resume_token_ids) + len(flight.sent_ids),
         )
         flight.chunks += 1
+        flight.texts.append((chunk.offset, text))
         flight.sent_ids.extend(flight.pending_ids)
         flight.pending_ids = []
         await self._nc.publish(flight.call.reply_to, encode(chunk))

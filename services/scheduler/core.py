@@ -319,14 +319,19 @@ class SchedulerCore:
             return request.deadline_s
         return self.call_deadline_s
 
-    def route(self, call: CallRequest | StampedCall, now: float) -> str | None:
+    def route(self, call: CallRequest | StampedCall, now: float, prefer: str = "") -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
-        what this scheduler routed since each engine's last heartbeat); None when none is live."""
+        what this scheduler routed since each engine's last heartbeat); None when none is live.
+        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live."""
         live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)
         if not live:
             return None
         # engines with room first; when every one is full, the chosen one sheds with rate_limited
         live = [v for v in live if not v.full()] or live
+        if prefer and any(v.heartbeat.engine_id == prefer for v in live):
+            self.engines[prefer].pending_tokens += estimate_prompt_tokens(call) + call.max_tokens
+            self.engines[prefer].pending_calls += 1
+            return prefer
         loads = [
             EngineLoad(
                 engine_id=v.heartbeat.engine_id,

@@ -248,13 +248,14 @@ class SchedulerService:
         # the engine acknowledges the call (when the request asked) once it has it: a stamped call
         # lost on the way (the engine was reconnecting) then goes unacknowledged, and is resubmitted
         stamped = self.core.stamp(request, reply_to, submitted, owner)
-        return await self._send(stamped, door_wait_s) is not None
+        prefer = request.prefer_engine if request.attempt else ""
+        return await self._send(stamped, door_wait_s, prefer) is not None
 
-    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0) -> str | None:
+    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0, prefer: str = "") -> str | None:
         """Route a stamped call to a live engine and announce it; None when no engine is live."""
         assert self._nc is not None
         now = time.time()
-        engine_id = self.core.route(stamped, now)
+        engine_id = self.core.route(stamped, now, prefer)
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
