@@ -71,7 +71,8 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
     # The tenant the call is accounted to, set by the gateway from the caller's API key ("" = none).
-    tenant: str = ""
+    # Honoured from the gateway's identity (and without auth) only: anyone else's tenant is itself.
+    tenant: Id = ""
     # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
     # than the deployment's deadline): the deployment's.
     deadline_s: Seconds = 0.0
@@ -203,6 +204,8 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     owner: Id = ""
     #: the caller asked for an "accepted" reply: the engine sends it once the call is queued
     ack: bool = False
+    #: the tenant the scheduler accounts the call to (services/scheduler/tenant_limits.py)
+    tenant: Id = ""
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
@@ -229,6 +232,8 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
     owner: Id = ""
     # seconds the call waited at the schedulers' door before it was routed (its program's first calls)
     door_wait_s: Seconds = 0.0
+    #: the tenant the call is accounted to (services/scheduler/tenant_limits.py; "" = none)
+    tenant: Id = ""
 
 
 #: ``finish_reason`` of a completed event for a call an engine refused before running it (it only
@@ -254,6 +259,9 @@ class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     swap_s: Seconds = 0.0
     recomputed_tokens: Count = 0
     completed_at: Epoch = 0.0
+    #: the attempt that finished here (None from older engines): a scheduler forgets the call's
+    #: routing only up to this attempt, never a newer one routed to the same engine
+    attempt: Attempt | None = None
 
 
 
@@ -312,8 +320,10 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     call_path_s: Seconds = 0.0
     ended: bool = False
     updated_at: Epoch = 0.0
-    #: the program's owner (its tenant; "" without auth): schedulers account service per tenant
+    #: the program's owner ("" without auth)
     owner: Id = ""
+    #: the program's tenant (from its first call): schedulers account service per tenant ("": the owner)
+    tenant: Id = ""
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):

@@ -148,8 +148,10 @@ class CallStream:
 
     Fault handling is the client's side of the contract: the request asks for an ``accepted``
     reply and is resubmitted (same call id, next attempt) when none comes within ``ack_timeout_s``
-    (the scheduler that took it died); on a ``retry`` reply (its engine died) it is resubmitted with
-    the token ids received so far, and the new engine continues after them. Replies of older
+    (the scheduler that took it died, or the call was lost on its way to an engine; the wait doubles
+    with each such resubmission, so a merely slow mesh is not flooded); on a ``retry`` reply (its
+    engine died) it is resubmitted with the token ids received so far, and the new engine continues
+    after them. Replies of older
     attempts are ignored, so the caller sees one stream with no token missing or repeated.
 
     Core NATS delivers at most once, so replies can be lost when the broker restarts (sent while
@@ -174,8 +176,10 @@ class CallStream:
         self.attempt = 0
         #: the engine running the current attempt, as its replies say ("" before any)
         self._engine_id = ""
-        #: resubmissions after a failure (no scheduler took the call, its engine died)
+        #: resubmissions after a failure (no engine took the call, its engine died)
         self._failures = 0
+        #: of those, resubmissions because no "accepted" came in time
+        self._unacked = 0
         self.token_ids: list[int] = []
         self.result: CallResult | None = None
 
@@ -231,7 +235,8 @@ class CallStream:
     async def _next_reply(self) -> CallReply | None:
         """The next reply of the current attempt; None when a resubmission happened instead."""
         assert self._sub is not None
-        ack_left = self._client.ack_timeout_s - (time.perf_counter() - self._submitted_at)
+        ack_wait = self._client.ack_timeout_s * 2 ** min(self._unacked, 6)
+        ack_left = ack_wait - (time.perf_counter() - self._submitted_at)
         wait = self._timeout_s if self._accepted else max(0.01, min(self._timeout_s, ack_left))
         data = await self._mailbox.get(wait)
         if isinstance(data, _Reconnected):
@@ -239,7 +244,8 @@ class CallStream:
             return None
         if data is None:
             if not self._accepted:
-                await self._resubmit("no scheduler accepted the call")
+                self._unacked += 1
+                await self._resubmit("no engine accepted the call")
                 return None
             await self.aclose()
             raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s")

@@ -46,6 +46,7 @@ async def start_mesh(
     role_urls: dict[str, str] | None = None,
     kv_replicas: int = 1,
     door: bool = False,
+    scheduler_options: dict[str, Any] | None = None,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -70,6 +71,7 @@ async def start_mesh(
             no_engine_wait_s=no_engine_wait_s,
             metrics_port=port,
             door=door,
+            **(scheduler_options or {}),
         )
     )
     engine_services = [

@@ -575,6 +575,7 @@ class EngineService:
             swap_s=max(0.0, state.swap_s),
             recomputed_tokens=state.recomputed_tokens,
             completed_at=time.time(),
+            attempt=call.attempt,
         )
         assert self._outbox is not None
         await self._outbox.send(done)
@@ -617,6 +618,7 @@ class EngineService:
             priority=call.priority,
             parents=call.parents,
             completed_at=time.time(),
+            attempt=call.attempt,
         )
         assert self._outbox is not None
         await self._outbox.send(rejected)

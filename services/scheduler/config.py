@@ -7,6 +7,8 @@ from autellix.proto import DEFAULT_ROOT
 from autellix.services.metrics import metrics_port_from_env
 from autellix.services.nats_conn import DEFAULT_NATS_URL
 
+from .tenant_limits import DEFAULT_MAX_CALLS, DEFAULT_MAX_TOKENS
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -28,6 +30,13 @@ class SchedulerConfig:
     max_calls_per_program: int = 1024
     #: a tenant's service counts half after this long (policy/tenant_account.py)
     tenant_half_life_s: float = 300.0
+    #: a tenant's calls in flight through this scheduler (routed or waiting for an engine); more
+    #: get ``rate_limited`` (services/scheduler/tenant_limits.py); 0 = no bound
+    max_calls_per_tenant: int = DEFAULT_MAX_CALLS
+    #: a tenant's tokens in flight through this scheduler (estimated prompt + max_tokens per call)
+    max_tokens_per_tenant: int = DEFAULT_MAX_TOKENS
+    #: users trusted to name their callers' tenants (the request's ``tenant``): the gateway
+    tenant_users: tuple[str, ...] = ("gateway",)
     #: the door: a new program's calls wait while the engines' working set does not fit their KV
     door: bool = False
     #: admit while the projected working set stays under this fraction of the engines' KV capacity
@@ -38,6 +47,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.door_high_water <= 1.0:
             raise ValueError(f"door_high_water must be in (0, 1], got {self.door_high_water}")
+        if self.max_calls_per_tenant < 0 or self.max_tokens_per_tenant < 0:
+            raise ValueError("max_calls_per_tenant and max_tokens_per_tenant must be >= 0 (0: no bound)")
         if self.door_max_waiting < 1:
             raise ValueError(f"door_max_waiting must be >= 1, got {self.door_max_waiting}")
 
@@ -56,6 +67,11 @@ class SchedulerConfig:
             max_calls_per_program=int(env.get("AUTELLIX_MAX_CALLS_PER_PROGRAM", d.max_calls_per_program)),
             call_deadline_s=float(env.get("AUTELLIX_CALL_DEADLINE_S", d.call_deadline_s)),
             tenant_half_life_s=float(env.get("AUTELLIX_TENANT_HALF_LIFE_S", d.tenant_half_life_s)),
+            max_calls_per_tenant=int(env.get("AUTELLIX_MAX_CALLS_PER_TENANT", d.max_calls_per_tenant)),
+            max_tokens_per_tenant=int(env.get("AUTELLIX_MAX_TOKENS_PER_TENANT", d.max_tokens_per_tenant)),
+            tenant_users=tuple(
+                u.strip() for u in env.get("AUTELLIX_TENANT_USERS", ",".join(d.tenant_users)).split(",") if u.strip()
+            ),
             door=env.get("AUTELLIX_DOOR", "1" if d.door else "0").lower() in ("1", "true", "yes", "on"),
             door_high_water=float(env.get("AUTELLIX_DOOR_HIGH_WATER", d.door_high_water)),
             door_max_waiting=int(env.get("AUTELLIX_DOOR_MAX_WAITING", d.door_max_waiting)),

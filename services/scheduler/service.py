@@ -42,7 +42,7 @@ from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
-from .core import RejectedCall, SchedulerCore
+from .core import RejectedCall, SchedulerCore, call_tokens
 from .door_gate import DoorFull, DoorGate
 from .metrics import SchedulerMetrics
 
@@ -60,6 +60,9 @@ class SchedulerService:
             call_deadline_s=config.call_deadline_s,
             max_calls_per_program=config.max_calls_per_program,
             tenant_half_life_s=config.tenant_half_life_s,
+            max_calls_per_tenant=config.max_calls_per_tenant,
+            max_tokens_per_tenant=config.max_tokens_per_tenant,
+            tenant_users=config.tenant_users,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         #: the door (issue 10): new programs wait while the engines' working set does not fit
@@ -172,6 +175,13 @@ class SchedulerService:
             if msg.reply.startswith(inbox_prefix(owner) + "."):
                 await self._reject(error, msg.reply)
             return
+        refusal = self.core.tenant_refusal(request, self.core.tenant_of(request, owner))
+        if refusal is not None:
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.RATE_LIMITED, message=refusal
+            )
+            await self._reject(error, reply_to)
+            return
         if self.door is not None and not await self._through_door(request, reply_to, now, owner):
             return
         await self._dispatch_or_wait(request, reply_to, now, owner)
@@ -219,11 +229,13 @@ class SchedulerService:
             code=ErrorCode.NO_ENGINE,
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
+        self.core.hold(request.call_id, self.core.tenant_of(request, owner), call_tokens(request))
         self._park(
             lambda: self._dispatch(request, reply_to, now, owner, door_wait_s),
             time.time() + self.config.no_engine_wait_s,
             error,
             reply_to,
+            request.call_id,
         )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
@@ -276,6 +288,7 @@ class SchedulerService:
                     dispatched_at=now,
                     owner=stamped.owner,
                     door_wait_s=door_wait_s,
+                    tenant=stamped.tenant,
                 )
             ),
         )
@@ -289,7 +302,7 @@ class SchedulerService:
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
             return
-        self.core.on_completed(event.call_id, event.engine_id)
+        self.core.on_completed(event.call_id, event.engine_id, event.attempt)
 
     async def _on_handback(self, msg: Msg) -> None:
         """A draining engine could not finish a call: route it, with its tokens so far, elsewhere."""
@@ -316,7 +329,8 @@ class SchedulerService:
             ),
             attempt=call.attempt,
         )
-        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to)
+        self.core.hold(call.call_id, call.tenant, call_tokens(call))
+        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to, call.call_id)
 
     async def wait_for_engines(self, n: int, timeout_s: float) -> None:
         """Return once at least ``n`` engines are live in this scheduler's view (woken by their
@@ -372,17 +386,23 @@ class SchedulerService:
                 )
                 await self._nc.publish(self.subjects.call_abort, encode(abort))
 
-    def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
+    def _park(
+        self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str, call_id: str
+    ) -> None:
         """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;
-        then the caller gets ``error``. Runs as a task, so the subscription keeps serving."""
+        then the caller gets ``error``. Runs as a task, so the subscription keeps serving. The call
+        was held in its tenant's bounds (:meth:`SchedulerCore.hold`); it is let go either way."""
 
         async def wait() -> None:
-            while (left := deadline - time.time()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
-                if await attempt():
-                    return
-            await self._reject(error, reply_to)
+            try:
+                while (left := deadline - time.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+                    if await attempt():
+                        return
+                await self._reject(error, reply_to)
+            finally:
+                self.core.unhold(call_id)
 
         task = asyncio.create_task(wait())
         self._waiting.add(task)

@@ -38,6 +38,8 @@ class ProgramEntry:
     partial_service_s: dict[str, float] = field(default_factory=dict)
     #: the authenticated user whose call started the program ("" without auth): only it may end it
     owner: str = ""
+    #: the tenant its first call was accounted to (a gateway's API-key tenant, or the owner)
+    tenant: str = ""
 
     def summary(self, ended: bool = False) -> ProgramSummary:
         a = self.account
@@ -74,6 +76,7 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     active_since: dict[str, float] = {}
     owner: str = ""
     door_wait_s: float = 0.0
+    tenant: str = ""
 
 
 def to_record(entry: ProgramEntry) -> ProgramRecord:
@@ -94,6 +97,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
         owner=entry.owner,
         door_wait_s=entry.door_wait_s,
+        tenant=entry.tenant,
     )
 
 
@@ -115,6 +119,7 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
         partial_service_s=dict(r.partial_service_s),
         owner=r.owner,
+        tenant=r.tenant,
     )
 
 
@@ -160,6 +165,8 @@ class ProcessTable:
         entry = self._entry(event.program_id, now)
         if not entry.owner:
             entry.owner = event.owner
+        if not entry.tenant:
+            entry.tenant = event.tenant
         entry.active_calls[event.call_id] = now
         entry.active_engine[event.call_id] = event.engine_id
         entry.engines.add(event.engine_id)
@@ -211,6 +218,7 @@ class ProcessTable:
             ended=ended,
             updated_at=now,
             owner=entry.owner,
+            tenant=entry.tenant,
         )
 
     def owner(self, program_id: str) -> str:
