@@ -196,12 +196,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"autellix bench: error: cannot read {args.workload}: {e.strerror or e}", file=sys.stderr)
         return 2
     base = profile("llama31-8b-h100")
-    cost = replace(base, kv_budget_tokens=int(base.kv_budget_tokens * opts["kv_scale"]))
-    opts["kv_budget_tokens"] = cost.kv_budget_tokens
+    cost = replace(base, kv_capacity_tokens=int(base.kv_capacity_tokens * opts["kv_scale"]))
+    opts["kv_capacity_tokens"] = cost.kv_capacity_tokens
     config = ReplayConfig(
         time_scale=opts["time_scale"],
         carry_context=not args.no_context,
-        max_context=max(2, min(cost.max_context, cost.kv_budget_tokens // 2)),
+        max_context=max(2, min(cost.max_context, cost.kv_capacity_tokens // 2)),
         stream=args.stream,
         timeout_s=opts["timeout"],
         warmup=opts["warmup"],
@@ -324,7 +324,8 @@ def _report(
         "programs_per_rate": {f"{r:g}": n for r, n in counts.items()},
         "engines": opts["engines"],
         "kv_scale": opts["kv_scale"],
-        "kv_budget_tokens": opts["kv_budget_tokens"],
+        "kv_capacity_tokens": opts["kv_capacity_tokens"],
+        "kv_budget_tokens": opts["kv_capacity_tokens"],  # the older name of the same figure
         "mesh": "in-process" if opts["local"] else f"{args.nats} (running mesh)",
         "time_scale": opts["time_scale"],
         "paced": opts["local"] and not args.no_pace,

@@ -26,14 +26,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import CostModel, llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend, VirtualClock
 from autellix.engine.sim_context_store import Retention
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.program_account import ProgramAccount
 from autellix.policy.variants import stamp
-from autellix.sim.simulator import CallRecord, ProgramRecord, SimResult
+from autellix.sim.engine_model import SIM_SCHEDULE_EVERY
+from autellix.sim.simulator import CallRecord, ProgramResult, SimResult
 from autellix.sim.workload import ProgramSpec
 
 
@@ -42,8 +43,8 @@ class CoreReplayConfig:
     policy: str = "fcfs"
     cost: CostModel = field(default_factory=llama31_8b_h100)
     carry_context: bool = True
-    #: a scheduling point every N steps (the simulator's ``sched_every_steps``)
-    schedule_every: int = 8
+    #: a scheduling point every N steps (the simulator's ``schedule_every``)
+    schedule_every: int = SIM_SCHEDULE_EVERY
     retention: Retention = "lru"
     tier_tokens: int = 0
     #: tell the engine a program ended when its last call finishes
@@ -70,8 +71,8 @@ class _Program:
     outputs: dict[str, int] = field(default_factory=dict)
     remaining_output: int = 0
     done: int = 0
-    wait_s: float = 0.0
-    service_s: float = 0.0
+    program_wait_s: float = 0.0
+    program_service_s: float = 0.0
     first_token_s: float = -1.0
     finish_s: float = 0.0
 
@@ -94,7 +95,7 @@ class CoreReplay:
             CoreConfig(
                 max_batch=cost.max_batch,
                 max_batched_tokens=cost.max_batched_tokens,
-                kv_capacity_tokens=cost.kv_budget_tokens,
+                kv_capacity_tokens=cost.kv_capacity_tokens,
                 policy=cfg.policy,
                 schedule_every=cfg.schedule_every,
                 preempt_mode="swap",  # the simulator swaps every preempted call
@@ -102,13 +103,13 @@ class CoreReplay:
             ),
         )
         #: as the simulator: a prompt is cut to fit half the KV budget with its output
-        self.max_context = max(2, min(cost.max_context, cost.kv_budget_tokens // 2))
+        self.max_context = max(2, min(cost.max_context, cost.kv_capacity_tokens // 2))
         self._tok = self.backend.encode_prompt("tok")[0]
         self._filler = self.backend.encode_prompt("www")[0]
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self._states: dict[str, _Program] = {}
-        self._records: list[ProgramRecord | None] = [None] * len(self.programs)
+        self._records: list[ProgramResult | None] = [None] * len(self.programs)
         self._calls: list[CallRecord] = []
         self.stat_swap_s = 0.0
 
@@ -201,14 +202,14 @@ class CoreReplay:
         call = prog.calls[c.call_id] = _Call(i, self._prompt(prog, i), submit_s=t)
         priority = stamp(self.config.policy, prog.account, list(c.parents), prog.remaining_output)
         self.core.add(
-            CallSpec(
+            CoreCall(
                 call_id=f"{prog.spec.program_id}/{c.call_id}",
                 program_id=prog.spec.program_id,
                 prompt_ids=call.prompt,
                 max_tokens=c.output_tokens,
                 priority=priority,
                 ignore_eos=True,
-                program_wait_s=prog.wait_s,
+                program_wait_s=prog.program_wait_s,
                 program_service_s=prog.account.service_s,
             ),
             t,
@@ -221,8 +222,8 @@ class CoreReplay:
         c = prog.spec.calls[prog.calls[call_id].spec_index]
         prog.outputs[call_id] = len(state.output_ids)
         prog.account.complete(call_id, list(c.parents), state.service_s)
-        prog.wait_s += state.queue_wait_s
-        prog.service_s += state.service_s
+        prog.program_wait_s += state.queue_wait_s
+        prog.program_service_s += state.service_s
         prog.remaining_output -= c.output_tokens
         prog.done += 1
         first = state.first_token_at if state.first_token_at is not None else t
@@ -240,9 +241,9 @@ class CoreReplay:
                 self._push(t + prog.spec.calls[child].think_s, _SUBMIT, (prog, child))
         if prog.done == len(prog.spec.calls):
             ps = prog.spec
-            self._records[prog.index] = ProgramRecord(
+            self._records[prog.index] = ProgramResult(
                 ps.program_id, ps.kind, ps.arrival_s, t, ps.output_tokens, len(ps.calls), prog.first_token_s,
-                prog.wait_s, prog.service_s,
+                prog.program_wait_s, prog.program_service_s,
             )
             del self._states[ps.program_id]
             if self.config.end_programs:

@@ -142,12 +142,12 @@ def bench_backend(backend: HFBackend, prompts: list[list[int]], new_tokens: int)
 
 def bench_engine(backend: HFBackend, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """The whole engine core around the backend: admission, queues, scheduling points, detokenisation."""
-    from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+    from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 
     core = EngineCore(backend, CoreConfig(max_batch=len(prompts), kv_capacity_tokens=1 << 20, max_batched_tokens=8192))
     started = time.perf_counter()
     for i, p in enumerate(prompts):
-        core.add(CallSpec(f"e{i}", f"p{i}", list(p), new_tokens, ignore_eos=True), 0.0)
+        core.add(CoreCall(f"e{i}", f"p{i}", list(p), new_tokens, ignore_eos=True), 0.0)
     outputs: dict[str, list[int]] = {}
     first_step_s = None
     while not core.idle:

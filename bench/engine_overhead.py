@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, execute_plan
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, execute_plan
 from autellix.engine.sim_backend import SimBackend
 
 
@@ -40,7 +40,7 @@ def measure(batch: int, steps: int, policy: str, schedule_every: int, waiting: i
         nonlocal n
         while len(core.call_ids()) < batch + waiting:
             prio = float(n % 7)
-            core.add(CallSpec(f"c{n}", f"p{n % 50}", list(range(1, 513)), 256, prio, program_service_s=prio), now)
+            core.add(CoreCall(f"c{n}", f"p{n % 50}", list(range(1, 513)), 256, prio, program_service_s=prio), now)
             n += 1
 
     top_up()

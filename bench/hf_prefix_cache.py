@@ -26,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent, execute_plan
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent, TokenEvent, execute_plan
 from autellix.engine.hf_backend import HFBackend
 from autellix.engine.model_store import resolve_model
 
@@ -50,7 +50,7 @@ def one_call(backend: HFBackend, call_id: str, program: str, prompt: list[int], 
     core = EngineCore(backend, CoreConfig(max_batch=8))
     before = backend.cache_stats().hit_tokens
     started = time.perf_counter()
-    core.add(CallSpec(call_id, program, prompt, max_tokens, ignore_eos=True), 0.0)
+    core.add(CoreCall(call_id, program, prompt, max_tokens, ignore_eos=True), 0.0)
     ttft: float | None = None
     out: list[int] = []
     while not core.idle:
@@ -98,7 +98,7 @@ def decode_throughput(backends: dict[str, HFBackend], batch: int, new_tokens: in
             ]
             core = EngineCore(be, CoreConfig(max_batch=batch, max_batched_tokens=8192))
             for i, p in enumerate(prompts):
-                core.add(CallSpec(f"d{r}-{i}", f"d{r}-{i}", p, new_tokens, ignore_eos=True), 0.0)
+                core.add(CoreCall(f"d{r}-{i}", f"d{r}-{i}", p, new_tokens, ignore_eos=True), 0.0)
             decode_s, decoded = 0.0, 0
             while not core.idle:
                 plan = core.schedule(0.0)

@@ -50,8 +50,9 @@ from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
 from autellix.services.tracker.service import TrackerService
+from autellix.sim.engine_model import SIM_SCHEDULE_EVERY
 from autellix.sim.metrics import summarise
-from autellix.sim.simulator import CallRecord, ProgramRecord, SimConfig, SimResult
+from autellix.sim.simulator import CallRecord, ProgramResult, SimConfig, SimResult
 from autellix.sim.sweep import WorkloadSource, unit_rate_programs
 from autellix.sim.workload import ProgramSpec, scaled_arrivals
 
@@ -120,7 +121,7 @@ class ReplayOutcome:
     """What the client saw, in real seconds from the replay's start (``t0``)."""
 
     programs: list[ProgramSpec]
-    records: list[ProgramRecord | None]
+    records: list[ProgramResult | None]
     calls: list[CallRecord]
     errors: Counter[str] = field(default_factory=Counter)
     wall_s: float = 0.0
@@ -219,7 +220,7 @@ class Replayer:
                     first_token_s=self._since(o.first),
                     finish_s=self._since(o.finish),
                     output_tokens=o.result.output_tokens,
-                    wait_s=final.queue_wait_s / scale,
+                    queue_wait_s=final.queue_wait_s / scale,
                     service_s=final.service_s / scale,
                     preemptions=final.preemptions,
                     cached_tokens=0,
@@ -229,7 +230,7 @@ class Replayer:
             self.outcome.finals.append(final)
         if not failed:
             scale = cfg.time_scale if cfg.time_scale > 0 else 1.0
-            self.outcome.records[index] = ProgramRecord(
+            self.outcome.records[index] = ProgramResult(
                 program_id=spec.program_id,
                 kind=spec.kind,
                 arrival_s=spec.arrival_s,
@@ -237,8 +238,8 @@ class Replayer:
                 output_tokens=sum(o.result.output_tokens for o in outcomes),
                 n_calls=len(outcomes),
                 first_token_s=min(self._since(o.first) for o in outcomes),
-                wait_s=sum(o.result.final.queue_wait_s for o in outcomes) / scale,
-                service_s=sum(o.result.final.service_s for o in outcomes) / scale,
+                program_wait_s=sum(o.result.final.queue_wait_s for o in outcomes) / scale,
+                program_service_s=sum(o.result.final.service_s for o in outcomes) / scale,
             )
         with contextlib.suppress(Exception):
             await program.end()
@@ -370,7 +371,7 @@ async def start_local_mesh(
     time_scale: float,
     cost: CostModel | None = None,
     balancer: str = "locality",
-    schedule_every: int = 8,
+    schedule_every: int = SIM_SCHEDULE_EVERY,
     pace: bool = True,
     root: str | None = None,
     memory: str = "lru",
@@ -387,9 +388,9 @@ async def start_local_mesh(
     scheduler = SchedulerService(
         SchedulerConfig(nats_url=url, root=root, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context)
     )
-    tier_tokens = int(tier_scale * cost.kv_budget_tokens)
+    tier_tokens = int(tier_scale * cost.kv_capacity_tokens)
     spec = BackendSpec(
-        name="sim", max_batch=cost.max_batch, kv_capacity_tokens=cost.kv_budget_tokens, sim_time_scale=time_scale,
+        name="sim", max_batch=cost.max_batch, kv_capacity_tokens=cost.kv_capacity_tokens, sim_time_scale=time_scale,
         retention=retention, kv_tier_tokens=tier_tokens,
     )
     backends = [
@@ -466,7 +467,8 @@ async def run_point(
 
 def simulate_point(
     programs_unit: Sequence[ProgramSpec], policy: str, rate: float, engines: int, config: ReplayConfig,
-    cost: CostModel | None = None, sched_every: int = 8, balancer: str = "locality", memory: str = "lru",
+    cost: CostModel | None = None, schedule_every: int = SIM_SCHEDULE_EVERY, balancer: str = "locality",
+    memory: str = "lru",
 ) -> dict[str, Any]:
     """The same point in the simulator (``autellix sim``'s own code path)."""
     if memory != "lru":
@@ -476,7 +478,7 @@ def simulate_point(
 
     base = SimConfig(
         policy=policy, engines=engines, cost=cost or llama31_8b_h100(), carry_context=config.carry_context,
-        sched_every_steps=sched_every, balancer=balancer,
+        schedule_every=schedule_every, balancer=balancer,
     )
     return sim_run_point(programs_unit, base, SweepPoint(balancer, policy, rate), config.warmup, config.drain)
 

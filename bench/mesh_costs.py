@@ -39,7 +39,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, TokenEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
 from autellix.services.embedded_nats import EmbeddedNats
@@ -104,7 +104,9 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
             core.on_heartbeat(_heartbeat(f"e{e}"), now)
         for p in range(programs):
             core.on_program_service(
-                ProgramService(program_id=f"p{p}", service_s=p * 0.01, critical_path_s=p * 0.005, calls_completed=3)
+                ProgramService(
+                    program_id=f"p{p}", program_service_s=p * 0.01, critical_path_s=p * 0.005, calls_completed=3
+                )
             )
 
     # (a) the core alone
@@ -181,7 +183,7 @@ def ttft_in_process(n: int, time_scale: float) -> list[float]:
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        core.add(CallSpec(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
+        core.add(CoreCall(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
         first = None
         while not core.idle:
             outcome = core.step(time.time)

@@ -82,7 +82,7 @@ def regime(
         "programs": source.programs,
         "engines": config.engines,
         "kv_scale": config.kv_scale,
-        "kv_budget_tokens": config.engine_cost().kv_budget_tokens,
+        "kv_capacity_tokens": config.engine_cost().kv_capacity_tokens,
         "carry_context": config.carry_context,
         "capacity_estimate_programs_s": cap,
         "rates": rates,

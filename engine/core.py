@@ -49,7 +49,8 @@ class CoreConfig:
     kv_capacity_tokens: int = 65_536
     #: queue discipline: fcfs | mlfq | plas | atlas (the priorities come stamped by the schedulers)
     policy: str = "plas"
-    #: N: a scheduling point (full re-plan with preemption) every N steps
+    #: N: a scheduling point (full re-plan with preemption) every N steps (the simulator's default
+    #: is 8, ``sim.engine_model.SIM_SCHEDULE_EVERY``, which says why)
     schedule_every: int = 4
     #: how a displaced call gives up its KV: by the cheaper estimate, or always one way
     preempt_mode: PreemptMode = "auto"
@@ -75,8 +76,9 @@ class CallPhase(Enum):
 
 
 @dataclass(slots=True)
-class CallSpec:
-    """What the core needs to know about a call."""
+class CoreCall:
+    """What the core needs to know about a call (the engine service builds it from the stamped
+    call in one place, ``services/engine/call_record.py``; the core makes its queue entry from it)."""
 
     call_id: str
     program_id: str
@@ -95,7 +97,7 @@ class CallSpec:
 
 @dataclass(slots=True)
 class CallState:
-    spec: CallSpec
+    spec: CoreCall
     arrived_at: float
     seq: int
     phase: CallPhase = CallPhase.WAITING
@@ -233,9 +235,9 @@ class EngineCore:
     def __init__(self, backend: ModelBackend, config: CoreConfig | None = None) -> None:
         self.backend = backend
         self.config = config or CoreConfig()
-        self.kv_capacity = self.config.kv_capacity_tokens
+        self.kv_capacity_tokens = self.config.kv_capacity_tokens
         if isinstance(backend, KVCapacity):
-            self.kv_capacity = min(self.kv_capacity, backend.kv_tokens_capacity())
+            self.kv_capacity_tokens = min(self.kv_capacity_tokens, backend.kv_tokens_capacity())
         #: the backend's bounded swap pool, when it has one (else swapping always has room)
         self.swap_pool: SwapPool | None = backend if isinstance(backend, SwapPool) else None
         spec = policy_spec(self.config.policy)
@@ -266,14 +268,14 @@ class EngineCore:
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
                 f"{prompt_len + max_tokens}, beyond the model's context of {ctx} tokens"
             )
-        if prompt_len + max_tokens > self.kv_capacity:
+        if prompt_len + max_tokens > self.kv_capacity_tokens:
             return (
                 f"the call needs {prompt_len + max_tokens} KV tokens, more than this engine's "
-                f"KV capacity of {self.kv_capacity}"
+                f"KV capacity of {self.kv_capacity_tokens}"
             )
         return None
 
-    def add(self, spec: CallSpec, now: float) -> None:
+    def add(self, spec: CoreCall, now: float) -> None:
         if spec.call_id in self._calls:
             raise ValueError(f"call {spec.call_id!r} is already on this engine")
         if not spec.prompt_ids:
@@ -357,7 +359,7 @@ class EngineCore:
             waiting=waiting,
             swapped=swapped,
             kv_tokens_used=used,
-            kv_tokens_free=max(0, self.kv_capacity - used),
+            kv_tokens_free=max(0, self.kv_capacity_tokens - used),
             kv_tokens_queued=queued,
             swap_pool_used_bytes=self.swap_pool.swap_pool_bytes_used() if self.swap_pool is not None else 0,
             idle_context_tokens=self.idle_context_tokens,
@@ -411,7 +413,7 @@ class EngineCore:
             if len(desired) >= self.config.max_batch:
                 break
             need = self._need(self._calls[call_id])
-            if used + need <= self.kv_capacity:
+            if used + need <= self.kv_capacity_tokens:
                 desired.append(call_id)
                 used += need
         keep = set(desired)
@@ -424,11 +426,11 @@ class EngineCore:
 
     def _relieve_kv_pressure(self, plan: StepPlan, now: float) -> None:
         used = sum(self._need(self._calls[c]) for c in self._running)
-        if used <= self.kv_capacity:
+        if used <= self.kv_capacity_tokens:
             return
         order = {c: i for i, c in enumerate(self.queue.order())}
         for call_id in sorted(self._running, key=lambda c: order[c], reverse=True):
-            if used <= self.kv_capacity or len(self._running) == 1:
+            if used <= self.kv_capacity_tokens or len(self._running) == 1:
                 break
             used -= self._need(self._calls[call_id])
             self._preempt(plan, call_id, "kv pressure", now)
@@ -443,7 +445,7 @@ class EngineCore:
             if len(self._running) >= self.config.max_batch:
                 return
             need = self._need(self._calls[call_id])
-            if used + need > self.kv_capacity:
+            if used + need > self.kv_capacity_tokens:
                 if self.preemptive:
                     continue
                 return

@@ -16,7 +16,7 @@ The default profile, :func:`llama31_8b_h100`, resembles Llama-3.1-8B in bf16 on 
 - decode adds the same FLOPs per sequence but runs at lower efficiency: ~30 us per sequence;
 - KV is 128 KiB per token (32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes): reading it at
   3.35 TB/s costs ~39 ns per context token per step;
-- KV budget: (80 GB x 0.9 - 16 GB weights - ~4 GB activations) / 128 KiB ~ 400k tokens;
+- KV capacity: (80 GB x 0.9 - 16 GB weights - ~4 GB activations) / 128 KiB ~ 400k tokens;
 - swap over PCIe Gen5 at ~25 GB/s effective: 128 KiB / 25 GB/s ~ 5.2 us per token each way;
 - vLLM-like limits: at most 256 running sequences, 8192 batched tokens per step (chunked prefill).
 
@@ -36,7 +36,7 @@ class CostModel:
     decode_s_per_seq: float = 30e-6
     kv_read_s_per_token: float = 39e-9
     swap_s_per_token: float = 5.2e-6
-    kv_budget_tokens: int = 400_000
+    kv_capacity_tokens: int = 400_000
     max_batch: int = 256
     max_batched_tokens: int = 8192
     max_context: int = 131_072

@@ -55,7 +55,7 @@ def make_backend(spec: BackendSpec) -> ModelBackend:
         return SimBackend(
             profile(spec.sim_profile),
             time_scale=spec.sim_time_scale,
-            kv_budget_tokens=spec.kv_capacity_tokens,
+            kv_capacity_tokens=spec.kv_capacity_tokens,
             retention=spec.retention,  # type: ignore[arg-type]
             tier_tokens=spec.tier_tokens,
         )

@@ -9,7 +9,7 @@ token's id encodes its position, so a resumed or recomputed sequence can be chec
 **Prefix cache** (:class:`autellix.engine.backend.PrefixCache`; on by default, as in the simulator,
 :mod:`autellix.sim.engine_model`): ``release`` retains what a sequence was fed as an entry of its
 work's ``prefix_key`` (the engine fills in the program id) in the KV the resident sequences leave free
-of ``kv_budget_tokens``. ``attach_prefix`` gives a newly admitted sequence the longest common prefix
+of ``kv_capacity_tokens``. ``attach_prefix`` gives a newly admitted sequence the longest common prefix
 with one of its program's entries, so an agent call that re-sends its history prefills only its new
 input when its context parent (or a sibling holding the same history) ran here. Generated tokens are
 retained as the text they decode to (``" tok"``), so a prompt that quotes an earlier answer matches
@@ -92,7 +92,7 @@ class SimBackend:
         time_scale: float = 1.0,
         prefix_cache: bool = True,
         pace: bool = False,
-        kv_budget_tokens: int | None = None,
+        kv_capacity_tokens: int | None = None,
         clock: VirtualClock | None = None,
         swap_pool_bytes: int | None = None,
         retention: Retention = "lru",
@@ -106,7 +106,7 @@ class SimBackend:
         self.prefix_cache = prefix_cache
         self.pace = pace
         #: retained entries live in the KV that resident sequences leave free out of this budget
-        self.kv_budget_tokens = kv_budget_tokens if kv_budget_tokens is not None else self.cost.kv_budget_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens if kv_capacity_tokens is not None else self.cost.kv_capacity_tokens
         if tier_tokens < 0:
             raise ValueError(f"tier_tokens must be >= 0, got {tier_tokens}")
         self.tier_tokens = tier_tokens
@@ -254,7 +254,7 @@ class SimBackend:
         return sum(self._kv.values())
 
     def kv_tokens_capacity(self) -> int:
-        return self.kv_budget_tokens
+        return self.kv_capacity_tokens
 
     def swap_pool_bytes_used(self) -> int:
         return sum(self._swapped.values()) * self.cost.kv_bytes_per_token
@@ -325,7 +325,7 @@ class SimBackend:
     def _trim(self) -> None:
         """Evict retained entries until they fit in what resident sequences leave free."""
         device, tier = self.device, self.tier
-        free = self.kv_budget_tokens - sum(self._kv.values())
+        free = self.kv_capacity_tokens - sum(self._kv.values())
         while device.tokens > free:
             key = device.victim()
             if key is None:

@@ -6,7 +6,8 @@ Unix epoch seconds (``*_at``), durations end in ``_s``. IDs are strings.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -41,12 +42,11 @@ Messages = Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
 # ---------------------------------------------------------------------------------------------
 # client -> scheduler (JSON, hand-publishable)
 # ---------------------------------------------------------------------------------------------
-class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """A call submission, published as JSON on ``<root>.call.submit``.
+class CallParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What a caller asks of one call: shared by :class:`CallRequest` and :class:`StampedCall`.
 
-    ``program_id`` is required; everything else has a default. Either ``messages`` (chat, goes
-    through the model's chat template) or ``prompt`` (raw text) must be given.
-    """
+    Both inherit these fields, so each stays one flat JSON object and a scheduler stamps a request
+    without copying its fields by hand (:meth:`StampedCall.stamp`)."""
 
     program_id: Id = ""
     call_id: Id = ""
@@ -63,10 +63,19 @@ class CallRequest(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool = True
     reply_to: ReplySubject = ""
     submitted_at: Epoch = 0.0
-    # Resubmission after a "retry" reply: the tokens already received (the call continues after
-    # them) and the attempt number (replies of older attempts are to be ignored).
+    # Resubmission after a "retry" reply (or a hand-back): the tokens already received (the call
+    # continues after them) and the attempt number (replies of older attempts are to be ignored).
     resume_token_ids: ResumeTokens = []
     attempt: Attempt = 0
+
+
+class CallRequest(CallParams, frozen=True, kw_only=True):
+    """A call submission, published as JSON on ``<root>.call.submit``.
+
+    ``program_id`` is required; everything else has a default. Either ``messages`` (chat, goes
+    through the model's chat template) or ``prompt`` (raw text) must be given.
+    """
+
     # Ask the scheduler for an "accepted" reply once the call is routed (the Python client does,
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
@@ -153,8 +162,8 @@ class CallError(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
 CallReply = CallAccepted | CallChunk | CallRetry | CallFinal | CallError
 
 
-class ErrorCode:
-    """Stable error codes sent in :class:`CallError`."""
+class ErrorCode(StrEnum):
+    """Stable error codes sent in :class:`CallError` (each member is its string value)."""
 
     BAD_JSON = "bad_json"
     BAD_FIELD = "bad_field"
@@ -173,28 +182,21 @@ class ErrorCode:
 # ---------------------------------------------------------------------------------------------
 # scheduler -> engine
 # ---------------------------------------------------------------------------------------------
-class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
-    """A validated call with its program-level priority, routed to one engine."""
+class StampedCall(CallParams, frozen=True, kw_only=True):
+    """A validated call with its program-level priority, routed to one engine.
 
-    call_id: Id
-    program_id: Id
-    reply_to: ReplySubject
-    messages: Messages = []
-    prompt: Text | None = None
-    max_tokens: int = 128
-    temperature: float = 0.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    parents: Parents | None = None
-    stream: bool = True
+    The caller's fields come from :class:`CallParams` (ids and reply subject required here); the
+    rest is the scheduler's stamp."""
+
+    # required here (msgspec allows a required field to override a defaulted one under kw_only)
+    call_id: Id  # pyright: ignore[reportGeneralTypeIssues]
+    program_id: Id  # pyright: ignore[reportGeneralTypeIssues]
+    reply_to: ReplySubject  # pyright: ignore[reportGeneralTypeIssues]
     priority: Priority = 0.0
+    #: the policy the priority was computed under; an engine serving another policy refuses the call
     policy: Name = "plas"
-    submitted_at: Epoch = 0.0
     stamped_at: Epoch = 0.0
     scheduler_id: Name = ""
-    # Tokens already streamed to the caller by an earlier attempt (resume after an engine died).
-    resume_token_ids: ResumeTokens = []
-    attempt: Attempt = 0
     # The program's figures when stamped, for the engine's anti-starvation rule.
     program_service_s: Seconds = 0.0
     program_wait_s: Seconds = 0.0
@@ -206,6 +208,13 @@ class StampedCall(msgspec.Struct, frozen=True, kw_only=True):
     ack: bool = False
     #: the tenant the scheduler accounts the call to (services/scheduler/tenant_limits.py)
     tenant: Id = ""
+
+    @classmethod
+    def stamp(cls, request: CallParams, **stamp: Any) -> StampedCall:
+        """The request's call fields (:class:`CallParams`), with ``stamp`` set over them."""
+        fields = {name: getattr(request, name) for name in CallParams.__struct_fields__}
+        fields.update(stamp)
+        return cls(**fields)
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
@@ -236,9 +245,24 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
     tenant: Id = ""
 
 
-#: ``finish_reason`` of a completed event for a call an engine refused before running it (it only
-#: releases the call's place among its program's active calls; no service is counted)
-REJECTED = "rejected"
+class FinishReason(StrEnum):
+    """``finish_reason`` of a completed event (:class:`CallCompleted`). A caller's ``final`` carries
+    only the first three; the other two end a call on one engine without a final."""
+
+    #: the model ended the answer (end of sequence)
+    STOP = "stop"
+    #: ``max_tokens`` reached
+    LENGTH = "length"
+    #: aborted by its caller, or replaced by a newer attempt
+    ABORT = "abort"
+    #: a draining engine handed the call back mid-way: its service counts when it completes elsewhere
+    HANDBACK = "handback"
+    #: refused before it ran: only releases the call's place among its program's active calls
+    REJECTED = "rejected"
+
+
+#: ``finish_reason`` of a completed event for a call an engine refused before running it
+REJECTED = FinishReason.REJECTED
 
 
 class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
@@ -304,13 +328,29 @@ class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     # the calls (running, waiting, swapped) the engine holds at most; more are shed with
     # "rate_limited", so schedulers route elsewhere while others have room (0: no limit said)
     calls_limit: Count = 0
+    #: the policy of the engine's local queues (fcfs | mlfq | plas | atlas); schedulers of another
+    #: policy route nothing here ("" from older engines: taken by every scheduler)
+    policy: Name = ""
+
+
+def same_figure(message: msgspec.Struct, name: str, alias: str) -> None:
+    """Fill a figure sent under one of its two names into the other: a message says both (older
+    readers read the alias), and one that says either (an older sender's) reads the same."""
+    value, aliased = getattr(message, name), getattr(message, alias)
+    if aliased and not value:
+        msgspec.structs.force_setattr(message, name, aliased)
+    elif value != aliased:
+        msgspec.structs.force_setattr(message, alias, value)
 
 
 class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
-    """The tracker's figures for one program, published after every update."""
+    """The tracker's figures for one program, published after every update.
+
+    ``program_service_s`` and ``program_wait_s`` are the program's totals; ``service_s`` and
+    ``waiting_s`` are their older names, always sent with the same values and accepted alone."""
 
     program_id: Id
-    service_s: Seconds
+    service_s: Seconds = 0.0
     critical_path_s: Seconds = 0.0
     waiting_s: Seconds = 0.0
     calls_completed: Count = 0
@@ -324,6 +364,14 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     owner: Id = ""
     #: the program's tenant (from its first call): schedulers account service per tenant ("": the owner)
     tenant: Id = ""
+    #: the service its calls received, in total (``service_s`` is the older name)
+    program_service_s: Seconds = 0.0
+    #: the time its calls waited, in engine queues and at the schedulers' door (``waiting_s``)
+    program_wait_s: Seconds = 0.0
+
+    def __post_init__(self) -> None:
+        same_figure(self, "program_service_s", "service_s")
+        same_figure(self, "program_wait_s", "waiting_s")
 
 
 class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -331,20 +379,40 @@ class ProgramEnd(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ProgramSummary(msgspec.Struct, frozen=True, kw_only=True):
-    """One row of the tracker's process table (reply to program end and table requests)."""
+    """One row of the tracker's process table (reply to program end and table requests).
+
+    ``program_service_s`` and ``program_wait_s`` are the program's totals; ``service_s`` and
+    ``waiting_s`` are their older names, always sent with the same values and accepted alone."""
 
     program_id: str
-    service_s: float
+    service_s: float = 0.0
     critical_path_s: float
-    waiting_s: float
+    waiting_s: float = 0.0
     calls_completed: int
     active_calls: int
     engines: list[str]
     first_seen_at: float
     last_activity_at: float
     ended: bool = False
-    # of waiting_s, the time its calls waited at the schedulers' door for engine memory
+    # of program_wait_s, the time its calls waited at the schedulers' door for engine memory
     door_wait_s: float = 0.0
+    program_service_s: float = 0.0
+    program_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        same_figure(self, "program_service_s", "service_s")
+        same_figure(self, "program_wait_s", "waiting_s")
+
+
+class ProgramEndReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The tracker's reply on ``<root>.program.end``: ``{"ok": true, "program": {...}}`` with the
+    program's final row, or ``{"ok": false, "code": ..., "error": ...}`` (a stable code and a
+    sentence) for a program it does not know, another user's program or a malformed request."""
+
+    ok: bool
+    program: ProgramSummary | None = None
+    code: str = ""
+    error: str = ""
 
 
 class ProgramTable(msgspec.Struct, frozen=True, kw_only=True):

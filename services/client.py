@@ -43,6 +43,7 @@ from autellix.proto import (
     CallRetry,
     Message,
     ProgramEnd,
+    ProgramEndReply,
     ProgramTable,
     Subjects,
     decode,
@@ -372,7 +373,7 @@ class Program:
         async with self.stream(messages, **kwargs) as stream:
             return await stream.collect()
 
-    async def end(self) -> dict[str, Any]:
+    async def end(self) -> ProgramEndReply:
         return await self.client.end_program(self.program_id)
 
     async def __aenter__(self) -> Program:
@@ -460,11 +461,11 @@ class Client:
     def program(self, program_id: str | None = None) -> Program:
         return Program(self, program_id)
 
-    async def end_program(self, program_id: str, timeout_s: float = 5.0) -> dict[str, Any]:
-        """Tell the tracker the program is over; returns its reply (``ok`` and the final figures)."""
+    async def end_program(self, program_id: str, timeout_s: float = 5.0) -> ProgramEndReply:
+        """Tell the tracker the program is over; returns its reply (``ok`` and the program's final
+        row, or ``code`` and ``error`` when the tracker does not know it)."""
         msg = await self.nc.request(self.end_subject, encode(ProgramEnd(program_id=program_id)), timeout_s)
-        reply: dict[str, Any] = msgspec.json.decode(msg.data)
-        return reply
+        return decode(msg.data, ProgramEndReply)
 
     async def table(self, timeout_s: float = 5.0) -> ProgramTable:
         msg = await self.nc.request(self.subjects.tracker_table, b"{}", timeout_s)

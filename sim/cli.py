@@ -20,6 +20,7 @@ from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
 from autellix.sim.analysis import analyse, parse_targets
+from autellix.sim.engine_model import SIM_SCHEDULE_EVERY
 from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.simulator import MEMORY_NAMES, SimConfig
@@ -75,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--balancer",
         "--lb",
-        dest="lb",
+        dest="balancer",
         metavar="BALANCERS",
         default="locality",
         help=f"comma list of {','.join(BALANCER_NAMES)} (default %(default)s; --lb is an alias)",
@@ -86,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma list of {','.join(MEMORY_NAMES)}: KV memory management compared side by side "
         "(default %(default)s; lru is always added as the baseline)",
     )
-    p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV budget (default 4)")
+    p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV capacity (default 4)")
     p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
     p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
     p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
@@ -101,14 +102,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_DEFAULT_FRACTIONS,
         help="fractions of FCFS saturation throughput (with --capacity: of fcfs + lru's capacity; default 0.5,0.9)",
     )
-    p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV budget (regime map: 0.25,0.5,1)")
+    p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV capacity (regime map: 0.25,0.5,1)")
     p.add_argument(
         "--no-context",
         action="store_true",
         help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)",
     )
     p.add_argument("--profile", default="llama31-8b-h100", help="engine cost profile (default %(default)s)")
-    p.add_argument("--sched-every", default="8", help="decode steps between scheduling points (default %(default)s)")
+    p.add_argument(
+        "--schedule-every",
+        "--sched-every",
+        dest="schedule_every",
+        default=str(SIM_SCHEDULE_EVERY),
+        help="decode steps between scheduling points (default %(default)s; --sched-every is an alias)",
+    )
     p.add_argument("--levels", default=str(MLFQConfig().num_levels), help="number of queues K")
     p.add_argument("--beta", default=str(MLFQConfig().beta), help="anti-starvation threshold")
     p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
@@ -173,7 +180,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
     policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = _names(args.lb, BALANCER_NAMES, "balancer", "--balancer")
+    balancers = _names(args.balancer, BALANCER_NAMES, "balancer", "--balancer")
     memories = _names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
     if "lru" not in memories:
         memories.insert(0, "lru")  # the ratios are to fcfs + lru
@@ -201,7 +208,7 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         cost=cost,
         kv_scale=parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
         carry_context=not args.no_context,
-        sched_every_steps=parse_number(args.sched_every, "--sched-every", int, 1),
+        schedule_every=parse_number(args.schedule_every, "--schedule-every", int, 1),
         mlfq=mlfq,
         tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
     )
@@ -268,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         "programs": source.programs if not source.is_trace else len(programs),
         "seed": source.seed,
         "engines": config.engines,
-        "kv_budget_tokens": cost.kv_budget_tokens,
+        "kv_capacity_tokens": cost.kv_capacity_tokens,
+        "kv_budget_tokens": cost.kv_capacity_tokens,  # the older name of the same figure
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
         "config": _jsonable(
@@ -326,7 +334,8 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "programs": len(programs),
         "seed": source.seed,
         "engines": config.engines,
-        "kv_budget_tokens": cost.kv_budget_tokens,
+        "kv_capacity_tokens": cost.kv_capacity_tokens,
+        "kv_budget_tokens": cost.kv_capacity_tokens,  # the older name of the same figure
         "carry_context": config.carry_context,
         "stable_definition": "keeps_up (sim/metrics.py): output tokens served in the measurement window "
         "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "

@@ -13,7 +13,7 @@ running or waiting, and advances in *segments* of steps whose time comes from th
 - **batch**: at most ``max_batch`` running calls; a step decodes one token for every call past its
   prefill and spends the rest of ``max_batched_tokens`` on prefill chunks, oldest admission first.
   The step that finishes a call's prefill also samples its first token.
-- **scheduling points** every ``sched_every_steps`` steps (and whenever the engine is idle): the
+- **scheduling points** every ``schedule_every`` steps (and whenever the engine is idle): the
   running calls are charged their service, the beta rule is applied, and, under a preemptive
   policy, waiting calls ahead in queue order displace running calls behind them (lowest first),
   each displaced call's KV swapped to CPU as one contiguous transfer at the cost model's rate and
@@ -24,7 +24,7 @@ running or waiting, and advances in *segments* of steps whose time comes from th
   prefix of its prompt, as an engine matching cached blocks by content does: its context parent's
   context when that call (or any call whose context extends it, a sibling's say) is cached here, else
   the nearest ancestor's along the context chain whose context is, else nothing.
-- **memory** (``EngineConfig.retain``, ``tier_tokens``): the cache evicts least recently used first
+- **memory** (``SimEngineConfig.retain``, ``tier_tokens``): the cache evicts least recently used first
   (``lru``), or in the shared retention order (contained entries, then ended programs' contexts, then
   LRU). With a CPU tier, a context evicted from GPU KV whose program is still active (and that no
   other entry contains) is copied to a CPU pool of ``tier_tokens`` (the copy out overlaps the steps
@@ -54,11 +54,18 @@ from autellix.sim.workload import CallSpec
 
 QUEUED, PREFILL, DECODE, PAUSED, DONE = range(5)
 
+#: the simulator's default scheduling interval (steps between scheduling points). The engine's own
+#: default is 4 (``engine.core.CoreConfig.schedule_every``); the simulator keeps 8 because every
+#: recorded simulator figure (bench/SIM_RESULTS.md) was made with it, and the live runs compared with
+#: the simulator pass it to their engines (bench/live.py, bench/core_replay.py). Same name, same
+#: meaning; pass ``--schedule-every`` to either to match the other.
+SIM_SCHEDULE_EVERY = 8
+
 
 @dataclass(frozen=True, slots=True)
-class EngineConfig:
+class SimEngineConfig:
     cost: CostModel
-    sched_every_steps: int = 8
+    schedule_every: int = SIM_SCHEDULE_EVERY
     watermark: float = 0.01
     prefix_cache: bool = True
     #: evict in the retention order (contained, ended programs, LRU) instead of LRU
@@ -71,8 +78,8 @@ class EngineConfig:
     count_busy_contexts: bool = True
 
     def __post_init__(self) -> None:
-        if self.sched_every_steps < 1:
-            raise ValueError(f"sched_every_steps must be >= 1, got {self.sched_every_steps}")
+        if self.schedule_every < 1:
+            raise ValueError(f"schedule_every must be >= 1, got {self.schedule_every}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if self.tier_tokens < 0:
@@ -104,7 +111,7 @@ class SimCall:
     busy_base: float = 0.0
     service_s: float = 0.0
     charged_s: float = 0.0
-    wait_s: float = 0.0
+    queue_wait_s: float = 0.0
     waiting_since: float = 0.0
     first_token_s: float = -1.0
     finish_s: float = -1.0
@@ -115,15 +122,15 @@ class SimCall:
 
 
 class SimEngine:
-    def __init__(self, index: int, config: EngineConfig, queue: CallQueue, preemptive: bool) -> None:
+    def __init__(self, index: int, config: SimEngineConfig, queue: CallQueue, preemptive: bool) -> None:
         cost = config.cost
         self.index = index
         self.config = config
         self.cost = cost
         self.queue = queue
         self.preemptive = preemptive
-        self.kv_budget = cost.kv_budget_tokens
-        self.admit_limit = int(cost.kv_budget_tokens * (1.0 - config.watermark))
+        self.kv_capacity_tokens = cost.kv_capacity_tokens
+        self.admit_limit = int(cost.kv_capacity_tokens * (1.0 - config.watermark))
         self.calls: dict[str, SimCall] = {}
         self.running: dict[str, SimCall] = {}
         self.prefilling: dict[str, SimCall] = {}
@@ -254,7 +261,7 @@ class SimEngine:
         while a * j * j + b * j < dt and j < self.seg_steps:
             j += 1
         if at_sched_point:
-            every = self.config.sched_every_steps
+            every = self.config.schedule_every
             first = max(1, every - self._seg_since_sched)
             if j > first:
                 j = first + math.ceil((j - first) / every) * every
@@ -334,7 +341,7 @@ class SimEngine:
     # --- planning -----------------------------------------------------------------------------
     def plan(self, now: float) -> float | None:
         """Schedule at ``now`` and start the next segment; returns its end, or None when idle."""
-        sched = self.steps_since_sched >= self.config.sched_every_steps or not self.running
+        sched = self.steps_since_sched >= self.config.schedule_every or not self.running
         if sched:
             self.steps_since_sched = 0
             if self.preemptive:
@@ -343,7 +350,7 @@ class SimEngine:
         if self.queue.waiting_count():
             self._fill(now, preempt=sched and self.preemptive)
         # make room for the next step's KV growth
-        while self.n_decode and self.kv_used + self.n_decode > self.kv_budget:
+        while self.n_decode and self.kv_used + self.n_decode > self.kv_capacity_tokens:
             self._preempt(self._lowest_running(), now)
         if not self.running:
             self.busy = False
@@ -388,7 +395,7 @@ class SimEngine:
 
     def _admit(self, c: SimCall, now: float) -> None:
         self.queue.started(c.key, now)
-        c.wait_s += now - c.waiting_since
+        c.queue_wait_s += now - c.waiting_since
         self.queued_tokens -= self._need(c)
         c.admissions += 1
         if c.state == QUEUED:
@@ -472,8 +479,8 @@ class SimEngine:
             heapq.heappop(heap)
         k = heap[0][0] - self.step_count
         if self.preemptive and self.queue.waiting_count():
-            k = min(k, max(1, self.config.sched_every_steps - self.steps_since_sched))
-        k = max(1, min(k, (self.kv_budget - kv0) // n))
+            k = min(k, max(1, self.config.schedule_every - self.steps_since_sched))
+        k = max(1, min(k, (self.kv_capacity_tokens - kv0) // n))
         a = cost.kv_read_s_per_token * n / 2.0
         b = cost.base_s + cost.decode_s_per_seq * n + cost.kv_read_s_per_token * kv0 - a
         self._seg_multi = True
@@ -525,7 +532,7 @@ class SimEngine:
 
     def _cache_trim(self) -> None:
         cache, tier = self.cache, self.tier
-        free = self.kv_budget - self.kv_used
+        free = self.kv_capacity_tokens - self.kv_used
         while cache.tokens > free:
             key = cache.victim()
             if key is None:
@@ -563,7 +570,7 @@ class SimEngine:
                 raise AssertionError(f"call {c.key} is running in state {c.state}")
         if kv != self.kv_used or decoding != self.n_decode:
             raise AssertionError(f"engine {self.index}: KV {kv} != {self.kv_used} or {decoding} != {self.n_decode}")
-        if self.kv_used > self.kv_budget:
-            raise AssertionError(f"engine {self.index}: KV {self.kv_used} over budget {self.kv_budget}")
+        if self.kv_used > self.kv_capacity_tokens:
+            raise AssertionError(f"engine {self.index}: KV {self.kv_used} over budget {self.kv_capacity_tokens}")
         if len(self.running) > self.cost.max_batch:
             raise AssertionError(f"engine {self.index}: batch {len(self.running)} over {self.cost.max_batch}")

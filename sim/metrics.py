@@ -113,8 +113,8 @@ def summarise(result: SimResult, warmup: float = 0.1, drain: float = 0.1) -> dic
         out["stable"] = True
         out["keeps_up"] = True
 
-    wait = sum(p.wait_s for p in measured)
-    service = sum(p.service_s for p in measured)
+    wait = sum(p.program_wait_s for p in measured)
+    service = sum(p.program_service_s for p in measured)
     out["wait_fraction"] = wait / (wait + service) if wait + service > 0 else 0.0
     stats = result.engine_stats
     prompt = sum(s["prompt_tokens"] for s in stats)

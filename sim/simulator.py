@@ -40,7 +40,7 @@ from autellix.policy.door import Door, DoorConfig
 from autellix.policy.mlfq import MLFQConfig, MultiLevelQueues
 from autellix.policy.program_account import ProgramAccount
 from autellix.policy.variants import make_queue, policy_spec, stamp
-from autellix.sim.engine_model import EngineConfig, SimCall, SimEngine
+from autellix.sim.engine_model import SIM_SCHEDULE_EVERY, SimCall, SimEngine, SimEngineConfig
 from autellix.sim.workload import ProgramSpec, prompt_lengths
 
 MEMORY_NAMES: tuple[str, ...] = ("lru", "retain", "tier", "door", "all")
@@ -71,7 +71,7 @@ class SimConfig:
     kv_scale: float = 1.0
     #: a call's prompt carries its context chain's history (else: new input only, no prefix reuse)
     carry_context: bool = True
-    sched_every_steps: int = 8
+    schedule_every: int = SIM_SCHEDULE_EVERY
     mlfq: MLFQConfig = field(default_factory=MLFQConfig)
     calibrate: bool = True
     recalibrate_every: int = 500
@@ -95,11 +95,11 @@ class SimConfig:
             raise ValueError(f"kv_scale must be > 0, got {self.kv_scale}")
 
     def engine_cost(self) -> CostModel:
-        return replace(self.cost, kv_budget_tokens=int(self.cost.kv_budget_tokens * self.kv_scale))
+        return replace(self.cost, kv_capacity_tokens=int(self.cost.kv_capacity_tokens * self.kv_scale))
 
 
 @dataclass(slots=True)
-class ProgramRecord:
+class ProgramResult:
     program_id: str
     kind: str
     arrival_s: float
@@ -107,8 +107,9 @@ class ProgramRecord:
     output_tokens: int
     n_calls: int
     first_token_s: float
-    wait_s: float
-    service_s: float
+    #: the time its calls waited in engine queues, and the service they received (modelled seconds)
+    program_wait_s: float
+    program_service_s: float
     #: time spent at the door before the first call was submitted (memory "door" and "all")
     door_wait_s: float = 0.0
 
@@ -120,7 +121,7 @@ class CallRecord:
     first_token_s: float
     finish_s: float
     output_tokens: int
-    wait_s: float
+    queue_wait_s: float
     service_s: float
     preemptions: int
     cached_tokens: int
@@ -130,7 +131,7 @@ class CallRecord:
 @dataclass(slots=True)
 class SimResult:
     config: SimConfig
-    programs: list[ProgramRecord]
+    programs: list[ProgramResult]
     calls: list[CallRecord]
     makespan_s: float
     wall_s: float
@@ -148,11 +149,11 @@ class _Program:
         "first_token_s",
         "index",
         "pending",
+        "program_service_s",
+        "program_wait_s",
         "remaining_output",
-        "service_s",
         "spec",
         "started",
-        "wait_s",
     )
 
     def __init__(self, index: int, spec: ProgramSpec, prompts: dict[str, int], carry: bool) -> None:
@@ -182,8 +183,8 @@ class _Program:
                 self.children[p].append(c.call_id)
         self.remaining_output = spec.output_tokens
         self.done = 0
-        self.wait_s = 0.0
-        self.service_s = 0.0
+        self.program_wait_s = 0.0
+        self.program_service_s = 0.0
         self.first_token_s = -1.0
         self.door_wait_s = 0.0
         self.started = False
@@ -198,14 +199,14 @@ class Simulation:
         self.programs = sorted(programs, key=lambda p: p.arrival_s)
         self.spec = policy_spec(config.policy)
         cost = config.engine_cost()
-        self.max_context = max(2, min(cost.max_context, cost.kv_budget_tokens // 2))
+        self.max_context = max(2, min(cost.max_context, cost.kv_capacity_tokens // 2))
         self.memory = memory_spec(config.memory)
-        engine_config = EngineConfig(
+        engine_config = SimEngineConfig(
             cost=cost,
-            sched_every_steps=config.sched_every_steps,
+            schedule_every=config.schedule_every,
             prefix_cache=config.carry_context,
             retain=self.memory.retain,
-            tier_tokens=int(cost.kv_budget_tokens * config.tier_scale) if self.memory.tier else 0,
+            tier_tokens=int(cost.kv_capacity_tokens * config.tier_scale) if self.memory.tier else 0,
         )
         self.engines = [
             SimEngine(i, engine_config, make_queue(config.policy, config.mlfq), self.spec.preemptive)
@@ -215,7 +216,7 @@ class Simulation:
         self.calibrator = ServiceCalibrator(config.mlfq.calibration_percentile)
         self._heap: list[tuple[float, int, int, object, int]] = []
         self._seq = 0
-        self._records: list[ProgramRecord | None] = [None] * len(self.programs)
+        self._records: list[ProgramResult | None] = [None] * len(self.programs)
         #: run-time state of every program that has arrived (tests inspect it)
         self.states: list[_Program] = []
         self._call_records: list[CallRecord] = []
@@ -316,7 +317,7 @@ class Simulation:
         door = self.door
         assert door is not None
         for e in self.engines:
-            door.report(str(e.index), e.kv_budget, e.kv_used + e.queued_tokens, e.retained_tokens())
+            door.report(str(e.index), e.kv_capacity_tokens, e.kv_used + e.queued_tokens, e.retained_tokens())
         for program_id in door.admit(t):
             prog = self._by_id[program_id]
             prog.door_wait_s = t - prog.spec.arrival_s
@@ -332,7 +333,7 @@ class Simulation:
         else:
             loads = [e.load() for e in self.engines]
             engine = self.engines[int(self.balancer.choose(prog.spec.program_id, c.prompt_tokens, loads))]
-        cut = engine.enqueue(c, priority, t, prog.wait_s, prog.account.service_s)
+        cut = engine.enqueue(c, priority, t, prog.program_wait_s, prog.account.service_s)
         if not prog.started:
             prog.started = True
             if self.door is not None:
@@ -350,15 +351,15 @@ class Simulation:
         prog: _Program = c.program
         spec = c.spec
         prog.account.complete(spec.call_id, list(spec.parents), c.service_s)
-        prog.wait_s += c.wait_s
-        prog.service_s += c.service_s
+        prog.program_wait_s += c.queue_wait_s
+        prog.program_service_s += c.service_s
         prog.remaining_output -= c.output_tokens
         prog.done += 1
         if prog.first_token_s < 0 or c.first_token_s < prog.first_token_s:
             prog.first_token_s = c.first_token_s
         self._call_records.append(
             CallRecord(
-                prog.index, c.submit_s, c.first_token_s, t, c.output_tokens, c.wait_s, c.service_s,
+                prog.index, c.submit_s, c.first_token_s, t, c.output_tokens, c.queue_wait_s, c.service_s,
                 c.preemptions, c.cached_tokens, c.prompt_tokens,
             )
         )
@@ -370,9 +371,9 @@ class Simulation:
         self._observe(c.service_s)
         if prog.done == len(prog.calls):
             ps = prog.spec
-            self._records[prog.index] = ProgramRecord(
+            self._records[prog.index] = ProgramResult(
                 ps.program_id, ps.kind, ps.arrival_s, t, ps.output_tokens, len(ps.calls), prog.first_token_s,
-                prog.wait_s, prog.service_s, prog.door_wait_s,
+                prog.program_wait_s, prog.program_service_s, prog.door_wait_s,
             )
             self.balancer.forget(ps.program_id)
             for e in self.engines:

@@ -245,13 +245,13 @@ async def test_only_the_owner_aborts_a_call_or_ends_a_program(
         await until(lambda: any(call_id in e._inflight for e in two_client_mesh.engines))
         await bob.nc.publish(bob.abort_subject, encode(CallAbort(call_id=call_id)))  # bob's abort: refused
         refused = await bob.end_program("alices-program")
-        assert refused["ok"] is False and refused["code"] == "not_owner"
+        assert refused.ok is False and refused.code == "not_owner"
         await asyncio.sleep(0.3)
         assert not task.done(), "bob's abort must not end alice's call"
         await alice.nc.publish(alice.abort_subject, encode(CallAbort(call_id=call_id)))  # alice's own: honoured
         result = await asyncio.wait_for(task, 30)
         assert result.finish_reason == "abort"
-        assert (await alice.end_program("alices-program"))["ok"] is True
+        assert (await alice.end_program("alices-program")).ok is True
     finally:
         await bob.close()
 

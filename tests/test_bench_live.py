@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autellix.bench.live import ReplayConfig, Replayer, at_rate, load_programs, start_local_mesh
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.cost_model import llama31_8b_h100
 from autellix.engine.sim_backend import SimBackend
 from autellix.services.cli import main as autellix_main
@@ -106,7 +106,7 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
         assert point["errors"] == 0 and point["programs_completed"] == 3
         assert point["calls_completed"] == point["calls_offered"] == 9
         assert point["latency_s_mean"] > 0 and point["ttft_s_p50"] > 0
-    assert report["kv_budget_tokens"] == llama31_8b_h100().kv_budget_tokens // 2
+    assert report["kv_capacity_tokens"] == llama31_8b_h100().kv_capacity_tokens // 2
     overs = {(r["policy"], r["balancer"], r["over"]) for r in report["ratios"]}
     assert overs == {
         ("plas", "locality", "fcfs"), ("plas", "round-robin", "fcfs"),
@@ -161,12 +161,12 @@ def test_sim_prefix_cache_saves_a_programs_history() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(kv_capacity_tokens=10_000))
     first = "qa0 " + "www " * 99
-    core.add(CallSpec("c1", "p", backend.encode_prompt(first), 3, ignore_eos=True), 0.0)
+    core.add(CoreCall("c1", "p", backend.encode_prompt(first), 3, ignore_eos=True), 0.0)
     (done,) = _run_to_end(core, backend)
     assert done.finish_reason == "length" and done.text == " tok" * 3
     follow = f"{first}{done.text} qa1 www"
-    core.add(CallSpec("c2", "p", backend.encode_prompt(follow), 2, ignore_eos=True), 0.0)
-    core.add(CallSpec("c3", "other", backend.encode_prompt(follow), 2, ignore_eos=True), 0.0)
+    core.add(CoreCall("c2", "p", backend.encode_prompt(follow), 2, ignore_eos=True), 0.0)
+    core.add(CoreCall("c3", "other", backend.encode_prompt(follow), 2, ignore_eos=True), 0.0)
     _run_to_end(core, backend)
     stats = backend.cache_stats()
     # c2 reuses c1's prompt and answer (103 tokens); c3 is another program: no reuse
@@ -178,8 +178,8 @@ def test_sim_prefix_cache_saves_a_programs_history() -> None:
 def test_hf_backend_honours_forced_output_length(hf_backend) -> None:  # type: ignore[no-untyped-def]
     core = EngineCore(hf_backend, CoreConfig(max_batch=4, kv_capacity_tokens=4096))
     prompt = hf_backend.encode_chat([{"role": "user", "content": "Reply with the single word: yes"}])
-    core.add(CallSpec("free", "p", list(prompt), 48), 0.0)
-    core.add(CallSpec("forced", "p", list(prompt), 48, ignore_eos=True), 0.0)
+    core.add(CoreCall("free", "p", list(prompt), 48), 0.0)
+    core.add(CoreCall("forced", "p", list(prompt), 48, ignore_eos=True), 0.0)
     done = {e.call_id: e for e in _run_to_end(core, hf_backend)}
     assert done["forced"].finish_reason == "length"
     assert len(done["forced"].state.output_ids) == 48

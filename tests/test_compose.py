@@ -429,7 +429,7 @@ async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[
                 assert all(r.finish_reason == "length" for r in (first, a, b))
                 served.update(r.engine_id for r in (first, a, b))
                 ended = await p.end()
-                assert ended.get("ok") is True, ended
+                assert ended.ok is True, ended
 
         await asyncio.gather(*(one_program(i) for i in range(6)))
     assert served <= seen, f"calls served by engines that never heartbeated: {served - seen}"

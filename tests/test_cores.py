@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, TokenEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallCompleted, CallDispatched, EngineHeartbeat, ProgramService, Subjects
 from autellix.services.scheduler.core import RejectedCall, SchedulerCore
@@ -53,7 +53,7 @@ def test_process_table_plas_and_atlas_arithmetic() -> None:
     assert up.call_path_s == pytest.approx(6.0)  # ATLAS: a(2) + b(3) + d(1)
     assert up.critical_path_s == pytest.approx(6.0)
     entry = t.get("p")
-    assert entry is not None and entry.waiting_s == 0.5 and not entry.active_calls
+    assert entry is not None and entry.program_wait_s == 0.5 and not entry.active_calls
 
 
 def test_process_table_forgets_idle_programs_and_ends_on_request() -> None:
@@ -162,9 +162,9 @@ def run_to_end(core: EngineCore, backend: SimBackend, now: float = 0.0) -> list[
 def test_engine_core_admits_in_priority_order_within_limits() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(max_batch=2, max_batched_tokens=64, kv_capacity_tokens=1000))
-    core.add(CallSpec("low", "p1", [1] * 5, 4, priority=9.0, program_service_s=9.0), 0)
-    core.add(CallSpec("high", "p2", [1] * 5, 4, priority=0.0), 0)
-    core.add(CallSpec("mid", "p3", [1] * 5, 4, priority=1.0, program_service_s=1.0), 0)
+    core.add(CoreCall("low", "p1", [1] * 5, 4, priority=9.0, program_service_s=9.0), 0)
+    core.add(CoreCall("high", "p2", [1] * 5, 4, priority=0.0), 0)
+    core.add(CoreCall("mid", "p3", [1] * 5, 4, priority=1.0, program_service_s=1.0), 0)
     events = run_to_end(core, backend)
     finish_order = [e.call_id for _, e in events if isinstance(e, FinishEvent)]
     assert finish_order[:2] == ["high", "mid"] and finish_order[2] == "low"
@@ -175,8 +175,8 @@ def test_engine_core_admits_in_priority_order_within_limits() -> None:
 def test_engine_core_respects_kv_capacity_and_chunks_prefill() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(max_batch=8, max_batched_tokens=16, kv_capacity_tokens=100))
-    core.add(CallSpec("a", "p", [1] * 40, 20), 0)
-    core.add(CallSpec("b", "p", [1] * 40, 20, priority=1.0, program_service_s=1.0), 0)
+    core.add(CoreCall("a", "p", [1] * 40, 20), 0)
+    core.add(CoreCall("b", "p", [1] * 40, 20, priority=1.0, program_service_s=1.0), 0)
     now, preempted, outputs = 0.0, [], {"a": 0, "b": 0}
     while not core.idle:
         outcome = core.step(now)
@@ -199,8 +199,8 @@ def test_engine_core_respects_kv_capacity_and_chunks_prefill() -> None:
 def test_engine_core_abort_frees_everything() -> None:
     backend = SimBackend(time_scale=0)
     core = EngineCore(backend, CoreConfig(max_batch=1))
-    core.add(CallSpec("run", "p", [1, 2], 50), 0)
-    core.add(CallSpec("wait", "p", [1, 2], 50), 0)
+    core.add(CoreCall("run", "p", [1, 2], 50), 0)
+    core.add(CoreCall("wait", "p", [1, 2], 50), 0)
     assert core.step(0.0) is not None
     assert isinstance(core.abort("run"), FinishEvent) and isinstance(core.abort("wait"), FinishEvent)
     assert core.abort("run") is None
@@ -253,7 +253,7 @@ def test_engine_core_prefills_only_past_the_attached_prefix() -> None:
     backend = _FixedPrefix(hit=90)
     core = EngineCore(backend, CoreConfig(kv_capacity_tokens=10_000))
     assert core.prefix_cache is backend
-    core.add(CallSpec("c1", "p1", list(range(100)), max_tokens=3), now=0.0)
+    core.add(CoreCall("c1", "p1", list(range(100)), max_tokens=3), now=0.0)
     plan = core.schedule(0.0)
     assert plan is not None
     (work,) = plan.batch.work
@@ -282,7 +282,7 @@ def test_process_table_counts_a_redelivered_completion_once() -> None:
     assert table.on_completed(event, now=2.0) is None  # the same completion again (JetStream redelivery)
     entry = table.get("p")
     assert entry is not None
-    assert (entry.account.service_s, entry.account.calls_completed, entry.waiting_s) == (2.0, 1, 0.5)
+    assert (entry.account.service_s, entry.account.calls_completed, entry.program_wait_s) == (2.0, 1, 0.5)
 
 
 def test_a_completion_trailing_its_programs_end_does_not_bring_it_back() -> None:

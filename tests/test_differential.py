@@ -41,7 +41,7 @@ from autellix.sim.workload import scaled_arrivals
 def both(workload: str, n: int, rate: float, kv_scale: float, policy: str = "fcfs") -> tuple[dict, dict]:  # type: ignore[type-arg]
     programs = scaled_arrivals(generate(workload, n, seed=0), 1.0 / rate)
     base = llama31_8b_h100()
-    cost = replace(base, kv_budget_tokens=int(base.kv_budget_tokens * kv_scale))
+    cost = replace(base, kv_capacity_tokens=int(base.kv_capacity_tokens * kv_scale))
     core = summarise(replay(programs, CoreReplayConfig(policy=policy, cost=cost)))
     sim = summarise(simulate(programs, SimConfig(policy=policy, cost=cost)))
     return core, sim

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 
 from autellix.engine.backend import PrefixCache, SeqWork, StepBatch
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent, execute_plan
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent, execute_plan
 
 # the first test of a module loads (or converts) the model and makes references: slow on a loaded 2-core machine
 pytestmark = [pytest.mark.model, pytest.mark.timeout(900)]
@@ -22,7 +22,7 @@ TOKENS = 6
 SYSTEM = {"role": "system", "content": "You are a concise assistant. Answer in one short sentence."}
 
 
-def serve(backend, specs: list[CallSpec]) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
+def serve(backend, specs: list[CoreCall]) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
     """Run calls that arrive together to completion; each call's generated tokens."""
     core = EngineCore(backend, CoreConfig(max_batch=8))
     for spec in specs:
@@ -49,7 +49,7 @@ def chat(backend, program: str, questions: list[str]) -> list[list[int]]:  # typ
     for i, q in enumerate(questions):
         messages.append({"role": "user", "content": q})
         prompt = backend.encode_chat(messages)
-        out = serve(backend, [CallSpec(f"{program}-{i}", program, prompt, TOKENS, ignore_eos=True)])[f"{program}-{i}"]
+        out = serve(backend, [CoreCall(f"{program}-{i}", program, prompt, TOKENS, ignore_eos=True)])[f"{program}-{i}"]
         replies.append(out)
         messages.append({"role": "assistant", "content": backend.decode(out)})
     return replies
@@ -79,10 +79,10 @@ def test_siblings_share_the_parent_history(pair) -> None:  # type: ignore[no-unt
     results = []
     for backend in pair:
         parent_msgs = [SYSTEM, {"role": "user", "content": "Suggest a name for a cat."}]
-        parent = serve(backend, [CallSpec("parent", "tree", backend.encode_chat(parent_msgs), TOKENS, ignore_eos=True)])
+        parent = serve(backend, [CoreCall("parent", "tree", backend.encode_chat(parent_msgs), TOKENS, ignore_eos=True)])
         history = [*parent_msgs, {"role": "assistant", "content": backend.decode(parent["parent"])}]
         children = [
-            CallSpec(f"child{i}", "tree", backend.encode_chat([*history, {"role": "user", "content": q}]), TOKENS)
+            CoreCall(f"child{i}", "tree", backend.encode_chat([*history, {"role": "user", "content": q}]), TOKENS)
             for i, q in enumerate(["Another one?", "Why that name?", "Is it short?"])
         ]
         results.append((parent, serve(backend, children)))
@@ -100,7 +100,7 @@ def test_hit_from_the_cpu_tier_gives_the_same_tokens(hf_backend) -> None:  # typ
     outputs = []
     for backend in (cached, plain):
         first = chat(backend, "c", ["Name a fruit."])
-        serve(backend, [CallSpec("other", "o", other, TOKENS, ignore_eos=True)])
+        serve(backend, [CoreCall("other", "o", other, TOKENS, ignore_eos=True)])
         outputs.append((first, chat(backend, "c", ["Name a fruit.", "What colour is it?"])))
     assert outputs[0] == outputs[1]
     stats = cached.cache_stats()

@@ -36,7 +36,7 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     await _until(lambda: view().prompt_tokens_total == 31 + 40 + 4)
     hb = view()
     assert hb.prefix_hit_tokens_total == 37 and hb.prefix_hit_rate == 37 / 75
-    assert hb.kv_tokens_capacity == engine.core.kv_capacity > 0
+    assert hb.kv_tokens_capacity == engine.core.kv_capacity_tokens > 0
     # retained: prog-mem's two contexts (the first is inside the second) and prog-other's; the
     # working set between calls: each program's latest context
     assert hb.kv_tokens_retained == 37 + 44 + 7 and hb.kv_tokens_tiered == 0
@@ -66,6 +66,6 @@ async def test_door_holds_a_new_program_while_the_working_set_does_not_fit(nats_
         result = await asyncio.wait_for(waiting, 10)
         assert result.output_tokens == 50 and gate.waiting_programs() == 0
         row = next(r for r in (await m.client.table()).programs if r.program_id == "prog-b")
-        assert row.door_wait_s >= 0.5 and row.waiting_s >= row.door_wait_s
+        assert row.door_wait_s >= 0.5 and row.program_wait_s >= row.door_wait_s
     finally:
         await stop_mesh(m)

@@ -47,11 +47,12 @@ async def test_tracker_table_reflects_completed_calls(mesh: Mesh) -> None:
     assert row.service_s > 0
     assert row.service_s == pytest.approx(first.final.service_s + row.service_s - first.final.service_s)
     ended = await p.end()
-    assert ended["ok"] is True
-    assert ended["program"]["calls_completed"] == 2
+    assert ended.ok is True and ended.program is not None
+    assert ended.program.calls_completed == 2
     assert mesh.tracker.table.get("prog-table") is None
     again = await p.end()
-    assert again["ok"] is False and "unknown program" in again["error"]
+    assert again.ok is False and again.code == "unknown_program" and "unknown program" in again.error
+    assert again.program is None
 
 
 async def test_more_service_means_lower_priority(mesh: Mesh) -> None:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from autellix.engine.core import (
     CallPhase,
-    CallSpec,
+    CoreCall,
     CoreConfig,
     EngineCore,
     FinishEvent,
@@ -37,7 +37,7 @@ def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
     core = EngineCore(
         backend, CoreConfig(max_batch=2, kv_capacity_tokens=10_000, schedule_every=2, preempt_mode="swap")
     )
-    core.add(CallSpec("long", "big", [1] * 100, 200, priority=50.0, program_service_s=50.0), clock.now)
+    core.add(CoreCall("long", "big", [1] * 100, 200, priority=50.0, program_service_s=50.0), clock.now)
     finished: list[str] = []
     tokens: dict[str, int] = {}
     preemptions = []
@@ -45,7 +45,7 @@ def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
         plan, events = step(core, backend, clock)
         if i == 5:  # a burst from fresh programs while the long call runs
             for j in range(4):
-                core.add(CallSpec(f"short{j}", f"p{j}", [1] * 10, 5), clock.now)
+                core.add(CoreCall(f"short{j}", f"p{j}", [1] * 10, 5), clock.now)
         if plan:
             preemptions += plan.preemptions
         for e in events:
@@ -69,9 +69,9 @@ def test_burst_of_high_priority_calls_displaces_a_long_low_one() -> None:
 def test_fcfs_never_displaces_a_running_call() -> None:
     backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, policy="fcfs", schedule_every=1))
-    core.add(CallSpec("first", "a", [1] * 10, 30, priority=99.0), clock.now)
+    core.add(CoreCall("first", "a", [1] * 10, 30, priority=99.0), clock.now)
     step(core, backend, clock)
-    core.add(CallSpec("urgent", "b", [1] * 10, 3), clock.now)
+    core.add(CoreCall("urgent", "b", [1] * 10, 3), clock.now)
     finished = []
     while not core.idle:
         plan, events = step(core, backend, clock)
@@ -85,13 +85,13 @@ def test_starved_call_is_promoted_by_the_beta_rule() -> None:
     mlfq = MLFQConfig(num_levels=4, first_boundary_s=1.0, beta=2.0)  # fresh calls (~0.4 s) stay on top
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, mlfq=mlfq, calibrate_every=10**9))
     # an old program's call sits in the bottom queue; fresh programs keep arriving in the top one
-    core.add(CallSpec("old", "heavy", [1] * 8, 4, priority=10.0, program_service_s=1.0), clock.now)
+    core.add(CoreCall("old", "heavy", [1] * 8, 4, priority=10.0, program_service_s=1.0), clock.now)
     assert core.queue.level_of("old") == 3
     n = 0
     promoted_at = None
     for i in range(2000):
         if len([c for c in core.call_ids() if c != "old"]) < 2:
-            core.add(CallSpec(f"fresh{n}", f"f{n}", [1] * 8, 50), clock.now)
+            core.add(CoreCall(f"fresh{n}", f"f{n}", [1] * 8, 50), clock.now)
             n += 1
         state = core.get("old")
         if state is None:
@@ -110,10 +110,10 @@ def test_starved_call_is_promoted_by_the_beta_rule() -> None:
 def test_recompute_mode_resumes_where_it_stopped() -> None:
     backend = SimBackend(clock=(clock := FakeClock()))
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, preempt_mode="recompute"))
-    core.add(CallSpec("low", "a", [1] * 20, 10, priority=5.0, program_service_s=5.0), clock.now)
+    core.add(CoreCall("low", "a", [1] * 20, 10, priority=5.0, program_service_s=5.0), clock.now)
     for _ in range(4):
         step(core, backend, clock)
-    core.add(CallSpec("high", "b", [1] * 5, 2), clock.now)
+    core.add(CoreCall("high", "b", [1] * 5, 2), clock.now)
     plan, _ = step(core, backend, clock)
     assert plan is not None and [p.mode for p in plan.preemptions] == ["recompute"]
     low = core.get("low")
@@ -152,7 +152,7 @@ ops = st.lists(
 )
 def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch, kv, retention, tier) -> None:  # type: ignore[no-untyped-def]
     # retained contexts share the KV budget; evicted ones go to a small CPU tier when there is one
-    backend = SimBackend(clock=(clock := FakeClock()), kv_budget_tokens=kv, retention=retention, tier_tokens=tier)
+    backend = SimBackend(clock=(clock := FakeClock()), kv_capacity_tokens=kv, retention=retention, tier_tokens=tier)
     # a small swap pool so the pool-full fallback to recompute is exercised too
     backend.swap_pool_capacity_bytes = 200 * backend.kv_bytes_per_token()  # type: ignore[attr-defined]
     core = EngineCore(
@@ -195,7 +195,7 @@ def test_no_call_lost_duplicated_or_left_holding_kv(ops, policy, mode, max_batch
             added[cid] = max_tokens
             if core.validate(prompt, max_tokens) is None:
                 core.add(
-                    CallSpec(cid, f"p{len(added) % 3}", list(range(1, prompt + 1)), max_tokens, priority), clock.now
+                    CoreCall(cid, f"p{len(added) % 3}", list(range(1, prompt + 1)), max_tokens, priority), clock.now
                 )
             else:
                 finished[cid] = "rejected"

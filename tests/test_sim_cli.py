@@ -28,7 +28,7 @@ def test_end_to_end_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     ])
     assert code == 0
     data = json.loads(out.read_text())
-    assert data["kv_budget_tokens"] == 40_000 and data["carry_context"] is True
+    assert data["kv_capacity_tokens"] == 40_000 and data["carry_context"] is True
     assert len(data["points"]) == 2 * 3 * 3  # fcfs is always added
     point = data["points"][0]
     for key in ("latency_s_mean", "latency_s_p50", "latency_s_p95", "latency_s_p99", "token_latency_s_mean",

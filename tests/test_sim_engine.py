@@ -121,12 +121,12 @@ def test_step_time_follows_the_cost_model() -> None:
 
 
 def test_kv_budget_bounds_the_batch() -> None:
-    cost = CostModel(kv_budget_tokens=10_000)
+    cost = CostModel(kv_capacity_tokens=10_000)
     programs = [chain(f"p{i}", 0.0, 1, 3000, 50) for i in range(6)]
     sim = Simulation(programs, SimConfig(policy="fcfs", cost=cost, audit=True))
     res = sim.run()
     firsts = sorted(c.first_token_s for c in res.calls)
     # only three 3000-token prompts fit in 9,900 admissible tokens: the rest wait for room
     assert firsts[2] < firsts[3]
-    waits = sorted(c.wait_s for c in res.calls)
+    waits = sorted(c.queue_wait_s for c in res.calls)
     assert waits[:3] == [0.0, 0.0, 0.0] and waits[3] > 0

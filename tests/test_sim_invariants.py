@@ -19,7 +19,7 @@ from autellix.sim.simulator import SimConfig, Simulation
 from autellix.sim.workload import CallSpec, ProgramSpec
 
 # a small engine so that KV, batch and token budgets all bind
-SMALL = CostModel(kv_budget_tokens=6000, max_batch=4, max_batched_tokens=512)
+SMALL = CostModel(kv_capacity_tokens=6000, max_batch=4, max_batched_tokens=512)
 
 
 @st.composite
@@ -52,7 +52,7 @@ configs = st.builds(
     balancer=st.sampled_from(BALANCER_NAMES),
     cost=st.just(SMALL),
     carry_context=st.booleans(),
-    sched_every_steps=st.sampled_from([1, 3, 8]),
+    schedule_every=st.sampled_from([1, 3, 8]),
     mlfq=st.sampled_from([MLFQConfig(num_levels=4, first_boundary_s=0.02, beta=3.0), MLFQConfig()]),
     audit=st.just(True),
     locality_threshold=st.sampled_from([0, 2048]),

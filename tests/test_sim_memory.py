@@ -14,7 +14,7 @@ from autellix.engine.cost_model import CostModel
 from autellix.policy.door import Door, DoorConfig
 from autellix.policy.retention import RetentionIndex
 from autellix.policy.variants import POLICY_NAMES, make_queue
-from autellix.sim.engine_model import DONE, EngineConfig, SimCall, SimEngine
+from autellix.sim.engine_model import DONE, SimCall, SimEngine, SimEngineConfig
 from autellix.sim.simulator import MEMORY_NAMES, SimConfig, Simulation
 from autellix.sim.workload import CallSpec, ProgramSpec
 
@@ -25,8 +25,8 @@ def _call(program_id: str, call_id: str, prompt: int, output: int, history: SimC
 
 
 def _engine(memory: str, budget: int = 1000, tier: int = 0) -> SimEngine:
-    cost = CostModel(kv_budget_tokens=budget)
-    config = EngineConfig(cost=cost, retain=memory != "lru", tier_tokens=tier)
+    cost = CostModel(kv_capacity_tokens=budget)
+    config = SimEngineConfig(cost=cost, retain=memory != "lru", tier_tokens=tier)
     return SimEngine(0, config, make_queue("fcfs", None), preemptive=False)
 
 
@@ -83,7 +83,7 @@ def _tier_programs() -> list[ProgramSpec]:
 
 
 def test_tier_round_trip_charges_swap_time_and_saves_the_prefill() -> None:
-    cost = CostModel(kv_budget_tokens=10_000)
+    cost = CostModel(kv_capacity_tokens=10_000)
     out = {}
     for memory in ("retain", "tier"):
         sim = Simulation(_tier_programs(), SimConfig(policy="fcfs", cost=cost, memory=memory, audit=True))
@@ -147,7 +147,7 @@ def test_door_never_deadlocks_a_program_larger_than_the_budget_runs_alone() -> N
 
 
 def test_door_in_the_simulator_holds_later_programs_behind_one_larger_than_the_budget() -> None:
-    cost = CostModel(kv_budget_tokens=10_000)
+    cost = CostModel(kv_capacity_tokens=10_000)
     big = ProgramSpec("big", 0.0, tuple(CallSpec(f"c{i}", (), 3000, 20) for i in range(5)))  # 5 x 3000 > 10k
     smalls = [ProgramSpec(f"s{i}", 0.01 * (i + 1), (CallSpec("c", (), 100, 5),)) for i in range(3)]
     sim = Simulation([big, *smalls], SimConfig(policy="fcfs", cost=cost, memory="door", audit=True))
@@ -166,7 +166,7 @@ def test_memory_variants_are_validated() -> None:
 
 
 # --- invariants with the tier and the door on --------------------------------------------------------
-SMALL = CostModel(kv_budget_tokens=6000, max_batch=4, max_batched_tokens=512)
+SMALL = CostModel(kv_capacity_tokens=6000, max_batch=4, max_batched_tokens=512)
 
 
 @st.composite
@@ -211,7 +211,7 @@ def test_no_call_lost_or_left_holding_kv(
     for e in sim.engines:
         assert e.kv_used == 0 and not e.running and not e.calls and e.queued_tokens == 0
         assert e.cache.active_tokens == 0 and e.retained_tokens() == 0  # every program ended
-        assert e.cache.tokens <= e.kv_budget
+        assert e.cache.tokens <= e.kv_capacity_tokens
         if e.tier is not None:
             assert e.tier.tokens <= e.config.tier_tokens
     if sim.door is not None:

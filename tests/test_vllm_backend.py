@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 
 
 @dataclass
@@ -79,7 +79,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def run(core: EngineCore, arrivals: dict[int, list[CallSpec]]) -> dict[str, FinishEvent]:
+def run(core: EngineCore, arrivals: dict[int, list[CoreCall]]) -> dict[str, FinishEvent]:
     done: dict[str, FinishEvent] = {}
     step = 0
     while not core.idle or any(k >= step for k in arrivals):
@@ -98,15 +98,15 @@ def test_preempted_call_resumes_exactly_through_vllm(fake_vllm: None) -> None:
 
     backend = VLLMBackend("fake-model", engine=FakeVLLMEngine())
     prompt = backend.encode_prompt("a long prompt for a low priority call")
-    alone = run(EngineCore(backend, CoreConfig(max_batch=1)), {0: [CallSpec("alone", "p", prompt, 30)]})
+    alone = run(EngineCore(backend, CoreConfig(max_batch=1)), {0: [CoreCall("alone", "p", prompt, 30)]})
     reference = alone["alone"].state.output_ids
 
     engine = FakeVLLMEngine()
     backend = VLLMBackend("fake-model", engine=engine)
     core = EngineCore(backend, CoreConfig(max_batch=1, schedule_every=1, max_batched_tokens=8))
-    low = CallSpec("low", "slow", prompt, 30, priority=9.0, program_service_s=9.0)
+    low = CoreCall("low", "slow", prompt, 30, priority=9.0, program_service_s=9.0)
     short = backend.encode_prompt("hi")
-    done = run(core, {0: [low], 5: [CallSpec("s0", "a", short, 3)], 12: [CallSpec("s1", "b", short, 3)]})
+    done = run(core, {0: [low], 5: [CoreCall("s0", "a", short, 3)], 12: [CoreCall("s1", "b", short, 3)]})
     state = done["low"].state
     assert state.output_ids == reference
     assert state.preemptions >= 2 and state.recomputed_tokens > 0 and state.swap_bytes == 0
@@ -132,5 +132,5 @@ def test_real_vllm_generates() -> None:
 
     backend = VLLMBackend(str(resolve_model(None)), gpu_memory_utilization=0.3)
     prompt = backend.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    done = run(EngineCore(backend, CoreConfig(max_batch=4)), {0: [CallSpec("c", "p", prompt, 16)]})
+    done = run(EngineCore(backend, CoreConfig(max_batch=4)), {0: [CoreCall("c", "p", prompt, 16)]})
     assert "Paris" in done["c"].text

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -21,7 +20,6 @@ from nats.aio.subscription import Subscription
 
 from autellix.engine.backend import CacheStats, ModelBackend, PrefixCache
 from autellix.engine.core import (
-    CallSpec,
     CoreConfig,
     CoreEvent,
     EngineCore,
@@ -31,15 +29,13 @@ from autellix.engine.core import (
 )
 from autellix.engine.factory import make_backend
 from autellix.proto import (
-    REJECTED,
     CallAbort,
     CallAccepted,
     CallChunk,
-    CallCompleted,
     CallError,
-    CallFinal,
     EngineHeartbeat,
     ErrorCode,
+    FinishReason,
     ProgramService,
     StampedCall,
     Subjects,
@@ -51,28 +47,13 @@ from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
+from .call_record import CallOutcome, InFlight, core_call
 from .completions_out import CompletionOutbox
 from .config import EngineConfig
 from .metrics import EngineMetrics
 
 #: step-loop iterations failing in a row before the loop (and the service) gives up
 MAX_STEP_FAILURES = 5
-
-
-@dataclass(slots=True)
-class InFlight:
-    call: StampedCall
-    chunks: int = 0
-    #: token ids the caller has received (a hand-back resumes after them)
-    sent_ids: list[int] = field(default_factory=list)
-    #: tokens whose text the detokeniser still holds back
-    pending_ids: list[int] = field(default_factory=list)
-    #: (offset, text) of every chunk sent: a newer attempt of the call is answered from here
-    texts: list[tuple[int, str]] = field(default_factory=list)
-
-    def sent_all(self) -> list[int]:
-        """Every output token id the caller was sent, from the call's first attempt on."""
-        return list(self.call.resume_token_ids) + self.sent_ids
 
 
 class EngineService:
@@ -114,6 +95,8 @@ class EngineService:
         self._throttle = LogThrottle()
         #: step-loop iterations in a row that raised; the loop gives up (and the service fails) after a few
         self._step_failures = 0
+        #: policies of stamps that differ from this engine's, each logged once
+        self._foreign_policies: set[str] = set()
 
     @property
     def stop_timeout_s(self) -> float:
@@ -200,6 +183,15 @@ class EngineService:
 
     async def _accept(self, call: StampedCall) -> None:
         assert self.core is not None and self.backend is not None
+        if call.policy != self.core.config.policy and call.policy not in self._foreign_policies:
+            # a scheduler that does not read the heartbeat's policy (an older one): served, said once
+            self._foreign_policies.add(call.policy)
+            self.log.warning(
+                "call stamped under another policy; served by this engine's",
+                stamp_policy=call.policy,
+                policy=self.core.config.policy,
+                scheduler_id=call.scheduler_id,
+            )
         with structlog.contextvars.bound_contextvars(program_id=call.program_id, call_id=call.call_id):
             held = self._inflight.get(call.call_id)
             if held is not None:
@@ -220,7 +212,7 @@ class EngineService:
                     return
                 replaced = self.core.abort(call.call_id)
                 if replaced is not None:
-                    await self._completed(replaced, finish_reason="abort")
+                    await self._completed(replaced, FinishReason.ABORT)
                 self._inflight.pop(call.call_id, None)
             if len(self._inflight) >= self.config.backend.max_batch + self.config.max_waiting:
                 problem = (
@@ -251,19 +243,7 @@ class EngineService:
             if problem is not None:
                 await self._reject(call, ErrorCode.PROMPT_TOO_LONG, problem)
                 return
-            spec = CallSpec(
-                call_id=call.call_id,
-                program_id=call.program_id,
-                prompt_ids=prompt_ids,
-                max_tokens=call.max_tokens,
-                priority=call.priority,
-                temperature=call.temperature,
-                seed=call.seed,
-                ignore_eos=call.ignore_eos,
-                program_wait_s=call.program_wait_s,
-                program_service_s=call.program_service_s,
-                resume_ids=list(call.resume_token_ids),
-            )
+            spec = core_call(call, prompt_ids)
             self.core.add(spec, time.time())
             self._inflight[call.call_id] = InFlight(call)
             self._drained.clear()
@@ -502,23 +482,15 @@ class EngineService:
         )
         await self._nc.publish(self.subjects.call_handback, encode(handed))
         self.log.info("call handed back", program_id=call.program_id, call_id=call_id, resume=len(flight.sent_ids))
-        await self._completed(event, finish_reason="handback")
+        await self._completed(event, FinishReason.HANDBACK)
 
     async def _final_without_running(self, call: StampedCall) -> None:
         """A resubmitted call whose caller already holds all its tokens: only the final is missing."""
         assert self._nc is not None and self.backend is not None
-        final = CallFinal(
-            call_id=call.call_id,
-            program_id=call.program_id,
-            text=self.backend.decode(call.resume_token_ids),
-            finish_reason="length",
-            prompt_tokens=0,
-            output_tokens=len(call.resume_token_ids),
-            engine_id=self.engine_id,
-            priority=call.priority,
-            attempt=call.attempt,
+        outcome = CallOutcome(
+            call, self.engine_id, FinishReason.LENGTH, time.time(), output_tokens=len(call.resume_token_ids)
         )
-        await self._nc.publish(call.reply_to, encode(final))
+        await self._nc.publish(call.reply_to, encode(outcome.final(self.backend.decode(call.resume_token_ids))))
 
     async def _finish(self, flight: InFlight, event: FinishEvent) -> None:
         assert self._nc is not None
@@ -526,32 +498,15 @@ class EngineService:
         call = flight.call
         if call.stream and (len(event.text) > state.emitted_chars or flight.pending_ids):
             await self._chunk(flight, event.text[state.emitted_chars :])  # text held back at the end
-        now = time.time()
-        ttft = (state.first_token_at - state.arrived_at) if state.first_token_at else 0.0
-        final = CallFinal(
-            call_id=call.call_id,
-            program_id=call.program_id,
-            text=event.text,
-            finish_reason=event.finish_reason,  # type: ignore[arg-type]
-            prompt_tokens=len(state.spec.prompt_ids),
-            output_tokens=len(state.output_ids),
-            engine_id=self.engine_id,
-            priority=call.priority,
-            queue_wait_s=max(0.0, state.queue_wait_s),
-            service_s=max(0.0, state.service_s),
-            ttft_s=ttft,
-            total_s=now - state.arrived_at,
-            preemptions=state.preemptions,
-            swap_bytes=state.swap_bytes,
-            swap_s=max(0.0, state.swap_s),
-            recomputed_tokens=state.recomputed_tokens,
-            attempt=call.attempt,
-        )
-        await self._nc.publish(call.reply_to, encode(final))
-        await self._completed(event)
+        outcome = CallOutcome.measured(call, state, self.engine_id, event.finish_reason, time.time())
+        await self._nc.publish(call.reply_to, encode(outcome.final(event.text)))
+        await self._completed(event, outcome=outcome)
 
-    async def _completed(self, event: FinishEvent, finish_reason: str | None = None) -> None:
-        """Publish the call-completed event and log the canonical line for the call."""
+    async def _completed(
+        self, event: FinishEvent, finish_reason: str | None = None, outcome: CallOutcome | None = None
+    ) -> None:
+        """Publish the call-completed event and log the canonical line for the call. ``outcome``:
+        the figures its final was sent with; else measured now, ``finish_reason`` over the core's."""
         assert self._nc is not None
         flight = self._inflight.pop(event.call_id, None)
         if flight is None:
@@ -559,24 +514,10 @@ class EngineService:
         if not self._inflight:
             self._drained.set()
         state, call = event.state, flight.call
-        done = CallCompleted(
-            call_id=call.call_id,
-            program_id=call.program_id,
-            engine_id=self.engine_id,
-            service_s=max(0.0, state.service_s),
-            queue_wait_s=max(0.0, state.queue_wait_s),
-            prompt_tokens=len(state.spec.prompt_ids),
-            output_tokens=len(state.output_ids),
-            finish_reason=finish_reason or event.finish_reason,
-            priority=call.priority,
-            parents=call.parents,
-            preemptions=state.preemptions,
-            swap_bytes=state.swap_bytes,
-            swap_s=max(0.0, state.swap_s),
-            recomputed_tokens=state.recomputed_tokens,
-            completed_at=time.time(),
-            attempt=call.attempt,
-        )
+        if outcome is None:
+            reason = finish_reason or event.finish_reason
+            outcome = CallOutcome.measured(call, state, self.engine_id, reason, time.time())
+        done = outcome.completed()
         assert self._outbox is not None
         await self._outbox.send(done)
         self.metrics.on_completed(done, state, done.completed_at)
@@ -606,22 +547,8 @@ class EngineService:
         self._throttle.log(self.log, "call rejected", key=f"rejected {code}", call_id=call.call_id, code=code,
                            reason=message[:300])
         await self._error(call, code, message)
-        rejected = CallCompleted(
-            call_id=call.call_id,
-            program_id=call.program_id,
-            engine_id=self.engine_id,
-            service_s=0.0,
-            queue_wait_s=0.0,
-            prompt_tokens=0,
-            output_tokens=0,
-            finish_reason=REJECTED,
-            priority=call.priority,
-            parents=call.parents,
-            completed_at=time.time(),
-            attempt=call.attempt,
-        )
         assert self._outbox is not None
-        await self._outbox.send(rejected)
+        await self._outbox.send(CallOutcome.rejected(call, self.engine_id, time.time()).completed())
 
     async def _fail(self, call_id: str, code: str, message: str) -> None:
         flight = self._inflight.get(call_id)
@@ -652,7 +579,7 @@ class EngineService:
             max_context=self.backend.max_context,
             interval_s=self.config.heartbeat_s,
             sent_at=time.time(),
-            kv_tokens_capacity=self.core.kv_capacity,
+            kv_tokens_capacity=self.core.kv_capacity_tokens,
             kv_tokens_retained=cache.retained_tokens,
             kv_tokens_idle_contexts=load.idle_context_tokens,
             kv_tokens_tiered=cache.tiered_tokens,
@@ -660,6 +587,7 @@ class EngineService:
             prefix_hit_tokens_total=cache.hit_tokens,
             prefix_hit_rate=cache.hit_rate,
             calls_limit=self.config.backend.max_batch + self.config.max_waiting,
+            policy=self.core.config.policy,
         )
         await self._nc.publish(self.subjects.engine_heartbeat, encode(hb))
         self.metrics.on_heartbeat(hb)

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from autellix.proto import CallRequest
+from autellix.proto import CallRequest, ProgramEndReply
 from autellix.services.client import CallFailed, CallStream, Client
 from autellix.services.logs import get_logger
 
@@ -115,7 +115,7 @@ class Gateway:
         self._count(endpoint, error.status)
         return json_response(error.body(), error.status, headers)
 
-    async def _end(self, program_id: str) -> dict[str, Any]:
+    async def _end(self, program_id: str) -> ProgramEndReply:
         return await self.client.end_program(program_id)
 
     async def _end_quietly(self, program_id: str) -> None:
@@ -292,8 +292,8 @@ class Gateway:
             reply = await self._end(program_id)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
             return self._error(endpoint, ApiError(503, "no program tracker answered", "no_tracker"))
-        if not reply.get("ok"):
-            return self._error(endpoint, ApiError(404, str(reply.get("error", "unknown program")), "program_not_found"))
+        if not reply.ok:
+            return self._error(endpoint, ApiError(404, reply.error or "unknown program", "program_not_found"))
         self._count(endpoint, 200)
         return json_response(reply)
 

@@ -21,6 +21,7 @@ from autellix.policy.tenant_account import TenantAccounts
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.proto import (
     CallError,
+    CallParams,
     CallRequest,
     EngineHeartbeat,
     ErrorCode,
@@ -82,13 +83,13 @@ class Routed:
     tokens: int = 0
 
 
-def estimate_prompt_tokens(call: CallRequest | StampedCall) -> int:
+def estimate_prompt_tokens(call: CallParams) -> int:
     """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
     chars = len(call.prompt or "") + sum(len(m.content) + 8 for m in call.messages)
     return max(1, chars // 4 + len(call.resume_token_ids))
 
 
-def call_tokens(call: CallRequest | StampedCall) -> int:
+def call_tokens(call: CallParams) -> int:
     """What a call may hold of an engine's KV: its estimated prompt and all it may generate."""
     return estimate_prompt_tokens(call) + max(0, call.max_tokens)
 
@@ -135,34 +136,49 @@ class SchedulerCore:
         self.tenant_limits = TenantLimits(max_calls_per_tenant, max_tokens_per_tenant, tenant_users)
         #: call id -> (tenant, tokens) of calls waiting here for a live engine (counted in the bounds)
         self.held: dict[str, tuple[str, int]] = {}
+        #: engines that serve another policy, with it: nothing is routed to them
+        self.refused: dict[str, str] = {}
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
         if tenant := update.tenant or update.owner:
             before = self.programs.get(update.program_id)
-            grown = update.service_s - (before.service_s if before is not None else 0.0)
+            grown = update.program_service_s - (before.service_s if before is not None else 0.0)
             self.tenants.charge(tenant, grown, update.updated_at)
         if update.ended:
             self.programs.pop(update.program_id, None)
             self.program_wait_s.pop(update.program_id, None)
             self.balancer.forget(update.program_id)
             return
-        self.program_wait_s[update.program_id] = update.waiting_s
+        self.program_wait_s[update.program_id] = update.program_wait_s
         account = self.programs.get(update.program_id)
         if account is None:
             account = self.programs[update.program_id] = ProgramAccount(update.program_id)
-        account.service_s = update.service_s
+        account.service_s = update.program_service_s
         account.critical_path_s = update.critical_path_s
         account.calls_completed = update.calls_completed
         if update.call_id:
             account.call_path_s[update.call_id] = update.call_path_s
 
-    def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> None:
+    def on_heartbeat(self, hb: EngineHeartbeat, now: float) -> bool:
+        """Take an engine's heartbeat. An engine whose local queues serve another policy than this
+        scheduler's is refused: it is not among the engines calls are routed to (its queues would
+        order the stamps by another rule). Returns True when such an engine is first heard (or
+        changes its policy), for the shell to say so once."""
         if hb.state == "down":
             self.engines.pop(hb.engine_id, None)
+            self.refused.pop(hb.engine_id, None)
             self._forget_engine(hb.engine_id)
-            return
+            return False
+        if hb.policy and hb.policy != self.policy:
+            news = self.refused.get(hb.engine_id) != hb.policy
+            self.refused[hb.engine_id] = hb.policy
+            if self.engines.pop(hb.engine_id, None) is not None:
+                self._forget_engine(hb.engine_id)  # it served our policy until now: restarted otherwise
+            return news
+        self.refused.pop(hb.engine_id, None)
         self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        return False
 
     def _fresh(self, view: EngineView, now: float) -> bool:
         return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
@@ -340,27 +356,16 @@ class SchedulerCore:
         # anti-starvation rule (wait / service >= beta) lifts a fresh program's call to the top at once
         tenant = self.tenant_of(request, owner)
         floor = self._tenant_floor(tenant, now)
-        return StampedCall(
-            call_id=request.call_id,
-            program_id=request.program_id,
+        return StampedCall.stamp(
+            request,
             reply_to=reply_to,
-            messages=request.messages,
-            prompt=request.prompt,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-            parents=request.parents,
-            stream=request.stream,
+            submitted_at=request.submitted_at or now,
             priority=max(priority_for(self.policy, account, request.parents), floor),
             policy=self.policy,
-            submitted_at=request.submitted_at or now,
             stamped_at=now,
             scheduler_id=self.scheduler_id,
             program_service_s=max(account.service_s if account is not None else 0.0, floor),
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
-            resume_token_ids=request.resume_token_ids,
-            attempt=request.attempt,
             deadline_at=now + self.deadline_for(request),
             owner=owner,
             ack=request.ack,
@@ -380,7 +385,7 @@ class SchedulerCore:
             return request.deadline_s
         return self.call_deadline_s
 
-    def route(self, call: CallRequest | StampedCall, now: float, prefer: str = "") -> str | None:
+    def route(self, call: CallParams, now: float, prefer: str = "") -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
         what this scheduler routed since each engine's last heartbeat); None when none is live.
         ``prefer``: the engine that ran the call's previous attempt, chosen while it is live."""

@@ -144,12 +144,22 @@ class SchedulerService:
             self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
             return
         known = hb.engine_id in self.core.engines
-        self.core.on_heartbeat(hb, time.time())
+        if self.core.on_heartbeat(hb, time.time()):
+            self.log.warning(
+                "engine refused: its queues serve another policy; nothing is routed to it",
+                engine_id=hb.engine_id,
+                engine_policy=hb.policy,
+                policy=self.core.policy,
+            )
         self.metrics.engines.set(len(self.core.live_engines(time.time())))
+        refused = hb.engine_id in self.core.refused
         if self.door is not None:
-            self.door.on_heartbeat(hb)
+            if refused:
+                self.door.forget_engine(hb.engine_id)
+            else:
+                self.door.on_heartbeat(hb)
             await self._open_door()
-        if not known and hb.state == "up":
+        if not known and not refused and hb.state == "up":
             self.log.info("engine joined", engine_id=hb.engine_id, backend=hb.backend, model=hb.model)
         self._engine_seen.set()
         self._engine_seen.clear()

@@ -32,9 +32,9 @@ class TrackerMetrics:
 
     def on_ended(self, summary: ProgramSummary) -> None:
         self.ended.labels("request").inc()
-        self.service.observe(summary.service_s)
+        self.service.observe(summary.program_service_s)
         self.latency.observe(max(0.0, summary.last_activity_at - summary.first_seen_at))
 
     def on_expired(self, update: ProgramService) -> None:
         self.ended.labels("idle").inc()
-        self.service.observe(update.service_s)
+        self.service.observe(update.program_service_s)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from autellix.policy.program_account import ProgramAccount
-from autellix.proto import REJECTED, CallCompleted, CallDispatched, ProgramService, ProgramSummary
+from autellix.proto import REJECTED, CallCompleted, CallDispatched, FinishReason, ProgramService, ProgramSummary
 from autellix.proto.limits import MAX_PERSISTED_CALL_PATHS
+from autellix.proto.messages import same_figure
 
 
 @dataclass(slots=True)
@@ -26,8 +27,9 @@ class ProgramEntry:
     account: ProgramAccount
     first_seen_at: float
     last_activity_at: float
-    waiting_s: float = 0.0
-    #: of waiting_s, the time its calls waited at the schedulers' door
+    #: the time its calls waited, in engine queues and at the schedulers' door
+    program_wait_s: float = 0.0
+    #: of program_wait_s, the time its calls waited at the schedulers' door
     door_wait_s: float = 0.0
     engines: set[str] = field(default_factory=set)
     #: call id -> when it was dispatched (or restored)
@@ -45,9 +47,9 @@ class ProgramEntry:
         a = self.account
         return ProgramSummary(
             program_id=a.program_id,
-            service_s=a.service_s,
+            program_service_s=a.service_s,
             critical_path_s=a.critical_path_s,
-            waiting_s=self.waiting_s,
+            program_wait_s=self.program_wait_s,
             calls_completed=a.calls_completed,
             active_calls=len(self.active_calls),
             engines=sorted(self.engines),
@@ -66,7 +68,8 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     critical_path_s: float
     calls_completed: int
     call_path_s: dict[str, float]
-    waiting_s: float
+    #: the older name of program_wait_s (records written before it have only this one)
+    waiting_s: float = 0.0
     engines: list[str]
     active_calls: list[str]
     partial_service_s: dict[str, float]
@@ -77,6 +80,10 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     owner: str = ""
     door_wait_s: float = 0.0
     tenant: str = ""
+    program_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        same_figure(self, "program_wait_s", "waiting_s")
 
 
 def to_record(entry: ProgramEntry) -> ProgramRecord:
@@ -88,7 +95,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         calls_completed=a.calls_completed,
         # the newest paths only: a record must stay far below the broker's payload limit
         call_path_s=dict(list(a.call_path_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
-        waiting_s=entry.waiting_s,
+        program_wait_s=entry.program_wait_s,
         engines=sorted(entry.engines),
         active_calls=list(entry.active_calls)[-MAX_PERSISTED_CALL_PATHS:],
         partial_service_s=dict(list(entry.partial_service_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
@@ -113,7 +120,7 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         account=account,
         first_seen_at=r.first_seen_at,
         last_activity_at=r.last_activity_at,
-        waiting_s=r.waiting_s,
+        program_wait_s=r.program_wait_s,
         door_wait_s=r.door_wait_s,
         engines=set(r.engines),
         active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
@@ -172,7 +179,7 @@ class ProcessTable:
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
         if event.door_wait_s > 0:  # waiting for engine memory is waiting: the program's latency has it
-            entry.waiting_s += event.door_wait_s
+            entry.program_wait_s += event.door_wait_s
             entry.door_wait_s += event.door_wait_s
 
     def on_completed(self, event: CallCompleted, now: float) -> ProgramService | None:
@@ -192,9 +199,9 @@ class ProcessTable:
         if event.call_id and event.call_id in entry.account.call_path_s:
             return None  # counted already (a completion redelivered after a restart): count it once
         entry.engines.add(event.engine_id)
-        entry.waiting_s += event.queue_wait_s
+        entry.program_wait_s += event.queue_wait_s
         entry.last_activity_at = now
-        if event.finish_reason == "handback":
+        if event.finish_reason == FinishReason.HANDBACK:
             entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
             return None
         entry.active_calls.pop(event.call_id, None)
@@ -209,9 +216,9 @@ class ProcessTable:
         a = entry.account
         return ProgramService(
             program_id=a.program_id,
-            service_s=a.service_s,
+            program_service_s=a.service_s,
             critical_path_s=a.critical_path_s,
-            waiting_s=entry.waiting_s,
+            program_wait_s=entry.program_wait_s,
             calls_completed=a.calls_completed,
             call_id=call_id,
             call_path_s=call_path_s,

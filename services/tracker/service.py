@@ -19,6 +19,7 @@ from autellix.proto import (
     EngineHeartbeat,
     ErrorCode,
     ProgramEnd,
+    ProgramEndReply,
     ProgramTable,
     Subjects,
     decode,
@@ -168,45 +169,45 @@ class TrackerService:
             "program service updated",
             program_id=event.program_id,
             call_id=event.call_id,
-            service_s=round(update.service_s, 6),
+            program_service_s=round(update.program_service_s, 6),
             critical_path_s=round(update.critical_path_s, 6),
         )
         await self._publish(self.subjects.program_service, update)
         return event.program_id
 
     async def _on_end(self, msg: Msg) -> None:
-        """End a program. Replies ``{"ok": true, "program": {...}}``, or ``{"ok": false, "error": ...}``
-        for a program the tracker does not know (never started, already ended or forgotten) or a
-        malformed request; a request without a reply subject still ends the program."""
+        """End a program. Replies with a :class:`ProgramEndReply`: ok with the program's final row,
+        or not ok for a program the tracker does not know (never started, already ended or
+        forgotten), another user's program or a malformed request; a request without a reply
+        subject still ends the program."""
 
-        async def respond(body: object) -> None:
+        async def respond(reply: ProgramEndReply) -> None:
             if msg.reply:
-                await msg.respond(msgspec.json.encode(body))
+                await msg.respond(encode(reply))
 
         try:
             request = decode(msg.data, ProgramEnd)
         except msgspec.MsgspecError as exc:
             code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
             detail = explain(exc) if isinstance(exc, msgspec.DecodeError) else str(exc)
-            await respond({"ok": False, "code": code, "error": f"bad request: {detail}"})
+            await respond(ProgramEndReply(ok=False, code=code, error=f"bad request: {detail}"))
             return
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)
         if sender and owner and sender != owner:  # an authenticated user ends only its own programs
-            await respond({"ok": False, "code": NOT_OWNER, "error": "the program belongs to another user"})
+            await respond(ProgramEndReply(ok=False, code=NOT_OWNER, error="the program belongs to another user"))
             return
         ended = self.table.end(request.program_id, time.time())
         if ended is None:
-            await respond(
-                {"ok": False, "code": UNKNOWN_PROGRAM, "error": f"unknown program {request.program_id[:80]!r}"}
-            )
+            unknown = f"unknown program {request.program_id[:80]!r}"
+            await respond(ProgramEndReply(ok=False, code=UNKNOWN_PROGRAM, error=unknown))
             return
         summary, update = ended
         self.store.mark_deleted(request.program_id)
         self.metrics.on_ended(summary)
-        self.log.info("program ended", program_id=request.program_id, service_s=summary.service_s)
+        self.log.info("program ended", program_id=request.program_id, program_service_s=summary.program_service_s)
         await self._publish(self.subjects.program_service, update)
-        await respond({"ok": True, "program": summary})
+        await respond(ProgramEndReply(ok=True, program=summary))
 
     async def _on_table(self, msg: Msg) -> None:
         if not msg.reply:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from meshkit import start_mesh, stop_mesh
 
-from autellix.engine.core import CallSpec, CoreConfig, EngineCore, FinishEvent
+from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.services.client import CallFailed
 
 # the first test of a module loads (or converts) the model and makes references: slow on a loaded 2-core machine
@@ -15,7 +15,7 @@ LONG_PROMPT = "Write a short story about a lighthouse keeper who finds a message
 TOKENS = 24
 
 
-def run(core: EngineCore, arrivals: dict[int, list[CallSpec]] | None = None) -> dict[str, FinishEvent]:
+def run(core: EngineCore, arrivals: dict[int, list[CoreCall]] | None = None) -> dict[str, FinishEvent]:
     arrivals = arrivals or {}
     done: dict[str, FinishEvent] = {}
     step, now = 0, 0.0
@@ -35,18 +35,18 @@ def run(core: EngineCore, arrivals: dict[int, list[CallSpec]] | None = None) -> 
 def test_preempted_call_resumes_exactly(hf_backend, mode: str) -> None:  # type: ignore[no-untyped-def]
     prompt = hf_backend.encode_chat([{"role": "user", "content": LONG_PROMPT}])
     alone = run(
-        EngineCore(hf_backend, CoreConfig(max_batch=1)), {0: [CallSpec("alone", "p", prompt, TOKENS, ignore_eos=True)]}
+        EngineCore(hf_backend, CoreConfig(max_batch=1)), {0: [CoreCall("alone", "p", prompt, TOKENS, ignore_eos=True)]}
     )
     reference = alone["alone"].state.output_ids
     assert len(reference) == TOKENS
 
     core = EngineCore(hf_backend, CoreConfig(max_batch=1, schedule_every=1, preempt_mode=mode))  # type: ignore[arg-type]
     short = hf_backend.encode_chat([{"role": "user", "content": "Say hi."}])
-    long_call = CallSpec("long", "slow", prompt, TOKENS, priority=30.0, program_service_s=30.0, ignore_eos=True)
+    long_call = CoreCall("long", "slow", prompt, TOKENS, priority=30.0, program_service_s=30.0, ignore_eos=True)
     bursts = {
-        3: [CallSpec("s0", "a", short, 3)],
-        9: [CallSpec("s1", "b", short, 3)],
-        15: [CallSpec("s2", "c", short, 3)],
+        3: [CoreCall("s0", "a", short, 3)],
+        9: [CoreCall("s1", "b", short, 3)],
+        15: [CoreCall("s2", "c", short, 3)],
     }
     done = run(core, {0: [long_call], **bursts})
     state = done["long"].state
