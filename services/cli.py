@@ -447,7 +447,11 @@ def cmd_auth_init(args: argparse.Namespace) -> int:
 
     from .auth import init_deployment
 
-    written = init_deployment(Path(args.directory), Subjects(_env_root(args)))
+    directory = Path(args.directory)
+    if args.keep and (directory / "nats-auth.conf").is_file():
+        print(f"kept the credentials already in {directory}")
+        return 0
+    written = init_deployment(directory, Subjects(_env_root(args)), host=args.host)
     for what, path in written.items():
         print(f"{what:9} {path}")
     print(
@@ -553,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
     init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
     init.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    init.add_argument("--host", default="nats:4222", help="the broker's host:port in the .creds URLs")
+    init.add_argument(
+        "--keep", action="store_true", help="write nothing when the directory already holds a nats-auth.conf"
+    )
     init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench
