@@ -9,13 +9,13 @@ Modes:
 - otherwise (or with ``--compare``): for each policy (``--compare fcfs,plas,atlas`` or ``--policy``),
   each balancer (``--balancer locality,round-robin``) and each rate, bring up a fresh in-process mesh
   (tracker, scheduler and ``--engines`` sim engines, every service set to the policy, the engines'
-  limits from the cost model, KV budget times ``--kv-scale``) on an embedded nats-server, or on
+  limits from the cost model, KV capacity times ``--kv-scale``) on an embedded nats-server, or on
   ``--nats`` when given, replay the same programs, and print the figures side by side with ratios to
   the first policy (and to the first balancer); with several ``--rates`` and FCFS among the policies,
   the simulator's analysis (highest sustainable rate under each latency target, per balancer, at the
   same absolute targets, and each balancer's rate over round-robin's). ``--memory lru,tier`` runs each
   point once per engine KV memory variant (``lru``: LRU prefix cache; ``retain``: program-aware
-  eviction order; ``tier``: that plus a CPU tier of 4x the KV budget), with ratios to the first.
+  eviction order; ``tier``: that plus a CPU tier of 4x the KV capacity), with ratios to the first.
 
 ``--with-sim`` also runs ``autellix sim`` on the same programs, policy, rate and engines and prints
 live / sim per figure.
@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-scale",
         default="1.0",
-        help="multiply the cost model's KV budget of the in-process sim engines, as autellix sim (default %(default)s)",
+        help="multiply the KV capacity of the in-process sim engines' cost model, as sim does (default %(default)s)",
     )
     p.add_argument("--engines", default="1", help="sim engines of the in-process mesh (default %(default)s)")
     p.add_argument(

@@ -102,7 +102,7 @@ class CoreReplay:
                 mlfq=cfg.mlfq,
             ),
         )
-        #: as the simulator: a prompt is cut to fit half the KV budget with its output
+        #: as the simulator: a prompt is cut to fit half the KV capacity with its output
         self.max_context = max(2, min(cost.max_context, cost.kv_capacity_tokens // 2))
         self._tok = self.backend.encode_prompt("tok")[0]
         self._filler = self.backend.encode_prompt("www")[0]

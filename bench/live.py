@@ -59,7 +59,7 @@ from autellix.sim.workload import ProgramSpec, scaled_arrivals
 FILLER = "www"
 
 #: the engines' KV memory per variant (the simulator's ``--memory`` names): retention order and CPU tier
-#: size in multiples of the KV budget. ``lru`` is LRU with no tier; ``retain`` the program-aware order
+#: size in multiples of the KV capacity. ``lru`` is LRU with no tier; ``retain`` the program-aware order
 #: (contained, ended programs', LRU); ``tier`` that plus a CPU tier of 4x the budget.
 MEMORY_VARIANTS: dict[str, tuple[str, float]] = {
     "lru": ("lru", 0.0),

@@ -2,7 +2,7 @@
 
 Runs, on the default engine profile (``llama31-8b-h100``):
 
-1. per workload (sharegpt, bfcl, lats, mixed) x KV budget (1/4, 1/2, 1x the profile's) x context
+1. per workload (sharegpt, bfcl, lats, mixed) x KV capacity (1/4, 1/2, 1x the profile's) x context
    carrying (on, off): all five policies on one engine over a grid of rates;
 2. 4 engines, mixed workload (``--multi-workloads``): FCFS, PLAS and ATLAS under round-robin and
    locality balancing. ``--only-multi`` runs this part alone.

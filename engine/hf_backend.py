@@ -351,7 +351,7 @@ class HFBackend:
         return self.model.forward(plan)
 
     def _validate(self, batch: StepBatch) -> int:
-        """Check the step against every sequence's state and the KV budget; returns the KV growth."""
+        """Check the step against every sequence's state and the KV capacity; returns the KV growth."""
         work = batch.work
         if len(work) > self.max_batch:
             raise ValueError(f"step carries {len(work)} sequences; max_batch is {self.max_batch}")

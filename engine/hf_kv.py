@@ -4,7 +4,7 @@
   up to the model's context) in the slots of one tensor
   ``[layers, 2 (K,V), slots, kv_heads, capacity, head_dim]``. A sequence that outgrows its slab moves
   to the next one (amortised doubling); a full slab doubles its slot count; an empty slab is freed
-  once the slabs exceed the KV budget's bytes. One slot per sequence keeps a decode step at one SDPA
+  once the slabs exceed the KV capacity's bytes. One slot per sequence keeps a decode step at one SDPA
   call per slab per layer.
 - The :class:`CpuPool` is a preallocated flat buffer with a first-fit allocator of contiguous
   regions. A region holds one sequence's KV laid out ``[layers, 2, kv_heads, tokens, head_dim]``, so
@@ -210,7 +210,7 @@ class KVStore:
         return slab
 
     def release_slot(self, slab: Slab, slot: int) -> None:
-        """Give a slot back; an empty slab goes once the slabs exceed the KV budget's bytes."""
+        """Give a slot back; an empty slab goes once the slabs exceed the KV capacity's bytes."""
         slab.release(slot)
         if slab.used == 0 and self.slab_bytes() > self.kv_capacity_tokens * self.bytes_per_token():
             del self.slabs[slab.capacity]
@@ -288,7 +288,7 @@ class KVStore:
         return size * self.itemsize
 
     def swap_in(self, seq_id: str) -> int:
-        """Copy a swapped sequence back into a slot (the caller checked the KV budget); returns bytes."""
+        """Copy a swapped sequence back into a slot (the caller checked the KV capacity); returns bytes."""
         seq = self.require(seq_id)
         region = seq.swapped
         if region is None:

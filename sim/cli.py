@@ -279,9 +279,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_budget_tokens": cost.kv_capacity_tokens,  # the older name of the same figure
         "carry_context": config.carry_context,
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable(
-            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
-        ),
+        "config": _config_json(config, opts),
         "points": results,
         "analysis": analysis,
     }
@@ -341,9 +339,7 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
         "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
-        "config": _jsonable(
-            {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
-        ),
+        "config": _config_json(config, opts),
         "capacity_config": _jsonable(asdict(cap_config)),
         "capacity": result,
     }
@@ -351,6 +347,15 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         json.dump(_jsonable(summary), f, indent=1)
     print(capacity_text(result))
     return 0
+
+
+def _config_json(config: SimConfig, opts: dict[str, Any]) -> Any:
+    """The run's configuration for the report, with the older names of renamed fields beside the new
+    (``sched_every_steps``, ``cost.kv_budget_tokens``: readers of older reports keep working)."""
+    out = {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+    out["sched_every_steps"] = config.schedule_every
+    out["cost"]["kv_budget_tokens"] = config.cost.kv_capacity_tokens
+    return _jsonable(out)
 
 
 def _jsonable(x: Any) -> Any:

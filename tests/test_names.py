@@ -92,3 +92,12 @@ def test_class_names_mean_one_thing() -> None:
     assert not hasattr(simulator, "ProgramRecord") and hasattr(simulator, "ProgramResult")
     core = engine_core.EngineCore(SimBackend(), engine_core.CoreConfig(kv_capacity_tokens=1000))
     assert core.kv_capacity_tokens == 1000 and not hasattr(core, "kv_capacity")
+
+
+def test_sim_reports_keep_the_older_config_names() -> None:
+    opts = _sim_options("--schedule-every", "6")
+    config = opts["config"]
+    assert isinstance(config, simulator.SimConfig)
+    report = sim_cli._config_json(config, opts)
+    assert report["schedule_every"] == report["sched_every_steps"] == 6
+    assert report["cost"]["kv_capacity_tokens"] == report["cost"]["kv_budget_tokens"] == 400_000

@@ -120,7 +120,7 @@ def test_step_time_follows_the_cost_model() -> None:
     assert abs(res.programs[0].finish_s - expected) < 1e-12
 
 
-def test_kv_budget_bounds_the_batch() -> None:
+def test_kv_capacity_bounds_the_batch() -> None:
     cost = CostModel(kv_capacity_tokens=10_000)
     programs = [chain(f"p{i}", 0.0, 1, 3000, 50) for i in range(6)]
     sim = Simulation(programs, SimConfig(policy="fcfs", cost=cost, audit=True))

@@ -61,7 +61,7 @@ configs = st.builds(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(programs(), configs)
-def test_every_call_runs_once_to_completion_within_the_kv_budget(progs: list[ProgramSpec], config: SimConfig) -> None:
+def test_every_call_runs_once_to_completion_within_the_kv_capacity(progs: list[ProgramSpec], config: SimConfig) -> None:
     sim = Simulation(progs, config)
     result = sim.run()  # audit: KV <= budget and batch <= max after every scheduling decision
     assert len(result.programs) == len(progs)
