@@ -42,14 +42,14 @@ class Balancer(Protocol):
     def forget(self, program_id: str) -> None: ...
 
 
+def _used(load: EngineLoad) -> int:
+    return load.kv_tokens_held + load.kv_tokens_queued
+
+
 def _least_used(loads: Sequence[EngineLoad]) -> str:
     if not loads:
         raise ValueError("no engines to choose from")
-    best = loads[0]
-    for load in loads[1:]:
-        if load.used < best.used:
-            best = load
-    return best.engine_id
+    return min(loads, key=_used).engine_id  # the first of equals
 
 
 class RoundRobinBalancer:

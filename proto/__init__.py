@@ -30,10 +30,11 @@ from .messages import (
     ProgramTable,
     StampedCall,
 )
-from .subjects import DEFAULT_ROOT, SCHEDULER_QUEUE, TRACKER_QUEUE, Subjects
+from .subjects import DEFAULT_ROOT, PROGRAM_SLOTS, SCHEDULER_QUEUE, TRACKER_QUEUE, Subjects, TrackerShard, program_slot
 
 __all__ = [
     "DEFAULT_ROOT",
+    "PROGRAM_SLOTS",
     "REJECTED",
     "SCHEDULER_QUEUE",
     "TRACKER_QUEUE",
@@ -59,7 +60,9 @@ __all__ = [
     "ProgramTable",
     "StampedCall",
     "Subjects",
+    "TrackerShard",
     "decode",
     "decode_reply",
     "encode",
+    "program_slot",
 ]

@@ -417,3 +417,6 @@ class ProgramEndReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 
 class ProgramTable(msgspec.Struct, frozen=True, kw_only=True):
     programs: list[ProgramSummary]
+    #: the tracker shard that answered, of how many (each holds its own programs; a client asks all)
+    shard: int = 0
+    shards: int = 1

@@ -6,11 +6,47 @@ can share a broker without seeing each other's traffic.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from .limits import MAX_TOKEN_CHARS, is_token
 
 DEFAULT_ROOT = "autellix"
+
+#: Program ids hash into this many slots (CRC-32 of the UTF-8 id, modulo): the events of a program go
+#: to ``<event subject>.<slot>``, and each tracker shard owns the slots ``slot % shards == index``. The
+#: publishers need no shard count, so trackers can be resharded without touching engines or schedulers.
+PROGRAM_SLOTS = 256
+
+
+def program_slot(program_id: str) -> int:
+    """The slot of a program id (stable across processes and languages: CRC-32, IEEE)."""
+    return zlib.crc32(program_id.encode("utf-8", "surrogatepass")) % PROGRAM_SLOTS
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerShard:
+    """Which programs one tracker owns: shard ``index`` of ``count``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= PROGRAM_SLOTS:
+            raise ValueError(f"the tracker shard count must be within 1 .. {PROGRAM_SLOTS}, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"the tracker shard index must be within 0 .. {self.count - 1}, got {self.index}")
+
+    def slots(self) -> list[int]:
+        return [slot for slot in range(PROGRAM_SLOTS) if slot % self.count == self.index]
+
+    def owns(self, program_id: str) -> bool:
+        return program_slot(program_id) % self.count == self.index
+
+    @property
+    def queue(self) -> str:
+        """The queue group of this shard's trackers (replicas of one shard share its work)."""
+        return TRACKER_QUEUE if self.count == 1 else f"{TRACKER_QUEUE}-{self.index}-of-{self.count}"
 
 #: Queue group the schedulers join on the submission subject (one scheduler takes each call).
 SCHEDULER_QUEUE = "schedulers"
@@ -89,6 +125,12 @@ class Subjects:
         """The tracker publishes each program's updated service figures here."""
         return f"{self.root}.tracker.service"
 
+    @property
+    def program_ended(self) -> str:
+        """The final figures of each program that ended or was forgotten, also published here: engines
+        need only these (to free ended programs' contexts first), not one update per call."""
+        return f"{self.root}.tracker.ended"
+
     # -- schedulers -> engines ------------------------------------------------------------------
     def engine_calls(self, engine_id: str) -> str:
         """Priority-stamped calls for one engine."""
@@ -107,5 +149,18 @@ class Subjects:
 
     @property
     def call_completed(self) -> str:
-        """Engines publish one event per finished call (service time, token counts, engine id)."""
+        """One event per finished call (service time, token counts, engine id). Engines publish it
+        under the program's slot (:meth:`call_completed_for`); this subject itself is still read
+        (from publishers older than the slots)."""
         return f"{self.root}.events.call.completed"
+
+    def call_completed_for(self, program_id: str) -> str:
+        return f"{self.call_completed}.{program_slot(program_id)}"
+
+    def call_dispatched_for(self, program_id: str) -> str:
+        return f"{self.call_dispatched}.{program_slot(program_id)}"
+
+    @staticmethod
+    def any_slot(subject: str) -> str:
+        """Every slot of an event subject (``<subject>.*``)."""
+        return f"{subject}.*"

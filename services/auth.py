@@ -89,7 +89,7 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
         return Permissions(publish=as_user, subscribe=(own_inbox, s.engine_heartbeat))
     if role == "scheduler":
         return Permissions(
-            publish=(engine_calls, s.call_dispatched, s.call_abort, any_inbox),
+            publish=(engine_calls, s.call_dispatched, s.any_slot(s.call_dispatched), s.call_abort, any_inbox),
             subscribe=(
                 own_inbox,
                 s.call_submit,
@@ -97,21 +97,33 @@ def role_permissions(role: str, subjects: Subjects, user: str) -> Permissions:
                 s.call_handback,
                 s.engine_heartbeat,
                 s.call_completed,
+                s.any_slot(s.call_completed),
                 s.program_service,
             ),
         )
     if role == "engine":
         return Permissions(
-            publish=(s.engine_heartbeat, s.call_completed, s.call_handback, any_inbox),
-            subscribe=(own_inbox, engine_calls, s.call_abort, f"{s.call_abort}.*", s.program_service),
+            publish=(s.engine_heartbeat, s.call_completed, s.any_slot(s.call_completed), s.call_handback, any_inbox),
+            subscribe=(own_inbox, engine_calls, s.call_abort, f"{s.call_abort}.*", s.program_service, s.program_ended),
         )
     if role == "tracker":
         return Permissions(
-            publish=(s.program_service, "$JS.API.>", "$KV.>", "$JS.ACK.>"),
+            # the slotted event subjects too: a tracker forwards events from older publishers to their shard
+            publish=(
+                s.program_service,
+                s.program_ended,
+                s.any_slot(s.call_completed),
+                s.any_slot(s.call_dispatched),
+                "$JS.API.>",
+                "$KV.>",
+                "$JS.ACK.>",
+            ),
             subscribe=(
                 own_inbox,
                 s.call_completed,
+                s.any_slot(s.call_completed),
                 s.call_dispatched,
+                s.any_slot(s.call_dispatched),
                 s.engine_heartbeat,  # engines that die: their calls leave the active counts
                 s.program_end,
                 f"{s.program_end}.*",

@@ -122,6 +122,10 @@ def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-unty
     cfg = replace(cfg, nats_url=url, root=_env_root(args))
     if getattr(args, "program_ttl", None) is not None:
         cfg = replace(cfg, idle_ttl_s=args.program_ttl)
+    if getattr(args, "shards", None) is not None:
+        cfg = replace(cfg, shards=args.shards)
+    if getattr(args, "shard_index", None) is not None:
+        cfg = replace(cfg, shard_index=args.shard_index)
     return _metrics_port(cfg, args)
 
 
@@ -263,8 +267,12 @@ def _up_metrics_ports(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return port
 
 
+def _trackers(n: int) -> str:
+    return "tracker" if n == 1 else f"{n} tracker shards"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from autellix.proto import Subjects
+    from autellix.proto import PROGRAM_SLOTS, Subjects
 
     from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
     from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
@@ -279,6 +287,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     if args.cluster < 1:
         print("autellix up: --cluster must be at least 1", file=sys.stderr)
+        return 2
+    if not 1 <= args.trackers <= PROGRAM_SLOTS:
+        print(f"autellix up: --trackers must be within 1 .. {PROGRAM_SLOTS}", file=sys.stderr)
         return 2
     broker: EmbeddedNats | EmbeddedNatsCluster | None = None
     url = args.nats or (read_credentials(args.creds) if args.creds else None)
@@ -309,7 +320,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         tracker_config = replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0))
         if args.cluster > 1:  # the process table and the completions on every node (at most 3)
             tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
-        tracker = TrackerService(tracker_config)
+        trackers = [
+            TrackerService(
+                replace(tracker_config, shards=args.trackers, shard_index=i, metrics_port=ports(0) if i == 0 else None)
+            )
+            for i in range(args.trackers)
+        ]
+        tracker = trackers[0]
         scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
         scheduler = SchedulerService(scheduler_cfg)
         engines = [
@@ -323,7 +340,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         started: list[Any] = []
         try:
             # the gateway before the engines: it hears their first heartbeats, so /v1/models is full at once
-            for service in [tracker, scheduler, *([gateway] if gateway else []), *engines]:
+            for service in [*trackers, scheduler, *([gateway] if gateway else []), *engines]:
                 starting = asyncio.create_task(service.start())
                 waiter = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -345,7 +362,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {redact_url(url)}{auth} | tracker, scheduler ({scheduler.config.policy}), "
+                f"autellix is up: NATS {redact_url(url)}{auth} | {_trackers(len(trackers))}, "
+                f"scheduler ({scheduler.config.policy}), "
                 f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
                 flush=True,
             )
@@ -360,7 +378,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1 if failed else 0
         finally:
             # the gateway stops taking requests first; engines drain in parallel: one drain timeout for the mesh
-            stages = [[gateway], [scheduler], engines, [tracker]]
+            stages = [[gateway], [scheduler], engines, trackers]
             await stop_stages([[s for s in stage if s is not None and s in started] for stage in stages])
 
     try:
@@ -470,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(up, nats_default="an embedded nats-server")
     _add_engine_flags(up)
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
+    up.add_argument("--trackers", type=int, default=1, help="tracker shards, each owning a part of the programs (1)")
     up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
     up.add_argument("--balancer", choices=BALANCERS, default=None, help="engine choice (env AUTELLIX_BALANCER)")
     _add_door_flags(up)
@@ -509,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     tracker = sub.add_parser("tracker", help="run the program-tracker service")
     _add_common(tracker)
     tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
+    tracker.add_argument(
+        "--shards", type=int, default=None, help="trackers sharing the programs (env AUTELLIX_TRACKER_SHARDS; 1)"
+    )
+    tracker.add_argument(
+        "--shard-index", type=int, default=None, help="this tracker's shard, 0 .. shards-1 (env AUTELLIX_TRACKER_SHARD)"
+    )
     _add_metrics_port(tracker)
     tracker.set_defaults(func=cmd_service)
 

@@ -17,6 +17,7 @@ tracker. Calls in one program may run in parallel; ``parents`` names the calls a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
@@ -468,8 +469,31 @@ class Client:
         return decode(msg.data, ProgramEndReply)
 
     async def table(self, timeout_s: float = 5.0) -> ProgramTable:
-        msg = await self.nc.request(self.subjects.tracker_table, b"{}", timeout_s)
-        return decode(msg.data, ProgramTable)
+        """The process table; with sharded trackers, every shard's programs (a shard answers with its
+        own and says how many shards there are: then every shard is asked, and awaited up to
+        ``timeout_s``)."""
+        first = decode((await self.nc.request(self.subjects.tracker_table, b"{}", timeout_s)).data, ProgramTable)
+        if first.shards <= 1:
+            return first
+        tables: dict[int, ProgramTable] = {}
+        answered = asyncio.Event()
+
+        async def on_reply(msg: Msg) -> None:
+            table = decode(msg.data, ProgramTable)
+            tables[table.shard] = table
+            if len(tables) >= table.shards:
+                answered.set()
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(self.subjects.tracker_table, b"{}", reply=inbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), timeout_s)
+        finally:
+            await sub.unsubscribe()
+        programs = [row for shard in sorted(tables) for row in tables[shard].programs]
+        return ProgramTable(programs=programs, shard=0, shards=first.shards)
 
     async def close(self) -> None:
         if self._owns and not self.nc.is_closed:

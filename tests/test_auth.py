@@ -122,6 +122,8 @@ async def _delivered(watcher: NATS, subject: str, publisher: NATS, payload: byte
         ("engine.e1.calls", "engine", {"call_id": "x", "program_id": "me", "priority": -1e9}, "call to an engine"),
         ("engine.heartbeat", "scheduler", {"engine_id": "fake", "backend": "sim", "model": "m"}, "fake engine"),
         ("events.call.dispatched", "tracker", {"call_id": "x", "program_id": "victim"}, "fake dispatch"),
+        ("events.call.completed.7", "tracker", {"call_id": "x", "program_id": "victim", "service_s": 1e3}, "slotted"),
+        ("events.call.dispatched.7", "tracker", {"call_id": "x", "program_id": "victim"}, "fake slotted dispatch"),
         ("call.handback", "scheduler", {"call_id": "x", "program_id": "me"}, "fake hand-back"),
     ],
 )

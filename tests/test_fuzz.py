@@ -81,6 +81,7 @@ async def test_fuzz_every_subject_then_mesh_serves(mesh: Mesh) -> None:
     subjects = [
         s.call_submit, s.call_abort, s.call_handback, s.program_end, s.tracker_table, s.program_service,
         s.engine_calls(engine_id), s.engine_heartbeat, s.call_dispatched, s.call_completed,
+        s.call_dispatched_for("x"), s.call_completed_for("x"),
     ]  # fmt: skip
     nc = await nats.connect(mesh.url, max_reconnect_attempts=0)
     replies = 0

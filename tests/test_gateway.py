@@ -210,7 +210,7 @@ async def test_parents_header_gives_atlas_stamps(gw_atlas: Gw) -> None:
         if update.get("call_id"):
             service[update["call_id"]] = update["call_path_s"]
 
-    await nc.subscribe(f"{gw.mesh.root}.events.call.dispatched", cb=on_dispatched)
+    await nc.subscribe(f"{gw.mesh.root}.events.call.dispatched.*", cb=on_dispatched)  # every program slot
     await nc.subscribe(f"{gw.mesh.root}.tracker.service", cb=on_service)
     await nc.flush()
     try:
@@ -377,7 +377,7 @@ async def test_disconnect_mid_stream_aborts_the_call(gw: Gw) -> None:
     async def on_completed(msg: Any) -> None:
         completed.append(json.loads(msg.data))
 
-    await nc.subscribe(f"{gw.mesh.root}.events.call.completed", cb=on_completed)
+    await nc.subscribe(f"{gw.mesh.root}.events.call.completed.*", cb=on_completed)  # every program slot
     await nc.flush()
     try:
         stream = await gw.sdk.chat.completions.create(

@@ -186,6 +186,7 @@ async def test_garbage_on_every_subject_leaves_the_mesh_serving(mesh: Mesh) -> N
     subjects = [
         s.call_submit, s.call_abort, s.call_handback, s.program_end, s.tracker_table, s.program_service,
         s.engine_calls(engine_id), s.engine_heartbeat, s.call_dispatched, s.call_completed,
+        s.call_dispatched_for("x"), s.call_completed_for("x"),
     ]  # fmt: skip
     nc = await _raw(mesh)
     try:

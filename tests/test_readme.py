@@ -74,7 +74,7 @@ async def test_readme_openai_example_runs(nats_url: str, root: str) -> None:
     async def on_dispatched(msg) -> None:  # type: ignore[no-untyped-def]
         seen.append(msg.data.decode())
 
-    await nc.subscribe(f"{root}.events.call.dispatched", cb=on_dispatched)
+    await nc.subscribe(f"{root}.events.call.dispatched.*", cb=on_dispatched)  # every program slot
     await nc.flush()
     try:
         source = source.replace("http://127.0.0.1:8000", gateway.url)

@@ -17,7 +17,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from autellix.proto import CallCompleted, encode
+from autellix.proto import CallCompleted, Subjects, encode
 from autellix.proto.messages import completed_message_id
 from autellix.services.log_throttle import LogThrottle
 
@@ -28,9 +28,9 @@ MAX_PENDING = 10_000
 
 
 class CompletionOutbox:
-    def __init__(self, nc: NATS, subject: str, log: object) -> None:
+    def __init__(self, nc: NATS, subjects: Subjects, log: object) -> None:
         self.nc = nc
-        self.subject = subject
+        self.subjects = subjects
         self.log = log
         self.js = nc.jetstream()
         self._pending: set[asyncio.Task[None]] = set()
@@ -39,22 +39,23 @@ class CompletionOutbox:
     async def send(self, event: CallCompleted) -> None:
         data = encode(event)
         headers = {"Nats-Msg-Id": completed_message_id(event)}
+        subject = self.subjects.call_completed_for(event.program_id)  # the program's slot: its tracker shard
         if len(self._pending) >= MAX_PENDING:
-            await self.nc.publish(self.subject, data, headers=headers)
+            await self.nc.publish(subject, data, headers=headers)
             return
-        task = asyncio.create_task(self._deliver(data, headers))
+        task = asyncio.create_task(self._deliver(subject, data, headers))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _deliver(self, data: bytes, headers: dict[str, str]) -> None:
+    async def _deliver(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
         deadline = asyncio.get_running_loop().time() + RETRY_FOR_S
         while True:
             try:
-                await self.js.publish(self.subject, data, timeout=2.0, headers=headers)
+                await self.js.publish(subject, data, timeout=2.0, headers=headers)
                 return
             except nats.errors.NoRespondersError:  # no stream captures completions here
                 if self.nc.is_connected:
-                    await self.nc.publish(self.subject, data, headers=headers)
+                    await self.nc.publish(subject, data, headers=headers)
                     return
             except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
                 if asyncio.get_running_loop().time() >= deadline or self.nc.is_closed:

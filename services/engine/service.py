@@ -128,12 +128,13 @@ class EngineService:
         nc = self._nc = await connect(
             cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed, on_reconnected=self._beat_now.set
         )
-        self._outbox = CompletionOutbox(nc, self.subjects.call_completed, self.log)
+        self._outbox = CompletionOutbox(nc, self.subjects, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
         await nc.subscribe(f"{self.subjects.call_abort}.*", cb=self._on_abort)
         # ended programs leave the working set, and their contexts go first from the prefix cache
-        await nc.subscribe(self.subjects.program_service, cb=self._on_program_service)
+        # only programs that ended (not one update per call: at R calls/s every engine would read R/s)
+        await nc.subscribe(self.subjects.program_ended, cb=self._on_program_service)
         await nc.flush()
         self.metrics.endpoint.start()
         await self._heartbeat()  # announce ourselves at once

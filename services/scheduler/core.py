@@ -67,6 +67,14 @@ class EngineView:
         hb = self.heartbeat
         return hb.kv_tokens_used + hb.kv_tokens_queued + self.pending_tokens
 
+    def as_load(self) -> EngineLoad:
+        hb = self.heartbeat
+        return EngineLoad(
+            engine_id=hb.engine_id,
+            kv_tokens_held=hb.kv_tokens_used,
+            kv_tokens_queued=hb.kv_tokens_queued + self.pending_tokens,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Routed:
@@ -136,6 +144,17 @@ class SchedulerCore:
         self.tenant_limits = TenantLimits(max_calls_per_tenant, max_tokens_per_tenant, tenant_users)
         #: call id -> (tenant, tokens) of calls waiting here for a live engine (counted in the bounds)
         self.held: dict[str, tuple[str, int]] = {}
+        # Routing reads the live engines on every call: they are kept, sorted by engine id, until an
+        # engine joins, leaves or changes state, or the first of them may have gone stale
+        # (``_live_until``), and the balancer's candidates (engines with room) with them. A routed call
+        # or an engine's next heartbeat updates its own entries in place: O(1), not O(engines).
+        self._live: list[EngineView] | None = None
+        self._live_at: dict[str, int] = {}
+        self._live_until = 0.0
+        self._candidates: list[EngineLoad] | None = None
+        self._candidate_at: dict[str, int] = {}
+        #: the candidates are every live engine, each full (then the chosen one sheds the call)
+        self._all_full = False
         #: engines that serve another policy, with it: nothing is routed to them
         self.refused: dict[str, str] = {}
 
@@ -166,25 +185,60 @@ class SchedulerCore:
         order the stamps by another rule). Returns True when such an engine is first heard (or
         changes its policy), for the shell to say so once."""
         if hb.state == "down":
+            self._live = self._candidates = None
             self.engines.pop(hb.engine_id, None)
             self.refused.pop(hb.engine_id, None)
             self._forget_engine(hb.engine_id)
             return False
         if hb.policy and hb.policy != self.policy:
+            self._live = self._candidates = None
             news = self.refused.get(hb.engine_id) != hb.policy
             self.refused[hb.engine_id] = hb.policy
             if self.engines.pop(hb.engine_id, None) is not None:
                 self._forget_engine(hb.engine_id)  # it served our policy until now: restarted otherwise
             return news
         self.refused.pop(hb.engine_id, None)
-        self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        view = self.engines[hb.engine_id] = EngineView(heartbeat=hb, received_at=now)
+        at = self._live_at.get(hb.engine_id) if self._live is not None and hb.state == "up" else None
+        if at is None or self._live is None:  # joined, or not "up" (now or before): choose again
+            self._live = self._candidates = None
+            return False
+        self._live[at] = view
+        # the cache expires when its oldest heartbeat may have gone stale; this one, fresher, only
+        # moves that earlier if its interval shrank
+        self._live_until = min(self._live_until, now + self.engine_timeout_factor * max(hb.interval_s, 0.05))
+        if self._candidates is not None:
+            slot = self._candidate_at.get(hb.engine_id)
+            if slot is None or view.full() or self._all_full:  # its room changed: the candidates are chosen again
+                self._candidates = None
+            else:
+                self._candidates[slot] = view.as_load()
         return False
 
     def _fresh(self, view: EngineView, now: float) -> bool:
         return now - view.received_at <= self.engine_timeout_factor * max(view.heartbeat.interval_s, 0.05)
 
     def live_engines(self, now: float) -> list[EngineView]:
-        return [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up" and v.confirmed]
+        """The engines heartbeating "up" and not stale, by engine id."""
+        return list(self._live_views(now))
+
+    def live_count(self, now: float) -> int:
+        return len(self._live_views(now))
+
+    def _live_views(self, now: float) -> list[EngineView]:
+        if self._live is None or now > self._live_until:
+            live = [
+                v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up" and v.confirmed
+            ]
+            live.sort(key=lambda v: v.heartbeat.engine_id)
+            self._live = live
+            self._live_at = {v.heartbeat.engine_id: i for i, v in enumerate(live)}
+            self._live_until = min(
+                (v.received_at + self.engine_timeout_factor * max(v.heartbeat.interval_s, 0.05) for v in live),
+                default=float("inf"),
+            )
+            self._candidates = None
+        return self._live
 
     def on_reconnected(self, now: float) -> None:
         """This scheduler's connection came back after a break: an engine gets calls again once it
@@ -193,6 +247,7 @@ class SchedulerCore:
         for view in self.engines.values():
             view.confirmed = False
             view.received_at = now
+        self._live = self._candidates = None
 
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
         previous = self.routed.setdefault(engine_id, {}).get(call.call_id)
@@ -285,6 +340,7 @@ class SchedulerCore:
         out = []
         for engine_id in dead:
             del self.engines[engine_id]
+            self._live = self._candidates = None
             orphans = self._forget_engine(engine_id)
             out.append((engine_id, orphans))
         return out
@@ -388,28 +444,32 @@ class SchedulerCore:
     def route(self, call: CallParams, now: float, prefer: str = "") -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
         what this scheduler routed since each engine's last heartbeat); None when none is live.
-        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live."""
-        live = sorted(self.live_engines(now), key=lambda v: v.heartbeat.engine_id)
+        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live with room."""
+        live = self._live_views(now)
         if not live:
             return None
-        # engines with room first; when every one is full, the chosen one sheds with rate_limited
-        live = [v for v in live if not v.full()] or live
-        if prefer and any(v.heartbeat.engine_id == prefer for v in live):
-            self.engines[prefer].pending_tokens += estimate_prompt_tokens(call) + call.max_tokens
-            self.engines[prefer].pending_calls += 1
+        if prefer and prefer in self._live_at and not self.engines[prefer].full():
+            view = self.engines[prefer]
+            view.pending_tokens += estimate_prompt_tokens(call) + call.max_tokens
+            view.pending_calls += 1
+            self._candidates = None  # its load changed: the candidates are chosen again
             return prefer
-        loads = [
-            EngineLoad(
-                engine_id=v.heartbeat.engine_id,
-                kv_tokens_held=v.heartbeat.kv_tokens_used,
-                kv_tokens_queued=v.heartbeat.kv_tokens_queued + v.pending_tokens,
-            )
-            for v in live
-        ]
+        loads = self._candidates
+        if loads is None:
+            # engines with room first; when every one is full, the chosen one sheds with rate_limited
+            room = [v for v in live if not v.full()]
+            self._all_full = not room
+            loads = self._candidates = [v.as_load() for v in room or live]
+            self._candidate_at = {load.engine_id: i for i, load in enumerate(loads)}
         tokens = estimate_prompt_tokens(call)
         engine_id = self.balancer.choose(call.program_id, tokens, loads)
-        self.engines[engine_id].pending_tokens += tokens + call.max_tokens
-        self.engines[engine_id].pending_calls += 1
+        view = self.engines[engine_id]
+        view.pending_tokens += tokens + call.max_tokens
+        view.pending_calls += 1
+        if view.full():
+            self._candidates = None  # it has no room left: the candidates are chosen again
+        else:
+            loads[self._candidate_at[engine_id]] = view.as_load()
         return engine_id
 
 

@@ -21,4 +21,13 @@ class SchedulerMetrics:
             name("scheduler_calls_waiting_for_engine"), "calls held until an engine is live", registry=r
         )
         waiting_gauge.set_function(waiting)
+        #: engine id -> its child of ``routes`` (``labels()`` takes a lock and builds a key per call)
+        self._routes_by_engine: dict[str, Counter] = {}
         # "programs at the door" (admission control) does not exist yet; its gauge belongs here when it does.
+
+    def on_routed(self, engine_id: str) -> None:
+        self.stamps.inc()
+        child = self._routes_by_engine.get(engine_id)
+        if child is None:
+            child = self._routes_by_engine[engine_id] = self.routes.labels(engine_id)
+        child.inc()

@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
-import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -89,7 +88,8 @@ class SchedulerService:
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
-        await nc.subscribe(s.call_completed, cb=self._on_completed)
+        await nc.subscribe(s.call_completed, cb=self._on_completed)  # publishers older than the slots
+        await nc.subscribe(s.any_slot(s.call_completed), cb=self._on_completed)
         await nc.subscribe(s.call_submit, queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(f"{s.call_submit}.*", queue=SCHEDULER_QUEUE, cb=self._on_submit)
         await nc.subscribe(s.call_handback, queue=SCHEDULER_QUEUE, cb=self._on_handback)
@@ -151,7 +151,7 @@ class SchedulerService:
                 engine_policy=hb.policy,
                 policy=self.core.policy,
             )
-        self.metrics.engines.set(len(self.core.live_engines(time.time())))
+        self.metrics.engines.set(self.core.live_count(time.time()))
         refused = hb.engine_id in self.core.refused
         if self.door is not None:
             if refused:
@@ -281,13 +281,12 @@ class SchedulerService:
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
-        self.metrics.stamps.inc()
-        self.metrics.routes.labels(engine_id).inc()
+        self.metrics.on_routed(engine_id)
         if self.door is not None:
             self.door.started(stamped.program_id)
         await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
         await self._nc.publish(
-            self.subjects.call_dispatched,
+            self.subjects.call_dispatched_for(stamped.program_id),  # the program's slot: its tracker shard
             encode(
                 CallDispatched(
                     call_id=stamped.call_id,
@@ -302,8 +301,10 @@ class SchedulerService:
                 )
             ),
         )
-        with structlog.contextvars.bound_contextvars(program_id=stamped.program_id, call_id=stamped.call_id):
-            self.log.debug("call dispatched", engine_id=engine_id, priority=round(stamped.priority, 6))
+        self.log.debug(
+            "call dispatched", program_id=stamped.program_id, call_id=stamped.call_id, engine_id=engine_id,
+            priority=stamped.priority,
+        )
         return engine_id
 
     async def _on_completed(self, msg: Msg) -> None:

@@ -1,9 +1,10 @@
 """Completed events through JetStream: a tracker that was down counts every completion once.
 
-Engines publish one completed event per call on ``<root>.events.call.completed`` (core NATS, so the
-schedulers read it at once) with a ``Nats-Msg-Id`` header of call id, attempt and finish reason. A
-work-queue stream captures that subject, dropping duplicates within its window, and the trackers read
-it through one durable consumer (a deliver group when several trackers share the work), acknowledging
+Engines publish one completed event per call on ``<root>.events.call.completed.<slot>`` (the program's
+slot; core NATS, so the schedulers read it at once) with a ``Nats-Msg-Id`` header of engine, call and
+finish reason. A work-queue stream captures those subjects (and the unslotted one of older engines),
+dropping duplicates within its window, and the trackers read it through one durable consumer per shard,
+filtered to the shard's slots (a deliver group when replicas of a shard share the work), acknowledging
 each event after applying it. So events published while every tracker was down (restarting, or cut
 off with the broker) wait in the stream and are applied when a tracker comes back, and an event
 redelivered after a crash between apply and acknowledgement is recognised by the process table (a
@@ -22,15 +23,17 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, ConsumerInfo, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 
-from autellix.proto import Subjects
+from autellix.proto import Subjects, TrackerShard
 
 from .store import jetstream_not_ready
 
 JETSTREAM_ERRORS = (nats.js.errors.Error, nats.errors.Error)
 
-#: the tracker's durable consumer (and deliver group) on the completions stream
+#: the tracker's durable consumer (and deliver group) on the completions stream; with several shards,
+#: each has its own, ``trackers-<index>-of-<count>``, filtered to its slots
 DURABLE = "trackers"
 #: completions older than this are dropped from the stream, applied or not
 MAX_AGE_S = 3600.0
@@ -53,14 +56,59 @@ def message_id(call_id: str, attempt: int, finish_reason: str) -> str:
     return f"{call_id}:{attempt}:{finish_reason}"
 
 
+def durable_name(shard: TrackerShard) -> str:
+    return DURABLE if shard.count == 1 else shard.queue
+
+
+def filter_subjects(subjects: Subjects, shard: TrackerShard) -> list[str]:
+    """What a shard's consumer takes: its slots, and (shard 0) the unslotted subject of older publishers."""
+    if shard.count == 1:
+        return [subjects.call_completed, subjects.any_slot(subjects.call_completed)]
+    slots = [f"{subjects.call_completed}.{slot}" for slot in shard.slots()]
+    return [subjects.call_completed, *slots] if shard.index == 0 else slots
+
+
+def _layout(name: str) -> int | None:
+    """The shard count of a trackers' consumer name (None: not a trackers' consumer)."""
+    if name == DURABLE:
+        return 1
+    match = re.fullmatch(rf"{DURABLE}-\d+-of-(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+async def _drop_other_layouts(js: JetStreamContext, stream: str, subjects: Subjects, shard: TrackerShard) -> None:
+    """Delete the trackers' consumers of another shard count (a work-queue stream refuses overlapping
+    consumers), and this shard's own when its filter is not this layout's. The events they had not
+    acknowledged stay in the stream and go to this layout's consumers."""
+    want = sorted(filter_subjects(subjects, shard))
+    for info in await _consumers(js, stream):
+        layout = _layout(info.name)
+        if layout is None:
+            continue
+        config = info.config
+        mine = info.name == durable_name(shard)
+        have = sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+        if layout != shard.count or (mine and have != want):
+            await js.delete_consumer(stream, info.name)
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    return list(await js.consumers_info(stream))
+
+
 async def subscribe_completions(
-    nc: NATS, subjects: Subjects, cb: Callable[[Msg], Awaitable[None]], replicas: int = 1
+    nc: NATS,
+    subjects: Subjects,
+    cb: Callable[[Msg], Awaitable[None]],
+    replicas: int = 1,
+    shard: TrackerShard | None = None,
 ) -> Subscription:
-    """Create (or update) the stream and bind the trackers' durable consumer; ``cb`` must ack."""
+    """Create (or update) the stream and bind this shard's durable consumer; ``cb`` must ack."""
+    shard = shard or TrackerShard()
     js = nc.jetstream()
     config = StreamConfig(
         name=stream_name(subjects.root),
-        subjects=[subjects.call_completed],
+        subjects=[subjects.call_completed, subjects.any_slot(subjects.call_completed)],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=MAX_AGE_S,
@@ -82,12 +130,16 @@ async def subscribe_completions(
             if not jetstream_not_ready(exc):
                 raise
             await asyncio.sleep(0.25)
+    await _drop_other_layouts(js, config.name or "", subjects, shard)
+    durable = durable_name(shard)
     return await js.subscribe(
         subjects.call_completed,
-        queue=DURABLE,
-        durable=DURABLE,
+        queue=durable,
+        durable=durable,
         stream=config.name,
         cb=cb,
         manual_ack=True,
-        config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=10_000),
+        config=ConsumerConfig(
+            ack_wait=ACK_WAIT_S, max_ack_pending=10_000, filter_subjects=filter_subjects(subjects, shard)
+        ),
     )

@@ -26,6 +26,10 @@ class TrackerConfig:
     #: an active call with no completed event after this long is dropped (its engine died, or its
     #: event was lost); longer than the schedulers' call deadline
     active_call_max_s: float = 900.0
+    #: trackers sharing the programs (each owns the programs whose slot % shards == its index)
+    shards: int = 1
+    #: this tracker's shard, 0 .. shards - 1 (replicas of one shard share its work)
+    shard_index: int = 0
 
     @classmethod
     def from_env(cls) -> TrackerConfig:
@@ -40,4 +44,6 @@ class TrackerConfig:
             persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
             metrics_port=metrics_port_from_env(),
             kv_replicas=int(env.get("AUTELLIX_KV_REPLICAS", d.kv_replicas)),
+            shards=int(env.get("AUTELLIX_TRACKER_SHARDS", d.shards)),
+            shard_index=int(env.get("AUTELLIX_TRACKER_SHARD", d.shard_index)),
         )

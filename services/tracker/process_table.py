@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 import msgspec
 
@@ -86,6 +87,13 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
         same_figure(self, "program_wait_s", "waiting_s")
 
 
+def _newest(d: dict[str, float], n: int) -> dict[str, float]:
+    """The ``n`` newest items of ``d`` in order, in O(n) (a long program's dict can be large)."""
+    if len(d) <= n:
+        return dict(d)
+    return dict(reversed(list(islice(reversed(d.items()), n))))
+
+
 def to_record(entry: ProgramEntry) -> ProgramRecord:
     a = entry.account
     return ProgramRecord(
@@ -94,14 +102,14 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         critical_path_s=a.critical_path_s,
         calls_completed=a.calls_completed,
         # the newest paths only: a record must stay far below the broker's payload limit
-        call_path_s=dict(list(a.call_path_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        call_path_s=_newest(a.call_path_s, MAX_PERSISTED_CALL_PATHS),
         program_wait_s=entry.program_wait_s,
         engines=sorted(entry.engines),
-        active_calls=list(entry.active_calls)[-MAX_PERSISTED_CALL_PATHS:],
-        partial_service_s=dict(list(entry.partial_service_s.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        active_calls=list(_newest(entry.active_calls, MAX_PERSISTED_CALL_PATHS)),
+        partial_service_s=_newest(entry.partial_service_s, MAX_PERSISTED_CALL_PATHS),
         first_seen_at=entry.first_seen_at,
         last_activity_at=entry.last_activity_at,
-        active_since=dict(list(entry.active_calls.items())[-MAX_PERSISTED_CALL_PATHS:]),
+        active_since=_newest(entry.active_calls, MAX_PERSISTED_CALL_PATHS),
         owner=entry.owner,
         door_wait_s=entry.door_wait_s,
         tenant=entry.tenant,
@@ -174,8 +182,9 @@ class ProcessTable:
             entry.owner = event.owner
         if not entry.tenant:
             entry.tenant = event.tenant
-        entry.active_calls[event.call_id] = now
-        entry.active_engine[event.call_id] = event.engine_id
+        if event.call_id not in entry.account.call_path_s:  # a dispatch can trail its own completion
+            entry.active_calls[event.call_id] = now  # (core NATS and the stream are different paths)
+            entry.active_engine[event.call_id] = event.engine_id
         entry.engines.add(event.engine_id)
         entry.last_activity_at = now
         if event.door_wait_s > 0:  # waiting for engine memory is waiting: the program's latency has it

@@ -13,15 +13,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from autellix.proto import (
-    TRACKER_QUEUE,
     CallCompleted,
     CallDispatched,
     EngineHeartbeat,
     ErrorCode,
     ProgramEnd,
     ProgramEndReply,
+    ProgramService,
     ProgramTable,
     Subjects,
+    TrackerShard,
     decode,
     encode,
 )
@@ -51,8 +52,10 @@ class TrackerService:
         self.config = config
         self.subjects = Subjects(config.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
-        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas)
-        self.log = get_logger("tracker")
+        #: the programs this tracker owns (all of them unless trackers are sharded)
+        self.shard = TrackerShard(config.shard_index, config.shards)
+        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas, owns=self.shard.owns)
+        self.log = get_logger("tracker", shard=f"{self.shard.index}/{self.shard.count}")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -71,11 +74,14 @@ class TrackerService:
                 "process table loaded", programs=restored, bucket=self.store.bucket, persisted=self.store.enabled
             )
         s = self.subjects
+        queue = self.shard.queue
         await self._subscribe_completions(nc)
-        await nc.subscribe(s.call_dispatched, queue=TRACKER_QUEUE, cb=self._on_dispatched)
-        await nc.subscribe(s.program_end, queue=TRACKER_QUEUE, cb=self._on_end)
-        await nc.subscribe(f"{s.program_end}.*", queue=TRACKER_QUEUE, cb=self._on_end)
-        await nc.subscribe(s.tracker_table, queue=TRACKER_QUEUE, cb=self._on_table)
+        for subject in self._owned(s.call_dispatched):
+            await nc.subscribe(subject, queue=queue, cb=self._on_dispatched)
+        # program ends and table requests reach every shard: the owner answers, the others stay silent
+        await nc.subscribe(s.program_end, queue=queue, cb=self._on_end)
+        await nc.subscribe(f"{s.program_end}.*", queue=queue, cb=self._on_end)
+        await nc.subscribe(s.tracker_table, queue=queue, cb=self._on_table)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
         await nc.flush()
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
@@ -105,23 +111,55 @@ class TrackerService:
         restarted tracker applies what it missed), else a plain subscription."""
         if self.store.enabled:
             try:
-                await subscribe_completions(nc, self.subjects, self._on_completed_durable, self.config.kv_replicas)
+                await subscribe_completions(
+                    nc, self.subjects, self._on_completed_durable, self.config.kv_replicas, self.shard
+                )
                 self.log.info("completed events: durable consumer", stream=stream_name(self.subjects.root))
                 return
             except JETSTREAM_ERRORS as exc:
                 self.log.warning("no durable consumer for completed events: a plain subscription", error=str(exc))
-        await nc.subscribe(self.subjects.call_completed, queue=TRACKER_QUEUE, cb=self._on_completed_plain)
+        for subject in self._owned(self.subjects.call_completed):
+            await nc.subscribe(subject, queue=self.shard.queue, cb=self._on_completed_plain)
+
+    def _owned(self, event_subject: str) -> list[str]:
+        """The subjects of an event family this shard reads: its programs' slots, and (shard 0) the
+        unslotted subject older publishers use, whose events for other shards it forwards."""
+        if self.shard.count == 1:
+            return [event_subject, self.subjects.any_slot(event_subject)]
+        slots = [f"{event_subject}.{slot}" for slot in self.shard.slots()]
+        return [event_subject, *slots] if self.shard.index == 0 else slots
+
+    async def _foreign(self, msg: Msg, program_id: str, slotted: str, durable: bool = False) -> bool:
+        """Whether the event belongs to another shard; if it came on the unslotted subject (an older
+        publisher), it is forwarded to its program's slot first."""
+        if self.shard.owns(program_id):
+            return False
+        assert self._nc is not None
+        if msg.subject.count(".") == slotted.count(".") - 1:  # the unslotted subject
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+            headers = {"Nats-Msg-Id": f"{msg_id}:forwarded"} if msg_id else None
+            if durable:  # acknowledged by the stream before the original is acknowledged
+                await self._nc.jetstream().publish(slotted, msg.data, headers=headers)
+            else:
+                await self._nc.publish(slotted, msg.data, headers=headers)
+        else:
+            self._throttle.log(
+                self.log,
+                "an event of another shard's program dropped (trackers with different shard counts?)",
+                subject=msg.subject,
+            )
+        return True
 
     async def _on_completed_plain(self, msg: Msg) -> None:
-        await self._on_completed(msg)
+        await self._on_completed(msg, durable=False)
 
     async def _on_completed_durable(self, msg: Msg) -> None:
         """Apply now; acknowledge once the program's record holding it is written to the bucket. A
         tracker that crashes before that leaves the event unacknowledged, so the next one applies it
         on top of the record it loads, and a call already in that record is not counted again."""
-        program_id = await self._on_completed(msg)
+        program_id = await self._on_completed(msg, durable=True)
         if program_id is None:
-            await self._ack(msg)  # unreadable: never useful again
+            await self._ack(msg)  # unreadable, or another shard's (forwarded): never useful here again
         else:
             self.store.hold_ack(program_id, lambda: self._ack(msg))
 
@@ -139,11 +177,17 @@ class TrackerService:
         assert self._nc is not None
         await self._nc.publish(subject, encode(message))
 
+    async def _publish_ended(self, update: ProgramService) -> None:
+        await self._publish(self.subjects.program_service, update)  # schedulers forget the program
+        await self._publish(self.subjects.program_ended, update)  # engines free its contexts first
+
     async def _on_dispatched(self, msg: Msg) -> None:
         try:
             event = decode(msg.data, CallDispatched)
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad call-dispatched event dropped", error=str(exc)[:300])
+            return
+        if await self._foreign(msg, event.program_id, self.subjects.call_dispatched_for(event.program_id)):
             return
         self.table.on_dispatched(event, time.time())
         self.store.mark(event.program_id)
@@ -154,12 +198,15 @@ class TrackerService:
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
 
-    async def _on_completed(self, msg: Msg) -> str | None:
-        """Apply a completed event; returns its program id (None for an unreadable event)."""
+    async def _on_completed(self, msg: Msg, durable: bool) -> str | None:
+        """Apply a completed event; returns its program id (None for an unreadable event, or one of
+        another shard's programs)."""
         try:
             event = decode(msg.data, CallCompleted)
         except msgspec.MsgspecError as exc:
             self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
+            return None
+        if await self._foreign(msg, event.program_id, self.subjects.call_completed_for(event.program_id), durable):
             return None
         update = self.table.on_completed(event, time.time())
         self.store.mark(event.program_id)
@@ -190,8 +237,11 @@ class TrackerService:
         except msgspec.MsgspecError as exc:
             code = ErrorCode.BAD_FIELD if isinstance(exc, msgspec.ValidationError) else ErrorCode.BAD_JSON
             detail = explain(exc) if isinstance(exc, msgspec.DecodeError) else str(exc)
-            await respond(ProgramEndReply(ok=False, code=code, error=f"bad request: {detail}"))
+            if self.shard.index == 0:  # one answer, whatever the shard count
+                await respond(ProgramEndReply(ok=False, code=code, error=f"bad request: {detail}"))
             return
+        if not self.shard.owns(request.program_id):
+            return  # its shard answers
         sender = self.subjects.sender(msg.subject, self.subjects.program_end)
         owner = self.table.owner(request.program_id)
         if sender and owner and sender != owner:  # an authenticated user ends only its own programs
@@ -206,13 +256,14 @@ class TrackerService:
         self.store.mark_deleted(request.program_id)
         self.metrics.on_ended(summary)
         self.log.info("program ended", program_id=request.program_id, program_service_s=summary.program_service_s)
-        await self._publish(self.subjects.program_service, update)
+        await self._publish_ended(update)
         await respond(ProgramEndReply(ok=True, program=summary))
 
     async def _on_table(self, msg: Msg) -> None:
         if not msg.reply:
             return
-        await msg.respond(encode(ProgramTable(programs=self.table.summaries())))
+        table = ProgramTable(programs=self.table.summaries(), shard=self.shard.index, shards=self.shard.count)
+        await msg.respond(encode(table))
 
     async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work`` every ``interval_s`` until the service stops."""
@@ -242,4 +293,4 @@ class TrackerService:
             self.log.info("idle program forgotten", program_id=update.program_id)
             self.store.mark_deleted(update.program_id)
             self.metrics.on_expired(update)
-            await self._publish(self.subjects.program_service, update)
+            await self._publish_ended(update)

@@ -25,10 +25,14 @@ from autellix.proto.limits import storage_key
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 
+from .kv_writer import KvWriter
 from .process_table import ProcessTable, ProgramRecord, from_record, to_record
 
 #: writes of one record that may fail in a row before it waits for the program's next change
 MAX_WRITE_FAILURES = 5
+#: records written at once (their acknowledgements awaited together, WRITE_TIMEOUT_S at most)
+WRITE_WINDOW = 256
+WRITE_TIMEOUT_S = 10.0
 
 
 def bucket_name(root: str) -> str:
@@ -53,12 +57,17 @@ def jetstream_not_ready(exc: Exception) -> bool:
 
 
 class ProgramStore:
-    def __init__(self, table: ProcessTable, root: str, replicas: int = 1) -> None:
+    def __init__(
+        self, table: ProcessTable, root: str, replicas: int = 1, owns: Callable[[str], bool] | None = None
+    ) -> None:
         self.replicas = replicas
+        #: which programs this tracker restores (a shard's own; all when None)
+        self.owns = owns
         self.table = table
         self.bucket = bucket_name(root)
         self.log = get_logger("tracker")
         self._kv: KeyValue | None = None
+        self._writer: KvWriter | None = None
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._encoder = msgspec.json.Encoder()
@@ -85,6 +94,7 @@ class ProgramStore:
                     self._kv = await js.key_value(self.bucket)
                 except nats.js.errors.BucketNotFoundError:
                     self._kv = await js.create_key_value(bucket=self.bucket, history=1, replicas=self.replicas)
+                self._writer = KvWriter(nc, self.bucket)
                 break
             except (nats.js.errors.Error, nats.errors.Error) as exc:
                 if not jetstream_not_ready(exc):
@@ -105,7 +115,10 @@ class ProgramStore:
                 if not entry.value:
                     continue
                 try:
-                    self.table.restore(from_record(self._decoder.decode(entry.value), time.time()))
+                    record = self._decoder.decode(entry.value)
+                    if self.owns is not None and not self.owns(record.program_id):
+                        continue  # another shard's
+                    self.table.restore(from_record(record, time.time()))
                     restored += 1
                 except msgspec.MsgspecError as exc:
                     self.log.warning("unreadable program record skipped", key=entry.key, error=str(exc))
@@ -131,6 +144,46 @@ class ProgramStore:
         self._dirty.discard(program_id)
         self._deleted.add(program_id)
 
+    async def _write(self, window: list[str]) -> None:
+        """Write these programs' records together. A record the bucket refused is logged and retried
+        at the next flush, up to MAX_WRITE_FAILURES times; a connection error (no answer) is raised
+        after every record of the window has been tried."""
+        assert self._kv is not None and self._writer is not None
+        items: list[tuple[str, bytes]] = []
+        written: list[str] = []
+        for program_id in window:
+            entry = self.table.get(program_id)
+            if entry is None:  # ended or forgotten: nothing of it to write
+                await self._release(program_id)
+                continue
+            items.append((_key(program_id), self._encoder.encode(to_record(entry))))
+            written.append(program_id)
+        outcomes = await self._writer.put_many(items, timeout_s=WRITE_TIMEOUT_S)
+        transient: list[Exception] = []
+        for program_id, exc in zip(written, outcomes, strict=True):
+            if exc is None:
+                self._failures.pop(program_id, None)
+                await self._release(program_id)
+            elif not _lasting(exc):
+                self._dirty.add(program_id)  # written next time
+                transient.append(exc)
+            else:
+                failures = self._failures[program_id] = self._failures.get(program_id, 0) + 1
+                if failures < MAX_WRITE_FAILURES:
+                    self._dirty.add(program_id)  # only this program waits for the next flush
+                else:
+                    del self._failures[program_id]  # written again at its next change
+                    await self._release(program_id)  # redelivering its events cannot help
+                self._throttle.log(
+                    self.log,
+                    "program record not written",
+                    program_id=program_id[:80],
+                    failures=failures,
+                    error=str(exc)[:200],
+                )
+        if transient:
+            raise transient[0]
+
     async def flush(self) -> None:
         if self._kv is None:
             self._dirty.clear()
@@ -141,36 +194,15 @@ class ProgramStore:
         dirty, self._dirty = self._dirty, set()
         deleted, self._deleted = self._deleted, set()
         pending = list(dirty)
+        # records are written WRITE_WINDOW at a time, their acknowledgements awaited together: one
+        # round trip per window, not per record (a tracker holding thousands of changed programs a
+        # second would otherwise spend its time waiting on the broker, one put after another)
         try:
             while pending:
-                program_id = pending.pop()
-                entry = self.table.get(program_id)
-                if entry is None:  # ended or forgotten: nothing of it to write
-                    await self._release(program_id)
-                    continue
-                try:
-                    await self._kv.put(_key(program_id), self._encoder.encode(to_record(entry)))
-                except (nats.js.errors.Error, nats.errors.Error) as exc:
-                    if not _lasting(exc):
-                        raise
-                    failures = self._failures[program_id] = self._failures.get(program_id, 0) + 1
-                    if failures < MAX_WRITE_FAILURES:
-                        self._dirty.add(program_id)  # only this program waits for the next flush
-                    else:
-                        del self._failures[program_id]  # written again at its next change
-                        await self._release(program_id)  # redelivering its events cannot help
-                    self._throttle.log(
-                        self.log,
-                        "program record not written",
-                        program_id=program_id[:80],
-                        failures=failures,
-                        error=str(exc)[:200],
-                    )
-                else:
-                    self._failures.pop(program_id, None)
-                    await self._release(program_id)
+                await self._write(pending[:WRITE_WINDOW])
+                del pending[:WRITE_WINDOW]
         except BaseException:
-            self._dirty.update(pending)  # written next time
+            self._dirty.update(pending)  # written next time (a record of the window written already: again)
             self._deleted.update(deleted)
             raise
         for program_id in deleted:
