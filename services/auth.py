@@ -247,12 +247,12 @@ def default_credentials_path() -> Path:
     return cache / "credentials" / "client.creds"
 
 
-def init_deployment(directory: Path, subjects: Subjects) -> dict[str, Path]:
-    """Write a deployment's secrets: ``nats-auth.conf`` (include it from nats-server's configuration)
-    and one ``<role>.creds`` per role holding ``nats://<role>:<password>@nats:4222`` (edit the host
-    to match). Returns the files written, by role (and ``"server"``)."""
+def init_deployment(directory: Path, subjects: Subjects, host: str = "nats:4222") -> dict[str, Path]:
+    """Write a deployment's secrets: ``nats-auth.conf`` (nats-server's ``authorization`` block: run
+    the server with ``-c`` on it, or include it) and one ``<role>.creds`` per role holding
+    ``nats://<role>:<password>@<host>``. Returns the files written, by role (and ``"server"``)."""
     identities = make_identities()
     out = {"server": write_private(directory / "nats-auth.conf", server_config(identities, subjects))}
     for role, ident in identities.items():
-        out[role] = write_credentials(directory / f"{role}.creds", ident.url("nats://nats:4222"))
+        out[role] = write_credentials(directory / f"{role}.creds", ident.url(f"nats://{host}"))
     return out

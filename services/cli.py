@@ -304,7 +304,11 @@ def cmd_auth_init(args: argparse.Namespace) -> int:
 
     from .auth import init_deployment
 
-    written = init_deployment(Path(args.directory), Subjects(_config(NatsConfig, args).root))
+    directory = Path(args.directory)
+    if args.keep and (directory / "nats-auth.conf").is_file():
+        print(f"kept the credentials already in {directory}")
+        return 0
+    written = init_deployment(directory, Subjects(_config(NatsConfig, args).root), host=args.host)
     for what, path in written.items():
         print(f"{what:9} {path}")
     print(
@@ -398,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
     init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
     add_flags(init, [NatsConfig], skip=NATS_FLAGS_BUT_ROOT)
+    init.add_argument("--host", default="nats:4222", help="the broker's host:port in the .creds URLs")
+    init.add_argument(
+        "--keep", action="store_true", help="write nothing when the directory already holds a nats-auth.conf"
+    )
     init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench

@@ -19,12 +19,14 @@ async def connect(
     name: str,
     fail_fast: bool = False,
     on_closed: Callable[[], None] | None = None,
+    on_reconnected: Callable[[], None] | None = None,
     client: bool = False,
 ) -> NATS:
     """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
     connection gives up after a few tries. Once connected, both reconnect forever, but nats-py closes
     a connection for good on some protocol errors from the server: ``on_closed`` then tells the
-    service (which fails its health unless it is the one closing).
+    service (which fails its health unless it is the one closing). ``on_reconnected`` runs once the
+    connection is back, its subscriptions replayed and what was buffered meanwhile sent.
 
     A URL with ``user:password@`` connects as that identity, with the inbox prefix its
     permissions grant (:mod:`autellix.services.auth`); logs show the URL with the password
@@ -48,6 +50,8 @@ async def connect(
 
     async def reconnected() -> None:
         log.info("nats reconnected", url=shown)
+        if on_reconnected is not None:
+            on_reconnected()
 
     throttle = LogThrottle()
 

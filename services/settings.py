@@ -51,6 +51,11 @@ def parse_url_list(text: str) -> tuple[str, ...]:
     return urls
 
 
+def parse_names_list(text: str) -> tuple[str, ...]:
+    """``a,b``: a comma list of names (empty items dropped; may be empty)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def parse_port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:

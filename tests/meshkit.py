@@ -45,6 +45,7 @@ async def start_mesh(
     role_urls: dict[str, str] | None = None,
     kv_replicas: int = 1,
     door: bool = False,
+    scheduler_options: dict[str, Any] | None = None,
 ) -> Mesh:
     """``role_urls``: per role (tracker, scheduler, engine, client) the URL to connect with, for an
     authenticated broker; ``url`` for any role not named."""
@@ -59,7 +60,7 @@ async def start_mesh(
         tracker=TrackerConfig(nats=nats("tracker"), gc_interval_s=0.2, kv_replicas=kv_replicas, metrics_port=port),
         scheduler=SchedulerConfig(
             nats=nats("scheduler"), policy=policy, max_tokens_ceiling=512, no_engine_wait_s=no_engine_wait_s,
-            metrics_port=port, door=door,
+            metrics_port=port, door=door, **(scheduler_options or {}),
         ),
         engines=[
             EngineConfig(

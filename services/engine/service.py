@@ -28,6 +28,7 @@ from autellix.engine.core import (
 from autellix.engine.factory import make_backend
 from autellix.proto import (
     CallAbort,
+    CallAccepted,
     CallChunk,
     CallError,
     EngineHeartbeat,
@@ -80,6 +81,8 @@ class EngineService:
         self._stepping = False
         self._step_started = 0.0  # monotonic start of the step now running
         self._wake = asyncio.Event()
+        #: set to heartbeat at once (the connection is back: schedulers route here only after one)
+        self._beat_now = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
         self._state = "up"
@@ -111,7 +114,9 @@ class EngineService:
             self.backend = await asyncio.to_thread(make_backend, cfg.backend)
             self.log.info("model loaded", model=self.backend.model_name, load_s=round(time.perf_counter() - t0, 2))
         self.core = EngineCore(self.backend, cfg.core_config)
-        nc = self._nc = await connect(cfg.nats, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
+        nc = self._nc = await connect(
+            cfg.nats, f"autellix-{cfg.engine_id}", on_closed=self._on_closed, on_reconnected=self._beat_now.set
+        )
         self._outbox = CompletionOutbox(nc, self.subjects, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
@@ -181,6 +186,12 @@ class EngineService:
                 if call.attempt <= held.call.attempt:
                     self.log.info("duplicate call ignored", attempt=call.attempt)
                     return
+                if call.owner != held.call.owner:
+                    problem = "another caller's call with this call_id runs here; choose another call_id"
+                    await self._error(call, ErrorCode.BAD_FIELD, problem)
+                    return
+                if await self._adopt(held, call):
+                    return
                 # a newer attempt of a call held here (its caller gave up on us): the newer one wins
                 if self._stepping:
                     self._pending_aborts[call.call_id] = held.call.attempt
@@ -225,7 +236,51 @@ class EngineService:
             self._inflight[call.call_id] = InFlight(call)
             self._drained.clear()
             self.log.debug("call queued", priority=call.priority, prompt_tokens=len(prompt_ids))
+            if call.ack:
+                assert self._nc is not None
+                accepted = CallAccepted(
+                    call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=call.priority
+                )
+                await self._nc.publish(call.reply_to, encode(accepted))
         self._wake.set()
+
+    async def _adopt(self, flight: InFlight, call: StampedCall) -> bool:
+        """A newer attempt of a call still running here (its caller lost replies, say while the broker
+        restarted): carry on with the same run under the new attempt, resending in one chunk what
+        the caller lacks after its ``resume_token_ids``. Nothing is recomputed or counted twice.
+        False when its tokens do not match what was sent here (the caller resumes elsewhere)."""
+        assert self._nc is not None
+        have = len(call.resume_token_ids)
+        sent = flight.sent_all()
+        offsets = {offset for offset, _ in flight.texts} | {len(flight.call.resume_token_ids), len(sent)}
+        if have > len(sent) or have not in offsets or sent[:have] != list(call.resume_token_ids):
+            return False
+        replay = "".join(text for offset, text in flight.texts if offset >= have)
+        flight.call = call
+        flight.sent_ids = sent[have:]
+        flight.texts = [(offset, text) for offset, text in flight.texts if offset >= have]
+        flight.chunks = 0
+        self._pending_aborts.pop(call.call_id, None)  # aborts of the older attempt no longer apply
+        self._silent_aborts.discard(call.call_id)
+        self.log.info("newer attempt adopted", attempt=call.attempt, resent=len(sent) - have)
+        if call.ack:
+            accepted = CallAccepted(
+                call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=flight.call.priority
+            )
+            await self._nc.publish(call.reply_to, encode(accepted))
+        if len(sent) > have:
+            chunk = CallChunk(
+                call_id=call.call_id,
+                seq=flight.chunks,
+                text=replay,
+                token_ids=sent[have:],
+                attempt=call.attempt,
+                engine_id=self.engine_id,
+                offset=have,
+            )
+            flight.chunks += 1
+            await self._nc.publish(call.reply_to, encode(chunk))
+        return True
 
     async def _on_abort(self, msg: Msg) -> None:
         abort = decode_or_drop(msg.data, CallAbort, self.log, self._throttle, "abort")
@@ -234,6 +289,8 @@ class EngineService:
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
             return
+        if abort.attempt is not None and abort.attempt < flight.call.attempt:
+            return  # meant for an older attempt: the caller resubmitted, and this one is the newer
         sender = self.subjects.sender(msg.subject, self.subjects.call_abort)
         if sender and sender != flight.call.owner:  # an authenticated user aborts only its own calls
             self._throttle.log(self.log, "abort of another user's call refused", call_id=abort.call_id, by=sender)
@@ -387,8 +444,10 @@ class EngineService:
             token_ids=flight.pending_ids,
             attempt=flight.call.attempt,
             engine_id=self.engine_id,
+            offset=len(flight.call.resume_token_ids) + len(flight.sent_ids),
         )
         flight.chunks += 1
+        flight.texts.append((chunk.offset, text))
         flight.sent_ids.extend(flight.pending_ids)
         flight.pending_ids = []
         await self._nc.publish(flight.call.reply_to, encode(chunk))
@@ -526,7 +585,9 @@ class EngineService:
         """Heartbeats say the engine takes work; one whose step loop died sends none, so the
         schedulers stop routing to it and tell its callers to resubmit."""
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), timeout=self.config.heartbeat_s)
+            self._beat_now.clear()
             if self._stepping and (running := time.monotonic() - self._step_started) > self.config.step_stuck_s:
                 self.health.fail(f"a model step has run for {running:.0f} s (limit {self.config.step_stuck_s:g} s)")
             if not self.health.ok:

@@ -7,7 +7,9 @@ from typing import ClassVar
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
 from autellix.services.nats_config import NATS_SETTINGS, NatsConfig
-from autellix.services.settings import METRICS_PORT, Setting, from_env, parse_bool, parse_finite
+from autellix.services.settings import METRICS_PORT, Setting, from_env, parse_bool, parse_finite, parse_names_list
+
+from .tenant_limits import DEFAULT_MAX_CALLS, DEFAULT_MAX_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,13 @@ class SchedulerConfig:
     max_calls_per_program: int = 1024
     #: a tenant's service counts half after this long (policy/tenant_account.py)
     tenant_half_life_s: float = 300.0
+    #: a tenant's calls in flight through this scheduler (routed or waiting for an engine); more
+    #: get ``rate_limited`` (services/scheduler/tenant_limits.py); 0 = no bound
+    max_calls_per_tenant: int = DEFAULT_MAX_CALLS
+    #: a tenant's tokens in flight through this scheduler (estimated prompt + max_tokens per call)
+    max_tokens_per_tenant: int = DEFAULT_MAX_TOKENS
+    #: users trusted to name their callers' tenants (the request's ``tenant``): the gateway
+    tenant_users: tuple[str, ...] = ("gateway",)
     #: the door: a new program's calls wait while the engines' working set does not fit their KV
     door: bool = False
     #: admit while the projected working set stays under this fraction of the engines' KV capacity
@@ -50,6 +59,14 @@ class SchedulerConfig:
                 "calls of one program in flight (per scheduler); more get `rate_limited`"),
         Setting("tenant_half_life_s", "AUTELLIX_TENANT_HALF_LIFE_S", "--tenant-half-life-s", parse_finite,
                 "a tenant's recent service counts half after this long"),
+        Setting("max_calls_per_tenant", "AUTELLIX_MAX_CALLS_PER_TENANT", "--max-calls-per-tenant", int,
+                "calls of one tenant in flight, routed or waiting for an engine (per scheduler); more get "
+                "`rate_limited`; 0 = no bound"),
+        Setting("max_tokens_per_tenant", "AUTELLIX_MAX_TOKENS_PER_TENANT", "--max-tokens-per-tenant", int,
+                "estimated prompt + `max_tokens` of one tenant's calls in flight (per scheduler); more get "
+                "`rate_limited`; 0 = no bound"),
+        Setting("tenant_users", "AUTELLIX_TENANT_USERS", "--tenant-users", parse_names_list,
+                "identities trusted to name their callers' tenant (comma-separated)", default_text="`gateway`"),
         Setting("door", "AUTELLIX_DOOR", "--door", parse_bool,
                 "new programs wait while the engines' working set does not fit their KV", boolean=True),
         Setting("door_high_water", "AUTELLIX_DOOR_HIGH_WATER", "--door-high-water", parse_finite,
@@ -62,6 +79,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.door_high_water <= 1.0:
             raise ValueError(f"door_high_water must be in (0, 1], got {self.door_high_water}")
+        if self.max_calls_per_tenant < 0 or self.max_tokens_per_tenant < 0:
+            raise ValueError("max_calls_per_tenant and max_tokens_per_tenant must be >= 0 (0: no bound)")
         if self.door_max_waiting < 1:
             raise ValueError(f"door_max_waiting must be >= 1, got {self.door_max_waiting}")
 

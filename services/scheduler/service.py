@@ -40,7 +40,7 @@ from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
-from .core import RejectedCall, SchedulerCore
+from .core import RejectedCall, SchedulerCore, call_tokens
 from .door_gate import DoorFull, DoorGate
 from .metrics import SchedulerMetrics
 
@@ -58,6 +58,9 @@ class SchedulerService:
             call_deadline_s=config.call_deadline_s,
             max_calls_per_program=config.max_calls_per_program,
             tenant_half_life_s=config.tenant_half_life_s,
+            max_calls_per_tenant=config.max_calls_per_tenant,
+            max_tokens_per_tenant=config.max_tokens_per_tenant,
+            tenant_users=config.tenant_users,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         #: the door (issue 10): new programs wait while the engines' working set does not fit
@@ -75,7 +78,12 @@ class SchedulerService:
 
     async def start(self) -> None:
         self.log.info("starting", config=config_for_log(self.config))
-        nc = self._nc = await connect(self.config.nats, "autellix-scheduler", on_closed=self._on_closed)
+        nc = self._nc = await connect(
+            self.config.nats,
+            "autellix-scheduler",
+            on_closed=self._on_closed,
+            on_reconnected=lambda: self.core.on_reconnected(time.time()),
+        )
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
@@ -172,6 +180,13 @@ class SchedulerService:
             if msg.reply.startswith(inbox_prefix(owner) + "."):
                 await self._reject(error, msg.reply)
             return
+        refusal = self.core.tenant_refusal(request, self.core.tenant_of(request, owner))
+        if refusal is not None:
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.RATE_LIMITED, message=refusal
+            )
+            await self._reject(error, reply_to)
+            return
         if self.door is not None and not await self._through_door(request, reply_to, now, owner):
             return
         await self._dispatch_or_wait(request, reply_to, now, owner)
@@ -219,11 +234,13 @@ class SchedulerService:
             code=ErrorCode.NO_ENGINE,
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
+        self.core.hold(request.call_id, self.core.tenant_of(request, owner), call_tokens(request))
         self._park(
             lambda: self._dispatch(request, reply_to, now, owner, door_wait_s),
             time.time() + self.config.no_engine_wait_s,
             error,
             reply_to,
+            request.call_id,
         )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
@@ -245,20 +262,17 @@ class SchedulerService:
     async def _dispatch(
         self, request: CallRequest, reply_to: str, submitted: float, owner: str = "", door_wait_s: float = 0.0
     ) -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner), door_wait_s)
-        if engine_id is None:
-            return False
-        if request.ack:
-            assert self._nc is not None
-            accepted = CallAccepted(call_id=request.call_id, engine_id=engine_id, attempt=request.attempt)
-            await self._nc.publish(reply_to, encode(accepted))
-        return True
+        # the engine acknowledges the call (when the request asked) once it has it: a stamped call
+        # lost on the way (the engine was reconnecting) then goes unacknowledged, and is resubmitted
+        stamped = self.core.stamp(request, reply_to, submitted, owner)
+        prefer = request.prefer_engine if request.attempt else ""
+        return await self._send(stamped, door_wait_s, prefer) is not None
 
-    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0) -> str | None:
+    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0, prefer: str = "") -> str | None:
         """Route a stamped call to a live engine and announce it; None when no engine is live."""
         assert self._nc is not None
         now = time.time()
-        engine_id = self.core.route(stamped, now)
+        engine_id = self.core.route(stamped, now, prefer)
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
@@ -278,6 +292,7 @@ class SchedulerService:
                     dispatched_at=now,
                     owner=stamped.owner,
                     door_wait_s=door_wait_s,
+                    tenant=stamped.tenant,
                 )
             ),
         )
@@ -291,7 +306,7 @@ class SchedulerService:
         event = decode_or_drop(msg.data, CallCompleted, self.log, self._throttle, "call-completed event")
         if event is None:
             return
-        self.core.on_completed(event.call_id, event.engine_id)
+        self.core.on_completed(event.call_id, event.engine_id, event.attempt)
 
     async def _on_handback(self, msg: Msg) -> None:
         """A draining engine could not finish a call: route it, with its tokens so far, elsewhere."""
@@ -316,7 +331,8 @@ class SchedulerService:
             ),
             attempt=call.attempt,
         )
-        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to)
+        self.core.hold(call.call_id, call.tenant, call_tokens(call))
+        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to, call.call_id)
 
     async def wait_for_engines(self, n: int, timeout_s: float) -> None:
         """Return once at least ``n`` engines are live in this scheduler's view (woken by their
@@ -352,7 +368,9 @@ class SchedulerService:
                 attempt=routed.attempt,
             )
             await self._nc.publish(routed.reply_to, encode(error))
-            abort = CallAbort(call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id)
+            abort = CallAbort(
+                call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id, attempt=routed.attempt
+            )
             await self._nc.publish(self.subjects.call_abort, encode(abort))
         for engine_id, orphans in self.core.dead_engines(now):
             self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
@@ -365,20 +383,28 @@ class SchedulerService:
                     reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
                 )
                 await self._nc.publish(routed.reply_to, encode(retry))
-                abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                abort = CallAbort(
+                    call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id, attempt=routed.attempt
+                )
                 await self._nc.publish(self.subjects.call_abort, encode(abort))
 
-    def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
+    def _park(
+        self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str, call_id: str
+    ) -> None:
         """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;
-        then the caller gets ``error``. Runs as a task, so the subscription keeps serving."""
+        then the caller gets ``error``. Runs as a task, so the subscription keeps serving. The call
+        was held in its tenant's bounds (:meth:`SchedulerCore.hold`); it is let go either way."""
 
         async def wait() -> None:
-            while (left := deadline - time.time()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
-                if await attempt():
-                    return
-            await self._reject(error, reply_to)
+            try:
+                while (left := deadline - time.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+                    if await attempt():
+                        return
+                await self._reject(error, reply_to)
+            finally:
+                self.core.unhold(call_id)
 
         task = asyncio.create_task(wait())
         self._waiting.add(task)
