@@ -20,6 +20,7 @@ from autellix.services.settings import (
     get_path,
     parse_bool,
     parse_finite,
+    parse_names_list,
     parse_port,
     parse_url_list,
     settings_of,
@@ -43,6 +44,8 @@ def _sample(cls: type, s: Setting) -> tuple[str, Any]:
         return "nats://a:1, nats://b:2", ("nats://a:1", "nats://b:2")
     if s.parse is parse_port:
         return "9999", 9999
+    if s.parse is parse_names_list:
+        return "alice, bob,", ("alice", "bob")
     if s.parse is int:
         return "7", 7
     if s.parse is parse_finite:
@@ -76,7 +79,7 @@ def test_every_flag_sets_its_field_over_the_env(command: str, monkeypatch: pytes
     args = build_parser().parse_args(argv)
     config = _config(cls, args)
     for s in settings_of(cls):
-        if s.flag is None or s.boolean or s.choices or s.parse in (str, parse_url_list):
+        if s.flag is None or s.boolean or s.choices or s.parse in (str, parse_url_list, parse_names_list):
             continue  # same text as the env var: nothing to tell apart
         want = 0.25 if s.parse is parse_finite else 3
         assert get_path(config, s.field) == want, s.flag
