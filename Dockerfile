@@ -52,9 +52,10 @@ RUN pip install . \
 
 # 3. an unprivileged user, and the default model converted (GGUF -> HF safetensors, ~40 s) into
 #    the image's cache at build time, so an engine container starts in seconds.
+#    /secrets belongs to that user: compose's auth-init writes the mesh's credentials there (0600).
 RUN useradd --create-home --uid 10001 --user-group autellix \
-    && mkdir -p "${AUTELLIX_CACHE}" \
-    && chown -R autellix:autellix /opt/autellix
+    && mkdir -p "${AUTELLIX_CACHE}" /secrets \
+    && chown -R autellix:autellix /opt/autellix /secrets
 USER autellix
 WORKDIR /home/autellix
 RUN python -c "from autellix.engine.model_store import resolve_model; print(resolve_model(None))"

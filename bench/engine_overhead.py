@@ -12,13 +12,13 @@ share says how much the Python scheduler would add to a real GPU step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 from autellix.engine.core import CoreCall, CoreConfig, EngineCore, execute_plan
 from autellix.engine.sim_backend import SimBackend
+from autellix.sim.cli_kit import write_json
 
 
 def measure(batch: int, steps: int, policy: str, schedule_every: int, waiting: int) -> dict[str, float | str]:
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -25,18 +24,19 @@ import uuid
 from autellix.services.client import CallStream, Client
 from autellix.services.embedded_nats import EmbeddedNats
 from autellix.services.lifecycle import stop_all
+from autellix.services.local_mesh import spawn_service, stop_process
 from autellix.services.logs import configure_logging
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
 from autellix.services.tracker.service import TrackerService
+from autellix.sim.cli_kit import write_json
 
 
-def _engine(url: str, root: str, engine_id: str, heartbeat: float, scale: float) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning", AUTELLIX_HEARTBEAT_S=str(heartbeat))
-    cmd = [sys.executable, "-m", "autellix.services.cli", "engine", "--nats", url, "--root", root]
-    cmd += ["--backend", "sim", "--engine-id", engine_id, "--sim-time-scale", str(scale)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+def _engine(url: str, root: str, engine_id: str, heartbeat: float, scale: float) -> subprocess.Popen[str]:
+    flags = ["--backend", "sim", "--engine-id", engine_id, "--sim-time-scale", str(scale)]
+    return spawn_service("engine", NatsConfig.at(url, root), *flags, env={"AUTELLIX_HEARTBEAT_S": str(heartbeat)})
 
 
 async def _watch(stream: CallStream, resumed_at: dict[str, float]) -> None:
@@ -49,8 +49,8 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
     root = f"failover{uuid.uuid4().hex[:8]}"
     with EmbeddedNats(port=0) as broker:
         url = broker.url
-        tracker = TrackerService(TrackerConfig(nats_url=url, root=root))
-        scheduler = SchedulerService(SchedulerConfig(nats_url=url, root=root))
+        tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(url, root)))
+        scheduler = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root)))
         await tracker.start()
         await scheduler.start()
         procs = {f"e{i}": _engine(url, root, f"e{i}", heartbeat, scale) for i in range(engines)}
@@ -81,9 +81,9 @@ async def run(engines: int, kills: int, heartbeat: float, calls: int, scale: flo
         finally:
             await client.close()
             for p in procs.values():
-                p.send_signal(signal.SIGTERM)
+                p.terminate()
             for p in procs.values():
-                p.wait(timeout=30)
+                stop_process(p)
             await stop_all([scheduler, tracker])
     delays.sort()
     return {
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args.engines, args.kills, args.heartbeat, args.calls, args.sim_time_scale))
     print(json.dumps(result, indent=2))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
 
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from autellix.engine.core import CoreConfig
 from autellix.engine.cost_model import CostModel, llama31_8b_h100
 from autellix.engine.factory import BackendSpec
 from autellix.engine.sim_backend import SimBackend
@@ -44,12 +45,10 @@ from autellix.policy.mlfq import MultiLevelQueues
 from autellix.proto import CallRequest
 from autellix.services.client import CallFailed, CallResult, CallStream, Client
 from autellix.services.engine.config import EngineConfig
-from autellix.services.engine.service import EngineService
-from autellix.services.lifecycle import stop_all
+from autellix.services.local_mesh import LocalMesh
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
-from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
-from autellix.services.tracker.service import TrackerService
 from autellix.sim.engine_model import SIM_SCHEDULE_EVERY
 from autellix.sim.metrics import summarise
 from autellix.sim.simulator import CallRecord, ProgramResult, SimConfig, SimResult
@@ -326,15 +325,13 @@ def figures(
 
 
 # -- an in-process mesh ------------------------------------------------------------------------
-@dataclass(slots=True)
-class LocalMesh:
-    url: str
-    root: str
-    policy: str
-    tracker: TrackerService
-    scheduler: SchedulerService
-    engines: list[EngineService]
-    backends: list[SimBackend]
+@dataclass
+class SimMesh(LocalMesh):
+    """A :class:`LocalMesh` of sim engines, with their backends' figures."""
+
+    policy: str = "plas"
+    backends: list[SimBackend] = field(default_factory=list)
+    url: str = ""
 
     def engine_stats(self) -> list[dict[str, float]]:
         stats = []
@@ -360,9 +357,6 @@ class LocalMesh:
             return [b / (time_scale or 1.0) for b in q.boundaries]
         return []
 
-    async def stop(self) -> None:
-        await stop_all([self.scheduler, *self.engines, self.tracker])
-
 
 async def start_local_mesh(
     url: str,
@@ -375,7 +369,7 @@ async def start_local_mesh(
     pace: bool = True,
     root: str | None = None,
     memory: str = "lru",
-) -> LocalMesh:
+) -> SimMesh:
     """Tracker, scheduler and ``engines`` sim engines in this process, on ``url``, every service
     set to ``policy``; the engines' limits are the cost model's (as in the simulator), their KV
     memory one of :data:`MEMORY_VARIANTS`."""
@@ -383,11 +377,7 @@ async def start_local_mesh(
         raise ValueError(f"unknown memory variant {memory!r}; expected one of {', '.join(MEMORY_VARIANTS)}")
     retention, tier_scale = MEMORY_VARIANTS[memory]
     cost = cost or llama31_8b_h100()
-    root = root or f"bench{uuid.uuid4().hex[:8]}"
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root, gc_interval_s=1.0, persist=False))
-    scheduler = SchedulerService(
-        SchedulerConfig(nats_url=url, root=root, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context)
-    )
+    nats = NatsConfig.at(url, root or f"bench{uuid.uuid4().hex[:8]}")
     tier_tokens = int(tier_scale * cost.kv_capacity_tokens)
     spec = BackendSpec(
         name="sim", max_batch=cost.max_batch, kv_capacity_tokens=cost.kv_capacity_tokens, sim_time_scale=time_scale,
@@ -397,27 +387,25 @@ async def start_local_mesh(
         SimBackend(cost, time_scale=time_scale, pace=pace, retention=retention, tier_tokens=tier_tokens)  # type: ignore[arg-type]
         for _ in range(engines)
     ]
-    services = [
-        EngineService(
-            EngineConfig(
-                nats_url=url,
-                root=root,
-                engine_id=f"engine-{i}-{root}",
-                backend=spec,
-                max_batched_tokens=cost.max_batched_tokens,
-                heartbeat_s=0.25,
-                policy=policy,
-                schedule_every=schedule_every,
-                preempt_mode="swap",
-            ),
-            backend=backends[i],
-        )
-        for i in range(engines)
-    ]
-    for s in [tracker, scheduler, *services]:
-        await s.start()
-    await scheduler.wait_for_engines(engines, 10)
-    return LocalMesh(url, root, policy, tracker, scheduler, services, backends)
+    core = CoreConfig(
+        max_batched_tokens=cost.max_batched_tokens, policy=policy, schedule_every=schedule_every, preempt_mode="swap"
+    )
+    local = LocalMesh.of(
+        tracker=TrackerConfig(nats=nats, gc_interval_s=1.0, persist=False),
+        scheduler=SchedulerConfig(nats=nats, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context),
+        engines=[
+            EngineConfig(nats=nats, engine_id=f"engine-{i}-{nats.root}", backend=spec, core=core, heartbeat_s=0.25)
+            for i in range(engines)
+        ],
+        backends=backends,
+    )
+    mesh = SimMesh(local.tracker, local.scheduler, local.engines, policy=policy, backends=backends, url=url)
+    try:
+        await mesh.start()
+    except BaseException:
+        await mesh.stop()
+        raise
+    return mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +431,7 @@ async def run_point(
     """Replay the programs at ``point.rate``: on a fresh in-process mesh set to ``point.policy``
     and ``memory`` (``local``), or on the mesh already running at ``url``/``root``."""
     programs = at_rate(programs_unit, point.rate)
-    mesh: LocalMesh | None = None
+    mesh: SimMesh | None = None
     if local:
         mesh = await start_local_mesh(
             url, point.policy, engines, config.time_scale, cost=cost, pace=pace, balancer=balancer, memory=memory

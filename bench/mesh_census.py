@@ -82,6 +82,7 @@ async def census(args: argparse.Namespace) -> dict[str, Any]:
     from autellix.services.engine.config import EngineConfig
     from autellix.services.engine.service import EngineService
     from autellix.services.lifecycle import stop_all
+    from autellix.services.nats_config import NatsConfig
     from autellix.services.scheduler.config import SchedulerConfig
     from autellix.services.scheduler.service import SchedulerService
     from autellix.services.tracker.config import TrackerConfig
@@ -90,13 +91,12 @@ async def census(args: argparse.Namespace) -> dict[str, Any]:
     server = EmbeddedNats(port=0)
     url = server.start()
     root = f"census{uuid.uuid4().hex[:6]}"
-    tracker = TrackerService(TrackerConfig(nats_url=url, root=root))
-    scheduler = SchedulerService(SchedulerConfig(nats_url=url, root=root))
+    tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(url, root)))
+    scheduler = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root)))
     engines = [
         EngineService(
             EngineConfig(
-                nats_url=url,
-                root=root,
+                nats=NatsConfig.at(url, root),
                 engine_id=f"engine-{i}",
                 heartbeat_s=args.heartbeat_s,
                 backend=BackendSpec(name="sim", sim_time_scale=args.time_scale),

@@ -43,6 +43,8 @@ from autellix.engine.core import CoreCall, CoreConfig, EngineCore, TokenEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import CallRequest, EngineHeartbeat, ProgramService, Subjects, encode
 from autellix.services.embedded_nats import EmbeddedNats
+from autellix.services.local_mesh import spawn_service, stop_process
+from autellix.services.nats_config import NatsConfig
 
 PROMPT_WORDS = 256
 
@@ -125,7 +127,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
 
     # (b) the service's submit path, publishing to a real nats-server
     root = f"mc{uuid.uuid4().hex[:6]}"
-    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
     await service.start()
     try:
         prime(service.core)
@@ -141,7 +143,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
     # (c) end to end through NATS: submissions in on the subject, stamped calls out to the engines
     root = f"mc{uuid.uuid4().hex[:6]}"
     subjects = Subjects(root)
-    service = SchedulerService(SchedulerConfig(nats_url=url, root=root, policy=policy))
+    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
     await service.start()
     pub, sink = NATS(), NATS()
     await pub.connect(url, pending_size=256 * 1024 * 1024)
@@ -233,13 +235,13 @@ async def ttft_through_processes(url: str, n: int, time_scale: float) -> list[fl
             await client.close()
     finally:
         for proc in procs.values():
-            _stop(proc)
+            stop_process(proc)
     return out
 
 
 # -- subprocess helpers ---------------------------------------------------------------------------
-def _autellix(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning", **(env or {}))
+def _autellix(*args: str) -> subprocess.Popen[str]:
+    full_env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
     return subprocess.Popen(
         [sys.executable, "-m", "autellix.services", *args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=full_env,
@@ -248,23 +250,13 @@ def _autellix(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
 
 def _process_mesh(url: str, root: str, time_scale: float) -> dict[str, subprocess.Popen[str]]:
     """Tracker, scheduler and one ``sim`` engine as separate ``autellix`` processes on ``url``/``root``."""
-    common = ["--nats", url, "--root", root]
+    nats = NatsConfig.at(url, root)
     return {
-        "tracker": _autellix("tracker", *common),
-        "scheduler": _autellix("scheduler", *common),
-        "engine": _autellix("engine", *common, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
-                            "--max-batch", "256", "--kv-tokens", "400000"),
+        "tracker": spawn_service("tracker", nats),
+        "scheduler": spawn_service("scheduler", nats),
+        "engine": spawn_service("engine", nats, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
+                                "--max-batch", "256", "--kv-tokens", "400000"),
     }
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 async def _drive(url: str, root: str, calls: int, concurrency: int, max_tokens: int) -> tuple[int, float]:
@@ -304,7 +296,7 @@ async def measure_stream(concurrency: int, max_tokens: int, calls: int) -> dict[
         url = line.split("NATS ", 1)[1].split()[0]
         tokens, wall = await _drive(url, "autellix", calls, concurrency, max_tokens)
     finally:
-        _stop(proc)
+        stop_process(proc)
     return {"concurrency": concurrency, "max_tokens": max_tokens, "calls": calls, "tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall}
 
@@ -334,7 +326,7 @@ async def measure_cpu(calls: int, concurrency: int, max_tokens: int) -> dict[str
             me_after = cpu(me)
         finally:
             for p in procs.values():
-                _stop(p)
+                stop_process(p)
     per_call = {k: (after[k] - before[k]) / calls * 1000 for k in after}
     per_call["client (bench process)"] = (me_after - me_before) / calls * 1000
     return {"calls": calls, "concurrency": concurrency, "max_tokens": max_tokens, "tokens": tokens, "wall_s": wall,

@@ -28,7 +28,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROJECT = "autellix-smoke"
-NATS_URL = "nats://127.0.0.1:4222"
+#: the broker as the host reaches it (compose publishes 4222)
+HOST_BROKER = "127.0.0.1:4222"
 
 
 def compose_cmd() -> list[str]:
@@ -80,11 +81,18 @@ async def call(client: Any, prompt: str, max_tokens: int = 24) -> Any:
         return await p.call(prompt, max_tokens=max_tokens)
 
 
+def host_url(role: str) -> str:
+    """A role's credentials from the stack's secrets volume (auth-init wrote them), pointed at the
+    broker's published port: the mesh is authenticated, as `autellix up`'s is."""
+    done = compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "auth-init", f"/secrets/{role}.creds")
+    return done.stdout.strip().replace("@nats:4222", f"@{HOST_BROKER}")
+
+
 async def engines_seen(url: str, seconds: float) -> set[str]:
     import nats
 
     seen: set[str] = set()
-    nc = await nats.connect(url)
+    nc = await nats.connect(url)  # as the gateway: a role that may read heartbeats
 
     async def cb(msg: Any) -> None:
         hb = json.loads(msg.data)
@@ -97,13 +105,13 @@ async def engines_seen(url: str, seconds: float) -> set[str]:
     return seen
 
 
-async def connect_client() -> Any:
+async def connect_client(url: str) -> Any:
     from autellix.services.client import Client
 
     deadline = time.monotonic() + 180
     while True:
         try:
-            return await Client.connect(NATS_URL, timeout_s=300)
+            return await Client.connect(url, timeout_s=300)
         except Exception:  # the broker is still starting
             if time.monotonic() > deadline:
                 raise
@@ -142,7 +150,7 @@ async def run(report: dict[str, Any]) -> None:
     # 1. up -> the first answered call from the host
     t0 = time.monotonic()
     compose("up", "-d")
-    client = await connect_client()
+    client = await connect_client(host_url("client"))
     while True:
         try:
             first = await call(client, "What is the capital of France?")
@@ -158,7 +166,8 @@ async def run(report: dict[str, Any]) -> None:
     # 2. four engines, and calls spread over them
     t1 = time.monotonic()
     compose("up", "-d", "--scale", "engine=4", "--no-recreate")
-    while len(await engines_seen(NATS_URL, 2.0)) < 4:
+    watcher = host_url("gateway")
+    while len(await engines_seen(watcher, 2.0)) < 4:
         if time.monotonic() - t1 > 300:
             raise RuntimeError("four engines did not heartbeat within 300 s")
     results = await asyncio.gather(*(call(client, f"Count to {i}.", 16) for i in range(12)))

@@ -80,17 +80,23 @@ class CallRequest(CallParams, frozen=True, kw_only=True):
     # and resubmits when none comes: a scheduler died). Off by default so `nats req` sees one reply.
     ack: bool = False
     # The tenant the call is accounted to, set by the gateway from the caller's API key ("" = none).
-    tenant: str = ""
+    # Honoured from the gateway's identity (and without auth) only: anyone else's tenant is itself.
+    tenant: Id = ""
     # Seconds the call may take once routed before it fails with "deadline_exceeded"; 0 (or more
     # than the deployment's deadline): the deployment's.
     deadline_s: Seconds = 0.0
+    #: on a resubmission after lost replies: the engine that ran the previous attempt; a scheduler
+    #: routes there while it is live, and that engine carries on with the same run
+    prefer_engine: Token = ""
 
 
 # ---------------------------------------------------------------------------------------------
 # engine -> caller (on the reply subject; JSON; tagged by "type")
 # ---------------------------------------------------------------------------------------------
 class CallAccepted(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="accepted"):
-    """Sent by the scheduler once the call is routed, only when the request asked (``ack``)."""
+    """Sent only when the request asked (``ack``): by the engine once it has queued the call, with
+    the priority the scheduler stamped; or by a scheduler with ``engine_id`` "" when the call waits
+    at its door (an engine sends its own once the call is routed)."""
 
     call_id: str
     engine_id: str
@@ -107,6 +113,9 @@ class CallChunk(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     token_ids: list[int] = []
     attempt: int = 0
     engine_id: str = ""
+    #: position of the chunk's first token id among the call's output tokens (resumed ones
+    #: included): the caller drops a repeat and resubmits after a gap; -1 from older engines
+    offset: int = -1
 
 
 class CallRetry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="retry"):
@@ -195,6 +204,10 @@ class StampedCall(CallParams, frozen=True, kw_only=True):
     deadline_at: Epoch = 0.0
     # The authenticated user that submitted the call ("" without auth): only it may abort the call.
     owner: Id = ""
+    #: the caller asked for an "accepted" reply: the engine sends it once the call is queued
+    ack: bool = False
+    #: the tenant the scheduler accounts the call to (services/scheduler/tenant_limits.py)
+    tenant: Id = ""
 
     @classmethod
     def stamp(cls, request: CallParams, **stamp: Any) -> StampedCall:
@@ -209,6 +222,9 @@ class CallAbort(msgspec.Struct, frozen=True, kw_only=True):
     reason: Name = "client"
     #: only this engine drops the call ("" = whichever holds it)
     engine_id: Token = ""
+    #: only this attempt and older ones are dropped (None = every attempt): a scheduler's abort of
+    #: an attempt it gave up on never drops the newer attempt the caller resubmitted meanwhile
+    attempt: Attempt | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +241,8 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
     owner: Id = ""
     # seconds the call waited at the schedulers' door before it was routed (its program's first calls)
     door_wait_s: Seconds = 0.0
+    #: the tenant the call is accounted to (services/scheduler/tenant_limits.py; "" = none)
+    tenant: Id = ""
 
 
 class FinishReason(StrEnum):
@@ -265,6 +283,9 @@ class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
     swap_s: Seconds = 0.0
     recomputed_tokens: Count = 0
     completed_at: Epoch = 0.0
+    #: the attempt that finished here (None from older engines): a scheduler forgets the call's
+    #: routing only up to this attempt, never a newer one routed to the same engine
+    attempt: Attempt | None = None
 
 
 
@@ -343,8 +364,10 @@ class ProgramService(msgspec.Struct, frozen=True, kw_only=True):
     call_path_s: Seconds = 0.0
     ended: bool = False
     updated_at: Epoch = 0.0
-    #: the program's owner (its tenant; "" without auth): schedulers account service per tenant
+    #: the program's owner ("" without auth)
     owner: Id = ""
+    #: the program's tenant (from its first call): schedulers account service per tenant ("": the owner)
+    tenant: Id = ""
     #: the service its calls received, in total (``service_s`` is the older name)
     program_service_s: Seconds = 0.0
     #: the time its calls waited, in engine queues and at the schedulers' door (``waiting_s``)

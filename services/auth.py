@@ -247,31 +247,12 @@ def default_credentials_path() -> Path:
     return cache / "credentials" / "client.creds"
 
 
-def resolve_url(url: str | None = None, creds: str | None = None, client: bool = False) -> str:
-    """The NATS URL to connect with, the same for the CLI and the Python client: a credentials file
-    (``creds``, else ``AUTELLIX_NATS_CREDS``), else ``url`` or ``AUTELLIX_NATS``, else, for clients
-    only, the credentials ``autellix up`` wrote on this machine, else nats://127.0.0.1:4222."""
-    creds = creds or os.environ.get("AUTELLIX_NATS_CREDS")
-    if creds:
-        return read_credentials(creds)
-    url = url or os.environ.get("AUTELLIX_NATS")
-    if url:
-        return url
-    default = default_credentials_path()
-    if client and default.is_file():
-        try:
-            return read_credentials(default)
-        except (OSError, ValueError):
-            pass  # a stale or foreign file: fall back to the open default
-    return "nats://127.0.0.1:4222"
-
-
-def init_deployment(directory: Path, subjects: Subjects) -> dict[str, Path]:
-    """Write a deployment's secrets: ``nats-auth.conf`` (include it from nats-server's configuration)
-    and one ``<role>.creds`` per role holding ``nats://<role>:<password>@nats:4222`` (edit the host
-    to match). Returns the files written, by role (and ``"server"``)."""
+def init_deployment(directory: Path, subjects: Subjects, host: str = "nats:4222") -> dict[str, Path]:
+    """Write a deployment's secrets: ``nats-auth.conf`` (nats-server's ``authorization`` block: run
+    the server with ``-c`` on it, or include it) and one ``<role>.creds`` per role holding
+    ``nats://<role>:<password>@<host>``. Returns the files written, by role (and ``"server"``)."""
     identities = make_identities()
     out = {"server": write_private(directory / "nats-auth.conf", server_config(identities, subjects))}
     for role, ident in identities.items():
-        out[role] = write_credentials(directory / f"{role}.creds", ident.url("nats://nats:4222"))
+        out[role] = write_credentials(directory / f"{role}.creds", ident.url(f"nats://{host}"))
     return out

@@ -9,19 +9,24 @@ import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import uvloop
 
-from autellix.engine.factory import BACKENDS, DEFAULT_TIER_SCALE, RETENTIONS
 from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.variants import SERVING_POLICIES
-from autellix.proto import DEFAULT_ROOT
 
 from .auth import redact_url
+from .engine.config import EngineConfig
+from .gateway.config import GatewayConfig
 from .logs import configure_logging
-from .nats_conn import DEFAULT_NATS_URL
+from .nats_config import NatsConfig
+from .scheduler.config import SchedulerConfig
+from .settings import add_flags, from_env_and_flags, parse_url_list
+from .tracker.config import TrackerConfig
+
+C = TypeVar("C")
 
 POLICIES = SERVING_POLICIES
 BALANCERS = BALANCER_NAMES
@@ -32,222 +37,62 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 # -- shared flags -------------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser, nats_default: str | None = DEFAULT_NATS_URL) -> None:
-    p.add_argument("--nats", default=None, help=f"NATS URL (env AUTELLIX_NATS; default {nats_default})")
-    p.add_argument(
-        "--creds",
-        default=None,
-        metavar="FILE",
-        help="credentials file (one line: nats://user:password@host:port), used instead of --nats "
-        "(env AUTELLIX_NATS_CREDS; default: the file `autellix up` wrote, if there is one)",
-    )
-    p.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+#: each service's config class; its settings table makes its flags (autellix.services.settings)
+SERVICE_CONFIGS: dict[str, type] = {
+    "tracker": TrackerConfig,
+    "scheduler": SchedulerConfig,
+    "engine": EngineConfig,
+    "gateway": GatewayConfig,
+}
+#: flags of `up` that are its own, not a service's: its broker's address, the gateway's port, the
+#: metrics ports of all services, its tracker shards (--trackers); and each engine gets its own id
+UP_OWN_FLAGS = ("--nats", "--creds", "--host", "--port", "--metrics-port", "--engine-id", "--shards", "--shard-index")
+NATS_FLAGS_BUT_ROOT = tuple(s.flag for s in NatsConfig.SETTINGS if s.flag and s.flag != "--root")
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=None, help="debug|info|warning|error (env AUTELLIX_LOG_LEVEL; default info)")
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="model backend (env AUTELLIX_BACKEND; default hf)")
-    p.add_argument("--model", default=None, help="local Hugging Face model dir (env AUTELLIX_MODEL; default SmolLM2)")
-    p.add_argument("--max-batch", type=int, default=None, help="running calls per engine (env AUTELLIX_MAX_BATCH)")
-    p.add_argument("--kv-tokens", type=int, default=None, help="KV tokens per engine (env AUTELLIX_KV_TOKENS)")
-    p.add_argument(
-        "--retention",
-        choices=RETENTIONS,
-        default=None,
-        help="engine: eviction order of retained contexts, lru or program (contained, ended programs', then LRU) "
-        "(env AUTELLIX_RETENTION; default program)",
-    )
-    p.add_argument(
-        "--kv-tier-tokens",
-        type=int,
-        default=None,
-        help=f"engine: CPU tier for evicted contexts of live programs, in tokens; 0 = none "
-        f"(env AUTELLIX_KV_TIER_TOKENS; default {DEFAULT_TIER_SCALE} x --kv-tokens)",
-    )
-    p.add_argument("--device", default=None, help="hf backend: cpu or cuda[:N] (env AUTELLIX_DEVICE; default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="hf backend: torch threads (env AUTELLIX_THREADS)")
-    p.add_argument(
-        "--schedule-every",
-        type=int,
-        default=None,
-        help="engine: a scheduling point (preemption) every N steps (env AUTELLIX_SCHEDULE_EVERY; default 4)",
-    )
-    p.add_argument(
-        "--preempt-mode",
-        choices=("auto", "swap", "recompute"),
-        default=None,
-        help="engine: how a displaced call gives up its KV (env AUTELLIX_PREEMPT_MODE; default auto)",
-    )
-    p.add_argument(
-        "--sim-time-scale",
-        type=float,
-        default=None,
-        help="sim backend: factor on modelled step times, 0 = instant (env AUTELLIX_SIM_TIME_SCALE; default 1)",
-    )
-
-
-def _add_metrics_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help="serve Prometheus metrics here, 0 = any free port (env AUTELLIX_METRICS_PORT; default off)",
-    )
-
-
-def _metrics_port(cfg: Any, args: argparse.Namespace) -> Any:
-    port = getattr(args, "metrics_port", None)
-    return replace(cfg, metrics_port=port) if port is not None else cfg
-
-
-def _env_url(args: argparse.Namespace, client: bool = False) -> str:
-    """The URL to connect with (:func:`autellix.services.auth.resolve_url`: --creds, --nats, the
-    environment, and for clients the credentials `autellix up` wrote on this machine)."""
-    from .auth import resolve_url
-
+def _config(cls: type[C], args: argparse.Namespace, skip: Sequence[str] = ()) -> C:
+    """Defaults, then the environment, then the flags given; one line and exit 2 on a bad value."""
     try:
-        return resolve_url(args.nats, getattr(args, "creds", None), client=client)
-    except (OSError, ValueError) as exc:
+        return from_env_and_flags(cls, args, skip)
+    except ValueError as exc:
         raise SystemExit(f"autellix: {exc}") from None
 
 
-def _env_root(args: argparse.Namespace) -> str:
-    return args.root or os.environ.get("AUTELLIX_ROOT", DEFAULT_ROOT)
-
-
-def _tracker_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
-    from .tracker.config import TrackerConfig
-
-    cfg = TrackerConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if getattr(args, "program_ttl", None) is not None:
-        cfg = replace(cfg, idle_ttl_s=args.program_ttl)
-    if getattr(args, "shards", None) is not None:
-        cfg = replace(cfg, shards=args.shards)
-    if getattr(args, "shard_index", None) is not None:
-        cfg = replace(cfg, shard_index=args.shard_index)
-    return _metrics_port(cfg, args)
-
-
-def _scheduler_config(args: argparse.Namespace, url: str):  # type: ignore[no-untyped-def]
-    from .scheduler.config import SchedulerConfig, parse_spill_gate
-
-    cfg = SchedulerConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if getattr(args, "policy", None):
-        cfg = replace(cfg, policy=args.policy)
-    if getattr(args, "max_tokens_ceiling", None) is not None:
-        cfg = replace(cfg, max_tokens_ceiling=args.max_tokens_ceiling)
-    if getattr(args, "balancer", None):
-        cfg = replace(cfg, balancer=args.balancer)
-    if getattr(args, "door", None) is not None:
-        cfg = replace(cfg, door=args.door)
-    if getattr(args, "door_high_water", None) is not None:
-        cfg = replace(cfg, door_high_water=args.door_high_water)
-    if getattr(args, "door_max_waiting", None) is not None:
-        cfg = replace(cfg, door_max_waiting=args.door_max_waiting)
-    if getattr(args, "door_spill_gate", None) is not None:
-        cfg = replace(cfg, door_spill_gate=parse_spill_gate(args.door_spill_gate, cfg.door_spill_gate))
-    return _metrics_port(cfg, args)
-
-
-def _add_door_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--door",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="scheduler: new programs wait while the engines' working set does not fit their KV (env AUTELLIX_DOOR; "
-        "default on)",
-    )
-    p.add_argument(
-        "--door-high-water",
-        type=float,
-        default=None,
-        help="scheduler: admit while the working set stays under this fraction of KV (env AUTELLIX_DOOR_HIGH_WATER)",
-    )
-    p.add_argument(
-        "--door-spill-gate",
-        default=None,
-        help="scheduler: with CPU tiers, hold programs only while the engines spend this share of busy time "
-        "swapping contexts back in, or none: always (env AUTELLIX_DOOR_SPILL_GATE; default 0.02)",
-    )
-    p.add_argument(
-        "--door-max-waiting",
-        type=int,
-        default=None,
-        help="scheduler: programs that may wait at the door (env AUTELLIX_DOOR_MAX_WAITING; default 1000)",
-    )
-
-
-def _engine_config(args: argparse.Namespace, url: str, engine_id: str | None = None):  # type: ignore[no-untyped-def]
-    from .engine.config import EngineConfig
-
-    cfg = EngineConfig.from_env()
-    spec = cfg.backend
-    if args.backend:
-        spec = replace(spec, name=args.backend)
-    if args.model:
-        spec = replace(spec, model=args.model)
-    if args.max_batch is not None:
-        spec = replace(spec, max_batch=args.max_batch)
-    if args.kv_tokens is not None:
-        spec = replace(spec, kv_capacity_tokens=args.kv_tokens)
-    if getattr(args, "retention", None) is not None:
-        spec = replace(spec, retention=args.retention)
-    if getattr(args, "kv_tier_tokens", None) is not None:
-        spec = replace(spec, kv_tier_tokens=args.kv_tier_tokens)
-    if args.sim_time_scale is not None:
-        spec = replace(spec, sim_time_scale=args.sim_time_scale)
-    if args.threads is not None:
-        spec = replace(spec, threads=args.threads)
-    if args.device is not None:
-        spec = replace(spec, device=args.device)
-    cfg = replace(cfg, nats_url=url, root=_env_root(args), backend=spec)
-    if getattr(args, "policy", None):
-        cfg = replace(cfg, policy=args.policy)
-    if args.schedule_every is not None:
-        cfg = replace(cfg, schedule_every=args.schedule_every)
-    if args.preempt_mode is not None:
-        cfg = replace(cfg, preempt_mode=args.preempt_mode)
-    if engine_id or getattr(args, "engine_id", None):
-        cfg = replace(cfg, engine_id=engine_id or args.engine_id)
-    return _metrics_port(cfg, args)
-
-
-def _gateway_config(args: argparse.Namespace, url: str, host: str | None = None, port: int | None = None):  # type: ignore[no-untyped-def]
-    from .gateway.config import GatewayConfig
-
-    cfg = GatewayConfig.from_env()
-    cfg = replace(cfg, nats_url=url, root=_env_root(args))
-    if host is not None:
-        cfg = replace(cfg, host=host)
-    if port is not None:
-        cfg = replace(cfg, port=port)
-    return cfg
+def _server_url(nats: NatsConfig, client: bool = False) -> str:
+    """The URL to connect with; one line and exit 1 on an unreadable credentials file."""
+    try:
+        return nats.server_url(client=client)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"autellix: {exc}") from None
 
 
 # -- one service --------------------------------------------------------------------------------
 def cmd_service(args: argparse.Namespace) -> int:
     from .lifecycle import run_until_signal
 
-    url = _env_url(args)
+    config: Any = _config(SERVICE_CONFIGS[args.command], args)
+    _server_url(config.nats)  # a bad credentials file: one line now, not a failed start
     service: Any
     if args.command == "tracker":
         from .tracker.service import TrackerService
 
-        service = TrackerService(_tracker_config(args, url))
+        service = TrackerService(config)
     elif args.command == "scheduler":
         from .scheduler.service import SchedulerService
 
-        service = SchedulerService(_scheduler_config(args, url))
+        service = SchedulerService(config)
     elif args.command == "gateway":
         from .gateway.service import GatewayService
 
-        service = GatewayService(_gateway_config(args, url, args.host, args.port))
+        service = GatewayService(config)
     else:
         from .engine.service import EngineService
 
-        service = EngineService(_engine_config(args, url))
+        service = EngineService(config)
 
     async def main() -> int:
         return await run_until_signal([service])
@@ -281,15 +126,12 @@ def _trackers(n: int) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from autellix.proto import PROGRAM_SLOTS, Subjects
+    from autellix.proto import PROGRAM_SLOTS
 
-    from .auth import default_credentials_path, make_identities, read_credentials, server_config, write_credentials
-    from .embedded_nats import EmbeddedNats, EmbeddedNatsCluster, NatsServerError
-    from .engine.service import EngineService
-    from .gateway.service import GatewayService
-    from .lifecycle import abandon, install_signal_handlers, stop_stages, wait_for_stop
-    from .scheduler.service import SchedulerService
-    from .tracker.service import TrackerService
+    from .auth import default_credentials_path, read_credentials
+    from .embedded_nats import NatsServerError
+    from .lifecycle import install_signal_handlers, wait_for_stop
+    from .local_mesh import LocalBroker, LocalMesh
 
     if args.engines < 1:
         print("autellix up: --engines must be at least 1", file=sys.stderr)
@@ -300,95 +142,82 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 1 <= args.trackers <= PROGRAM_SLOTS:
         print(f"autellix up: --trackers must be within 1 .. {PROGRAM_SLOTS}", file=sys.stderr)
         return 2
-    broker: EmbeddedNats | EmbeddedNatsCluster | None = None
-    url = args.nats or (read_credentials(args.creds) if args.creds else None)
-    urls: dict[str, str] = {}  # per role, with auth on
+    nats_config = _config(NatsConfig, args)
+    root = nats_config.root
+    broker: LocalBroker | None = None
+    url = ",".join(args.nats) if args.nats else (read_credentials(args.creds) if args.creds else None)
     creds_path: Path | None = None
-    if url is None:
-        identities = {} if args.no_auth else make_identities()
-        config = server_config(identities, Subjects(_env_root(args))) if identities else ""
-        if args.cluster > 1:  # every node on a free port; services get every node's URL
-            broker = EmbeddedNatsCluster(args.cluster, host=args.host, config=config)
-        else:
-            broker = EmbeddedNats(host=args.host, port=args.port, config=config)
+    if url is None:  # a cluster: every node on a free port; services get every node's URL
+        broker = LocalBroker(nodes=args.cluster, host=args.host, port=args.port, auth=not args.no_auth, root=root)
         try:
             url = broker.start()
-            urls = {role: ident.url(url) for role, ident in identities.items()}
-            if urls:
-                creds_path = write_credentials(Path(args.creds_out or default_credentials_path()), urls["client"])
+            creds_path = broker.write_client_credentials(Path(args.creds_out or default_credentials_path()))
         except NatsServerError as exc:
             print(f"autellix up: could not start nats-server: {exc}", file=sys.stderr)
             if args.port:
                 print(f"  (is port {args.port} taken? try --port 0 for a free one)", file=sys.stderr)
             return 1
 
+    def nats_for(role: str) -> NatsConfig:
+        """Our own broker: the role's identity, no TLS; another: its URL, with the TLS settings given."""
+        if broker is not None:
+            return broker.nats_for(role)
+        return replace(nats_config, urls=parse_url_list(url), creds=None)
+
+    def config(cls: type[C], role: str, **fields: Any) -> C:
+        """The role's config from the environment and the flags, on this mesh's broker."""
+        cfg: Any = _config(cls, args, UP_OWN_FLAGS)
+        return replace(cfg, nats=nats_for(role), **fields)  # type: ignore[no-any-return]
+
     async def main() -> int:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         ports = _up_metrics_ports(args)
-        tracker_config = replace(_tracker_config(args, urls.get("tracker", url)), metrics_port=ports(0))
-        if args.cluster > 1:  # the process table and the completions on every node (at most 3)
-            tracker_config = replace(tracker_config, kv_replicas=min(3, args.cluster))
-        trackers = [
-            TrackerService(
-                replace(tracker_config, shards=args.trackers, shard_index=i, metrics_port=ports(0) if i == 0 else None)
-            )
-            for i in range(args.trackers)
-        ]
-        tracker = trackers[0]
-        scheduler_cfg = replace(_scheduler_config(args, urls.get("scheduler", url)), metrics_port=ports(1))
-        scheduler = SchedulerService(scheduler_cfg)
-        engines = [
-            EngineService(replace(_engine_config(args, urls.get("engine", url)), metrics_port=ports(2 + i)))
-            for i in range(args.engines)
-        ]
+        # the process table and the completions on every node of a cluster (at most 3)
+        replicas = {"kv_replicas": min(3, args.cluster)} if args.cluster > 1 else {}
         # --demo runs the demo with the Python client and exits: no HTTP ports to claim
         serve_http = not (args.no_gateway or args.demo)
-        gateway_cfg = _gateway_config(args, urls.get("gateway", url), args.host, args.gateway_port)
-        gateway = GatewayService(gateway_cfg) if serve_http else None
-        started: list[Any] = []
+        mesh = LocalMesh.of(
+            tracker=config(TrackerConfig, "tracker", metrics_port=ports(0), **replicas),
+            tracker_shards=args.trackers,
+            scheduler=config(SchedulerConfig, "scheduler", metrics_port=ports(1)),
+            engines=[config(EngineConfig, "engine", metrics_port=ports(2 + i)) for i in range(args.engines)],
+            gateway=config(GatewayConfig, "gateway", host=args.host, port=args.gateway_port) if serve_http else None,
+        )
         try:
-            # the gateway before the engines: it hears their first heartbeats, so /v1/models is full at once
-            for service in [*trackers, scheduler, *([gateway] if gateway else []), *engines]:
-                starting = asyncio.create_task(service.start())
-                waiter = asyncio.create_task(stop.wait())
-                done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                if starting not in done:
-                    await abandon(starting)
+            try:
+                if not await mesh.start(stop, engines_within_s=None):
                     return 130
-                try:
-                    starting.result()
-                except OSError as exc:  # a port taken
-                    print(f"autellix up: the {service.name} could not start: {exc}", file=sys.stderr)
-                    print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
-                    return 1
-                started.append(service)
+            except OSError as exc:  # a port taken
+                print(f"autellix up: the {mesh.not_started()[0].name} could not start: {exc}", file=sys.stderr)
+                print("  (try --gateway-port 0 / --metrics-port 0 for free ports)", file=sys.stderr)
+                return 1
+            engines, gateway = mesh.engines, mesh.gateway
             models = sorted({f"{e.backend.name}: {e.backend.model_name}" for e in engines if e.backend})
             http = f" | OpenAI API {gateway.url}/v1" if gateway else ""
-            scraped = [s.metrics.endpoint.port for s in [tracker, scheduler, *engines]]
+            scraped = [s.metrics.endpoint.port for s in [mesh.tracker, mesh.scheduler, *engines]]
             if all(scraped):
                 http += f" | metrics on ports {','.join(str(p) for p in scraped)}"
             auth = f" (auth on: client credentials in {creds_path})" if creds_path else ""
             print(
-                f"autellix is up: NATS {redact_url(url)}{auth} | {_trackers(len(trackers))}, "
-                f"scheduler ({scheduler.config.policy}), "
-                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {tracker.config.root} | Ctrl-C to stop",
+                f"autellix is up: NATS {redact_url(url)}{auth} | {_trackers(len(mesh.trackers))}, "
+                f"scheduler ({mesh.scheduler.config.policy}), "
+                f"{len(engines)} engine(s) [{', '.join(models)}]{http} | root {root} | Ctrl-C to stop",
                 flush=True,
             )
             if args.demo:
                 from .client import Client
                 from .demo import run_demo
 
-                async with await Client.connect(urls.get("client", url), root=tracker.config.root) as client:
+                client_url = broker.url_for("client") if broker is not None else url
+                async with await Client.connect(client_url, root=root) as client:
                     await run_demo(client)
                 return 0
-            failed = await wait_for_stop(stop, started)
+            failed = await wait_for_stop(stop, mesh.started)
             return 1 if failed else 0
         finally:
             # the gateway stops taking requests first; engines drain in parallel: one drain timeout for the mesh
-            stages = [[gateway], [scheduler], engines, trackers]
-            await stop_stages([[s for s in stage if s is not None and s in started] for stage in stages])
+            await mesh.stop()
 
     try:
         return _run(main())
@@ -401,9 +230,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 async def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from .client import Client
 
-    url = _env_url(args, client=True)
+    nats_config = _config(NatsConfig, args)
+    url = _server_url(nats_config, client=True)
     try:
-        return await asyncio.wait_for(Client.connect(url, root=_env_root(args), timeout_s=args.timeout), 10)
+        return await asyncio.wait_for(Client.connect(nats=nats_config, timeout_s=args.timeout), 10)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise SystemExit(
             f"cannot reach NATS at {redact_url(url)} ({exc or type(exc).__name__}): is `autellix up` running? "
@@ -474,7 +304,11 @@ def cmd_auth_init(args: argparse.Namespace) -> int:
 
     from .auth import init_deployment
 
-    written = init_deployment(Path(args.directory), Subjects(_env_root(args)))
+    directory = Path(args.directory)
+    if args.keep and (directory / "nats-auth.conf").is_file():
+        print(f"kept the credentials already in {directory}")
+        return 0
+    written = init_deployment(directory, Subjects(_config(NatsConfig, args).root), host=args.host)
     for what, path in written.items():
         print(f"{what:9} {path}")
     print(
@@ -490,13 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start NATS, tracker, scheduler and engines on this machine")
-    _add_common(up, nats_default="an embedded nats-server")
-    _add_engine_flags(up)
+    up.add_argument("--nats", type=parse_url_list, default=None,
+                    help="use the NATS server(s) at this URL (list) instead of an embedded nats-server")
+    up.add_argument("--creds", default=None, metavar="FILE",
+                    help="use the NATS server named in this credentials file instead of an embedded nats-server")
+    # every service's own settings (the scheduler's and the engines' --policy is one flag)
+    add_flags(up, [NatsConfig, *SERVICE_CONFIGS.values()], skip=UP_OWN_FLAGS)
+    _add_log_level(up)
     up.add_argument("--engines", type=int, default=1, help="number of engines (default 1)")
     up.add_argument("--trackers", type=int, default=1, help="tracker shards, each owning a part of the programs (1)")
-    up.add_argument("--policy", choices=POLICIES, default=None, help="scheduling policy (env AUTELLIX_POLICY; plas)")
-    up.add_argument("--balancer", choices=BALANCERS, default=None, help="engine choice (env AUTELLIX_BALANCER)")
-    _add_door_flags(up)
     up.add_argument("--host", default="127.0.0.1", help="embedded NATS: listen address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=4222, help="embedded NATS: port, 0 = any free port (default 4222)")
     up.add_argument("--demo", action="store_true", help="run the demo program once ready, then stop")
@@ -530,43 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    tracker = sub.add_parser("tracker", help="run the program-tracker service")
-    _add_common(tracker)
-    tracker.add_argument("--program-ttl", type=float, default=None, help="forget idle programs after S seconds")
-    tracker.add_argument(
-        "--shards", type=int, default=None, help="trackers sharing the programs (env AUTELLIX_TRACKER_SHARDS; 1)"
-    )
-    tracker.add_argument(
-        "--shard-index", type=int, default=None, help="this tracker's shard, 0 .. shards-1 (env AUTELLIX_TRACKER_SHARD)"
-    )
-    _add_metrics_port(tracker)
-    tracker.set_defaults(func=cmd_service)
-
-    scheduler = sub.add_parser("scheduler", help="run a scheduler service")
-    _add_common(scheduler)
-    scheduler.add_argument("--policy", choices=POLICIES, default=None, help="env AUTELLIX_POLICY; default plas")
-    scheduler.add_argument("--balancer", choices=BALANCERS, default=None, help="env AUTELLIX_BALANCER; locality")
-    scheduler.add_argument("--max-tokens-ceiling", type=int, default=None, help="env AUTELLIX_MAX_TOKENS_CEILING")
-    _add_metrics_port(scheduler)
-    _add_door_flags(scheduler)
-    scheduler.set_defaults(func=cmd_service)
-
-    engine = sub.add_parser("engine", help="run an engine service")
-    _add_common(engine)
-    _add_engine_flags(engine)
-    engine.add_argument("--engine-id", default=None, help="env AUTELLIX_ENGINE_ID; default engine-<random>")
-    engine.add_argument("--policy", choices=POLICIES, default=None, help="local queues (env AUTELLIX_POLICY; plas)")
-    _add_metrics_port(engine)
-    engine.set_defaults(func=cmd_service)
-
-    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
-    _add_common(gateway)
-    gateway.add_argument("--host", default=None, help="listen address (env AUTELLIX_GATEWAY_HOST; default 0.0.0.0)")
-    gateway.add_argument("--port", type=int, default=None, help="HTTP port (env AUTELLIX_GATEWAY_PORT; default 8000)")
-    gateway.set_defaults(func=cmd_service)
+    helps = {
+        "tracker": "run the program-tracker service",
+        "scheduler": "run a scheduler service",
+        "engine": "run an engine service",
+        "gateway": "run the OpenAI-compatible HTTP gateway",
+    }
+    for name, cls in SERVICE_CONFIGS.items():
+        service = sub.add_parser(name, help=helps[name])
+        add_flags(service, [cls])
+        _add_log_level(service)
+        service.set_defaults(func=cmd_service)
 
     call = sub.add_parser("call", help="send one call and stream the answer")
-    _add_common(call)
+    add_flags(call, [NatsConfig])
+    _add_log_level(call)
     call.add_argument("prompt")
     call.add_argument("--max-tokens", type=int, default=128)
     call.add_argument("--temperature", type=float, default=0.0)
@@ -577,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
 
     demo = sub.add_parser("demo", help="run a small agent program against the mesh")
-    _add_common(demo)
+    add_flags(demo, [NatsConfig])
+    _add_log_level(demo)
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each message")
     demo.set_defaults(func=cmd_demo)
@@ -586,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     auth_sub = auth.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
     init = auth_sub.add_parser("init", help="write nats-auth.conf and one <role>.creds per role into a directory")
     init.add_argument("directory", help="where to write them (files are created readable by their owner only)")
-    init.add_argument("--root", default=None, help=f"subject root (env AUTELLIX_ROOT; default {DEFAULT_ROOT})")
+    add_flags(init, [NatsConfig], skip=NATS_FLAGS_BUT_ROOT)
+    init.add_argument("--host", default="nats:4222", help="the broker's host:port in the .creds URLs")
+    init.add_argument(
+        "--keep", action="store_true", help="write nothing when the directory already holds a nats-auth.conf"
+    )
     init.set_defaults(func=cmd_auth_init)
 
     from autellix.bench.cli import register as register_bench

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -52,8 +52,10 @@ from autellix.proto import (
     encode,
 )
 
-from .auth import INBOX_ROOT, resolve_url, url_user
+from .auth import INBOX_ROOT, url_user
+from .nats_config import NatsConfig
 from .nats_conn import connect
+from .settings import parse_url_list
 
 MessagesLike = str | Sequence[dict[str, str]] | Sequence[Message]
 
@@ -97,6 +99,13 @@ def _messages(messages: MessagesLike | None) -> list[Message]:
     return [m if isinstance(m, Message) else Message(role=m["role"], content=m["content"]) for m in messages]
 
 
+class _Reconnected:
+    """Queued in every open call's mailbox when the connection came back after a disconnect."""
+
+
+RECONNECTED = _Reconnected()
+
+
 class _Mailbox:
     """A call's reply inbox: the subscription's callback queues each payload and wakes the reader.
 
@@ -106,16 +115,23 @@ class _Mailbox:
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: deque[bytes] = deque()
+        self._items: deque[bytes | _Reconnected] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
     async def put(self, msg: Msg) -> None:
-        self._items.append(msg.data)
+        self._push(msg.data)
+
+    def reconnected(self) -> None:
+        """Tell the reader, in order after what arrived before, that replies may have been lost."""
+        self._push(RECONNECTED)
+
+    def _push(self, item: bytes | _Reconnected) -> None:
+        self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self, wait_s: float) -> bytes | None:
+    async def get(self, wait_s: float) -> bytes | _Reconnected | None:
         """The next payload, or None when none arrives within ``wait_s`` seconds."""
         if not self._items:
             loop = asyncio.get_running_loop()
@@ -136,9 +152,17 @@ class CallStream:
 
     Fault handling is the client's side of the contract: the request asks for an ``accepted``
     reply and is resubmitted (same call id, next attempt) when none comes within ``ack_timeout_s``
-    (the scheduler that took it died); on a ``retry`` reply (its engine died) it is resubmitted with
-    the token ids received so far, and the new engine continues after them. Replies of older
+    (the scheduler that took it died, or the call was lost on its way to an engine; the wait doubles
+    with each such resubmission, so a merely slow mesh is not flooded); on a ``retry`` reply (its
+    engine died) it is resubmitted with the token ids received so far, and the new engine continues
+    after them. Replies of older
     attempts are ignored, so the caller sees one stream with no token missing or repeated.
+
+    Core NATS delivers at most once, so replies can be lost when the broker restarts (sent while
+    this client was not yet subscribed again). Each chunk says where its tokens start: a repeat is
+    dropped, and a gap, a final that counts more tokens than arrived, or a reconnect of this
+    client's connection (anything may have been lost meanwhile) resubmits the call after the tokens
+    received. Those resubmissions do not count against ``max_attempts``, which bounds failures.
     """
 
     def __init__(self, client: Client, request: CallRequest, timeout_s: float) -> None:
@@ -154,6 +178,12 @@ class CallStream:
         self._accepted = False
         self._submitted_at = 0.0
         self.attempt = 0
+        #: the engine running the current attempt, as its replies say ("" before any)
+        self._engine_id = ""
+        #: resubmissions after a failure (no engine took the call, its engine died)
+        self._failures = 0
+        #: of those, resubmissions because no "accepted" came in time
+        self._unacked = 0
         self.token_ids: list[int] = []
         self.result: CallResult | None = None
 
@@ -161,10 +191,11 @@ class CallStream:
         nc = self._client.nc
         self._inbox = nc.new_inbox()
         self._sub = await nc.subscribe(self._inbox, cb=self._mailbox.put)
+        self._client.open_calls.add(self._mailbox)
         self._started = time.perf_counter()
         await self._submit()
 
-    async def _submit(self) -> None:
+    async def _submit(self, prefer_engine: str = "") -> None:
         request = msgspec.structs.replace(
             self.request,
             reply_to=self._inbox,
@@ -172,17 +203,35 @@ class CallStream:
             attempt=self.attempt,
             resume_token_ids=list(self.token_ids),
             ack=True,
+            prefer_engine=prefer_engine,
         )
         self._accepted = False
         self._submitted_at = time.perf_counter()
         await self._client.nc.publish(self._client.submit_subject, encode(request))
 
-    async def _resubmit(self, why: str) -> None:
-        if self.attempt >= self._client.max_attempts - 1:
-            await self.aclose()
-            raise CallFailed(self.call_id, "retries_exhausted", f"gave up after {self.attempt + 1} attempts: {why}")
+    async def _resubmit(self, why: str, failure: bool = True) -> None:
+        """Submit the next attempt, after the tokens received. ``failure``: a scheduler or engine
+        failed (bounded by ``max_attempts``); else replies were lost in transit, and the engine that
+        ran the call is asked for again (it carries on where it is, nothing recomputed)."""
+        prefer, self._engine_id = ("" if failure else self._engine_id), ""
+        if failure:
+            if self._failures >= self._client.max_attempts - 1:
+                await self.aclose()
+                raise CallFailed(
+                    self.call_id, "retries_exhausted", f"gave up after {self._failures + 1} attempts: {why}"
+                )
+            self._failures += 1
         self.attempt += 1
-        await self._submit()
+        await self._submit(prefer)
+
+    def _lost_tokens(self, reply: CallChunk | CallFinal) -> bool:
+        """Whether tokens of this call went missing before ``reply`` (a repeat is not a loss)."""
+        have = len(self.token_ids)
+        if isinstance(reply, CallChunk):
+            start, end = reply.offset, reply.offset + len(reply.token_ids)
+            return start > have or (0 <= start < have < end)  # a gap, or a partial repeat
+        # every token of a streamed call comes in a chunk before its final
+        return self.request.stream and reply.output_tokens > have
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self
@@ -190,12 +239,17 @@ class CallStream:
     async def _next_reply(self) -> CallReply | None:
         """The next reply of the current attempt; None when a resubmission happened instead."""
         assert self._sub is not None
-        ack_left = self._client.ack_timeout_s - (time.perf_counter() - self._submitted_at)
+        ack_wait = self._client.ack_timeout_s * 2 ** min(self._unacked, 6)
+        ack_left = ack_wait - (time.perf_counter() - self._submitted_at)
         wait = self._timeout_s if self._accepted else max(0.01, min(self._timeout_s, ack_left))
         data = await self._mailbox.get(wait)
+        if isinstance(data, _Reconnected):
+            await self._resubmit("the connection to the broker was re-established", failure=False)
+            return None
         if data is None:
             if not self._accepted:
-                await self._resubmit("no scheduler accepted the call")
+                self._unacked += 1
+                await self._resubmit("no engine accepted the call")
                 return None
             await self.aclose()
             raise CallFailed(self.call_id, "timeout", f"no answer within {self._timeout_s:g} s")
@@ -217,21 +271,27 @@ class CallStream:
                 continue
             if isinstance(reply, CallAccepted):
                 self._accepted = True
+                self._engine_id = reply.engine_id or self._engine_id
                 continue
             self._accepted = True  # any reply of this attempt shows that it was taken
+            if isinstance(reply, CallChunk | CallFinal) and reply.engine_id:
+                self._engine_id = reply.engine_id
             if isinstance(reply, CallRetry):
                 await self._resubmit(reply.reason)
                 continue
+            if isinstance(reply, CallChunk | CallFinal) and self._lost_tokens(reply):
+                await self._resubmit(f"tokens after the first {len(self.token_ids)} were lost", failure=False)
+                continue
             if isinstance(reply, CallChunk):
+                if 0 <= reply.offset < len(self.token_ids):
+                    continue  # a repeat of tokens already received
                 if self._first_at is None:
                     self._first_at = time.perf_counter()
                 self.token_ids.extend(reply.token_ids)
                 if reply.text:
                     return reply.text
                 continue
-            assert self._sub is not None
-            await self._sub.unsubscribe()
-            self._sub = None
+            await self._unsubscribe()
             if isinstance(reply, CallError):
                 raise CallFailed(reply.call_id or self.call_id, reply.code, reply.message)
             assert isinstance(reply, CallFinal)
@@ -256,11 +316,16 @@ class CallStream:
         assert self.result is not None
         return self.result
 
+    async def _unsubscribe(self) -> None:
+        assert self._sub is not None
+        self._client.open_calls.discard(self._mailbox)
+        sub, self._sub = self._sub, None
+        await sub.unsubscribe()
+
     async def aclose(self) -> None:
         """Stop reading; if the call has not ended, ask the engines to abort it."""
         if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+            await self._unsubscribe()
             if self.result is None and not self._client.nc.is_closed:
                 await self._client.nc.publish(self._client.abort_subject, encode(CallAbort(call_id=self.call_id)))
 
@@ -354,25 +419,50 @@ class Client:
         self.ack_timeout_s = ack_timeout_s
         self.max_attempts = max_attempts
         self._owns = owns_connection
+        #: the mailboxes of calls being read: each is told when the connection comes back
+        self.open_calls: set[_Mailbox] = set()
+        self._chain_reconnected_cb(nc)
+
+    def _chain_reconnected_cb(self, nc: NATS) -> None:
+        """Tell the open calls when ``nc`` reconnects, before the callback it had (if any) runs.
+        nats-py takes one callback at connect time; this client may get a connection made elsewhere
+        (the gateway's), so the callback is chained on the connection itself."""
+        previous = getattr(nc, "_reconnected_cb", None)
+
+        async def reconnected() -> None:
+            for mailbox in list(self.open_calls):
+                mailbox.reconnected()
+            if previous is not None:
+                await previous()
+
+        nc._reconnected_cb = reconnected  # pyright: ignore[reportAttributeAccessIssue]
 
     @classmethod
     async def connect(
         cls,
         url: str | None = None,
-        root: str = DEFAULT_ROOT,
+        root: str | None = None,
         timeout_s: float = 300.0,
         ack_timeout_s: float = 5.0,
         max_attempts: int = 5,
+        nats: NatsConfig | None = None,
     ) -> Client:
-        """Connect to the mesh. Without ``url``: ``AUTELLIX_NATS_CREDS`` (a credentials file), else
-        ``AUTELLIX_NATS``, else the credentials ``autellix up`` wrote on this machine, else the
-        open default nats://127.0.0.1:4222 (:func:`autellix.services.auth.resolve_url`)."""
-        url = url or resolve_url(client=True)
-        nc = await connect(url, "autellix-client", fail_fast=True)
+        """Connect to the mesh at ``url`` (a comma list for a cluster) under ``root``, or as ``nats``
+        says (servers or credentials file, root, TLS). With neither: the environment, as every
+        service reads it (:class:`autellix.services.nats_config.NatsConfig`: ``AUTELLIX_NATS_CREDS``,
+        else ``AUTELLIX_NATS``, else the credentials ``autellix up`` wrote on this machine, else the
+        open default nats://127.0.0.1:4222; ``AUTELLIX_ROOT``)."""
+        config = nats or NatsConfig.from_env()
+        if url:
+            config = replace(config, urls=parse_url_list(url), creds=None)
+        if root is not None:
+            config = replace(config, root=root)
+        server_url = config.server_url(client=True)
+        nc = await connect(config, "autellix-client", fail_fast=True, client=True)
         return cls(
             nc,
-            user=url_user(url) or "",
-            root=root,
+            user=url_user(server_url) or "",
+            root=config.root,
             timeout_s=timeout_s,
             owns_connection=True,
             ack_timeout_s=ack_timeout_s,

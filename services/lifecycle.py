@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from .logs import get_logger
 
@@ -128,6 +128,25 @@ async def abandon(starting: asyncio.Future[None]) -> None:
     get_logger("lifecycle").error("a start did not end when cancelled: abandoned")
 
 
+async def start_in_order(services: Sequence[Service], stop_event: asyncio.Event, started: list[Any]) -> bool:
+    """Start the services one after another, each appended to ``started`` once it is up; False when
+    ``stop_event`` is set first (a start still connecting to a broker that is down or refuses it is
+    abandoned, and appended too: its stop closes whatever the start had opened). A failed start
+    raises what the service raised."""
+    for service in services:
+        starting = asyncio.ensure_future(service.start())
+        signalled = asyncio.ensure_future(stop_event.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if not starting.done():
+            await abandon(starting)
+            started.append(service)
+            return False
+        starting.result()
+        started.append(service)
+    return True
+
+
 async def run_until_signal(services: Sequence[Service], stop_order: Sequence[Service] | None = None) -> int:
     """Start the services, run until a signal or a service failure, stop them; the exit status
     (1 when a service failed). A signal while a service is still starting (a broker that is down or
@@ -135,19 +154,9 @@ async def run_until_signal(services: Sequence[Service], stop_order: Sequence[Ser
     stop_event = asyncio.Event()
     install_signal_handlers(stop_event)
     started: list[Service] = []
-    failed = False
     try:
-        for service in services:
-            starting = asyncio.ensure_future(service.start())
-            signalled = asyncio.ensure_future(stop_event.wait())
-            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
-            signalled.cancel()
-            if not starting.done():
-                await abandon(starting)
-                started.append(service)  # its stop closes whatever the start had opened
-                return 130
-            starting.result()
-            started.append(service)
+        if not await start_in_order(services, stop_event, started):
+            return 130
         failed = await wait_for_stop(stop_event, started)
         return 1 if failed else 0
     finally:

@@ -41,12 +41,6 @@ def metrics_host_from_env() -> str:
     return os.environ.get("AUTELLIX_METRICS_HOST", "0.0.0.0")
 
 
-def metrics_port_from_env() -> int | None:
-    """``AUTELLIX_METRICS_PORT`` as a port (0 = any free one), or None when unset (metrics off)."""
-    value = os.environ.get("AUTELLIX_METRICS_PORT", "").strip()
-    return int(value) if value else None
-
-
 class MetricsEndpoint:
     """One registry and, once started with a port, the HTTP server that exposes it on ``/metrics``."""
 

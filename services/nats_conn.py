@@ -9,21 +9,33 @@ from nats.aio.client import Client as NATS
 from .auth import inbox_prefix, redact_url, url_user
 from .log_throttle import LogThrottle
 from .logs import get_logger
+from .nats_config import DEFAULT_NATS_URL, NatsConfig
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+__all__ = ["DEFAULT_NATS_URL", "connect"]
 
 
 async def connect(
-    url: str, name: str, fail_fast: bool = False, on_closed: Callable[[], None] | None = None
+    nats: NatsConfig | str,
+    name: str,
+    fail_fast: bool = False,
+    on_closed: Callable[[], None] | None = None,
+    on_reconnected: Callable[[], None] | None = None,
+    client: bool = False,
 ) -> NATS:
     """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
     connection gives up after a few tries. Once connected, both reconnect forever, but nats-py closes
     a connection for good on some protocol errors from the server: ``on_closed`` then tells the
-    service (which fails its health unless it is the one closing).
+    service (which fails its health unless it is the one closing). ``on_reconnected`` runs once the
+    connection is back, its subscriptions replayed and what was buffered meanwhile sent.
 
     A URL with ``user:password@`` connects as that identity, with the inbox prefix its
     permissions grant (:mod:`autellix.services.auth`); logs show the URL with the password
-    redacted."""
+    redacted.
+
+    ``nats``: the config (servers or credentials file, TLS), or a plain URL (list). ``client``: with
+    no server configured, use the credentials ``autellix up`` wrote (:meth:`NatsConfig.server_url`)."""
+    config = NatsConfig.at(nats) if isinstance(nats, str) else nats
+    url = config.server_url(client=client)
     log = get_logger(name)
     shown = redact_url(url)
     nc = NATS()
@@ -38,6 +50,8 @@ async def connect(
 
     async def reconnected() -> None:
         log.info("nats reconnected", url=shown)
+        if on_reconnected is not None:
+            on_reconnected()
 
     throttle = LogThrottle()
 
@@ -58,6 +72,7 @@ async def connect(
         closed_cb=closed,
         error_cb=error,
         inbox_prefix=inbox_prefix(url_user(url)),
+        tls=config.tls_context(),
     )
     nc.options["max_reconnect_attempts"] = -1  # nats-py reads this on every reconnect
     return nc

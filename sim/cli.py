@@ -8,8 +8,6 @@ its own parser (``sim/__main__.py``). :func:`run` returns the exit code: 0, or 2
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 from dataclasses import asdict, replace
@@ -20,14 +18,14 @@ from autellix.policy.balancer import BALANCER_NAMES
 from autellix.policy.door import DoorConfig
 from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
-from autellix.sim.analysis import analyse, parse_targets
+from autellix.sim import cli_kit as kit
+from autellix.sim.analysis import analyse
+from autellix.sim.cli_kit import UsageError
 from autellix.sim.engine_model import SIM_SCHEDULE_EVERY
-from autellix.sim.generators import WORKLOAD_NAMES
 from autellix.sim.report import analysis_text, plot, points_table
 from autellix.sim.simulator import MEMORY_NAMES, SimConfig
 from autellix.sim.sweep import WorkloadSource, run_sweep, sweep_points, unit_rate_programs, variant_name
 from autellix.sim.trace import write_trace
-from autellix.sim.workload import WorkloadError
 
 DESCRIPTION = """\
 Simulate agent programs on engines in virtual time and compare scheduling policies.
@@ -41,28 +39,15 @@ discarded from the figures; the run continues until every program has finished.
 _DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
 
 
-class UsageError(ValueError):
-    """Bad command-line input: reported in one line, exit code 2."""
-
-
-
-def _tick(bar: Any) -> None:
-    bar.update(1)
-
 def register(subparsers: Any) -> None:
     """Add the ``sim`` sub-command to an argparse sub-parsers object."""
-    p = subparsers.add_parser(
-        "sim",
-        help="compare scheduling policies in a simulator",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    kit.register_command(
+        subparsers, "sim", "compare scheduling policies in a simulator", DESCRIPTION, add_arguments, run
     )
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", required=True, help=f"{'|'.join(WORKLOAD_NAMES)} or PATH.jsonl (a trace)")
+    kit.add_workload_arguments(p, plot_help="plot mean token latency against rate")
     p.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list of %(default)s")
     p.add_argument("--rates", help="comma list of program arrival rates (programs/s), ascending")
     p.add_argument(
@@ -90,9 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tier-scale", default="4", help="CPU tier size in multiples of the GPU KV capacity (default 4)")
     p.add_argument("--programs", default="1000", help="programs per run (default %(default)s)")
-    p.add_argument("--seed", default="0", help="workload seed (default %(default)s)")
-    p.add_argument("--json", required=True, metavar="OUT.json", help="write every figure here")
-    p.add_argument("--plot", metavar="OUT.png", help="plot mean token latency against rate")
     p.add_argument(
         "--targets",
         default="2x,5x,10x",
@@ -104,11 +86,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fractions of FCFS saturation throughput (with --capacity: of fcfs + lru's capacity; default 0.5,0.9)",
     )
     p.add_argument("--kv-scale", default="1.0", help="multiply the profile's KV capacity (regime map: 0.25,0.5,1)")
-    p.add_argument(
-        "--no-context",
-        action="store_true",
-        help="independent prompts: a call's prompt is its new input only (no history, no prefix reuse)",
-    )
     p.add_argument("--profile", default="llama31-8b-h100", help="engine cost profile (default %(default)s)")
     p.add_argument(
         "--schedule-every",
@@ -141,82 +118,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="door, with a tier: apply the door's rule only while the engines spend at least this share of busy "
         f"time swapping contexts back in from the tier, or none: always (default {DoorConfig().spill_gate})",
     )
-    p.add_argument("--think-scale", default="1.0", help="multiply the generators' think times")
-    p.add_argument("--warmup", default="0.1", help="fraction of programs discarded at the start")
-    p.add_argument("--drain", default="0.1", help="fraction of programs discarded at the end")
     p.add_argument("--jobs", default="1", help="simulations to run in parallel processes (default %(default)s)")
     p.add_argument("--trace-out", metavar="PATH.jsonl", help="also write the workload's programs as a trace")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
-
-
-def parse_number(text: str, what: str, cast: type = float, minimum: float | None = None) -> Any:
-    try:
-        value = cast(text)
-    except ValueError:
-        raise UsageError(f"bad {what} {text!r}: not a{'n integer' if cast is int else ' number'}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"bad {what} {text!r}: must be finite")
-    if minimum is not None and value < minimum:
-        raise UsageError(f"bad {what} {text!r}: must be >= {minimum:g}")
-    return value
-
-
-def _names(text: str, known: tuple[str, ...], what: str, flag: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise UsageError(f"no {what} given to {flag}")
-    for n in names:
-        if n not in known:
-            raise UsageError(f"unknown {what} {n!r} in {flag}; expected {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def _rates(text: str) -> list[float]:
-    items = [x.strip() for x in text.split(",")]
-    if not items or any(not x for x in items):
-        raise UsageError(f"bad --rates {text!r}: expected a comma list of positive numbers")
-    rates = []
-    for x in items:
-        try:
-            r = float(x)
-        except ValueError:
-            raise UsageError(f"bad --rates {text!r}: {x!r} is not a number") from None
-        if not (math.isfinite(r) and r > 0):
-            raise UsageError(f"bad --rates {text!r}: {x!r} is not a positive rate")
-        rates.append(r)
-    return sorted(set(rates))
-
-
-def _fractions(text: str) -> list[float]:
-    return [parse_number(x.strip(), "--fractions item", float, 0.0) for x in text.split(",")]
 
 
 def parse(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the options; raises :class:`UsageError`."""
-    workload = args.workload
-    if workload not in WORKLOAD_NAMES:
-        if not workload.endswith(".jsonl") and not os.path.exists(workload):
-            raise UsageError(f"unknown workload {workload!r}; expected {', '.join(WORKLOAD_NAMES)} or a .jsonl trace")
-        if not os.path.isfile(workload):
-            raise UsageError(f"trace file not found: {workload}")
-    policies = _names(args.policies, POLICY_NAMES, "policy", "--policies")
+    workload = kit.check_workload(args.workload)
+    policies = kit.parse_names(args.policies, POLICY_NAMES, "policy", "--policies")
     if "fcfs" not in policies:
         policies.insert(0, "fcfs")  # the ratios are to FCFS
-    balancers = _names(args.balancer, BALANCER_NAMES, "balancer", "--balancer")
-    memories = _names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
+    balancers = kit.parse_names(args.balancer, BALANCER_NAMES, "balancer", "--balancer")
+    memories = kit.parse_names(args.memory, MEMORY_NAMES, "memory variant", "--memory")
     if "lru" not in memories:
         memories.insert(0, "lru")  # the ratios are to fcfs + lru
-    engines = parse_number(args.engines, "--engines", int, 1)
+    engines = kit.parse_number(args.engines, "--engines", int, 1)
     if engines == 1 and len(balancers) > 1:
         balancers = balancers[:1]  # one engine: the balancer cannot matter
+    targets = kit.parse_latency_targets(args.targets)
     try:
-        targets = parse_targets(args.targets)
         cost = profile(args.profile)
         mlfq = MLFQConfig(
-            num_levels=parse_number(args.levels, "--levels", int, 1),
-            beta=parse_number(args.beta, "--beta", float, 0.0),
-            preempt_gap=parse_number(args.preempt_gap, "--preempt-gap", int, 0),
+            num_levels=kit.parse_number(args.levels, "--levels", int, 1),
+            beta=kit.parse_number(args.beta, "--beta", float, 0.0),
+            preempt_gap=kit.parse_number(args.preempt_gap, "--preempt-gap", int, 0),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -224,39 +150,36 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("give --rates, or --capacity to search for each variant's highest stable rate")
     try:
         door = DoorConfig(
-            high_water=parse_number(args.door_high_water, "--door-high-water", float, 0.0),
+            high_water=kit.parse_number(args.door_high_water, "--door-high-water", float, 0.0),
             count_tier=args.door_tier,
             spill_gate=(
                 DoorConfig().spill_gate
                 if args.door_spill_gate is None
                 else None
                 if args.door_spill_gate.strip().lower() in ("none", "off")
-                else parse_number(args.door_spill_gate, "--door-spill-gate", float, 0.0)
+                else kit.parse_number(args.door_spill_gate, "--door-spill-gate", float, 0.0)
             ),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    warmup = parse_number(args.warmup, "--warmup", float, 0.0)
-    drain = parse_number(args.drain, "--drain", float, 0.0)
-    if warmup + drain >= 1.0:
-        raise UsageError("--warmup plus --drain must be below 1")
+    warmup, drain = kit.parse_steady_state(args.warmup, args.drain)
     config = SimConfig(
         policy="fcfs",
         engines=engines,
         balancer=balancers[0],
         cost=cost,
-        kv_scale=parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
+        kv_scale=kit.parse_number(args.kv_scale, "--kv-scale", float, 1e-3),
         carry_context=not args.no_context,
-        schedule_every=parse_number(args.schedule_every, "--schedule-every", int, 1),
+        schedule_every=kit.parse_number(args.schedule_every, "--schedule-every", int, 1),
         mlfq=mlfq,
-        tier_scale=parse_number(args.tier_scale, "--tier-scale", float, 0.0),
+        tier_scale=kit.parse_number(args.tier_scale, "--tier-scale", float, 0.0),
         door=door,
     )
     source = WorkloadSource(
         name=workload,
-        programs=parse_number(args.programs, "--programs", int, 1),
-        seed=parse_number(args.seed, "--seed", int),
-        think_scale=parse_number(args.think_scale, "--think-scale", float, 0.0),
+        programs=kit.parse_number(args.programs, "--programs", int, 1),
+        seed=kit.parse_number(args.seed, "--seed", int),
+        think_scale=kit.parse_number(args.think_scale, "--think-scale", float, 0.0),
     )
     return {
         "source": source,
@@ -265,36 +188,33 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         "memories": memories,
         "variants": [variant_name(p, m) for p in policies for m in memories],
         "balancers": balancers,
-        "rates": _rates(args.rates) if args.rates is not None else [],
+        "rates": kit.parse_rates(args.rates) if args.rates is not None else [],
         "targets": targets,
-        "fractions": _fractions(args.fractions),
+        "fractions": kit.parse_numbers(args.fractions, "--fractions item", float, 0.0),
         "warmup": warmup,
         "drain": drain,
-        "jobs": parse_number(args.jobs, "--jobs", int, 1),
-        "tol": parse_number(args.tol, "--tol", float, 1e-4),
-        "start_rate": parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
+        "jobs": kit.parse_number(args.jobs, "--jobs", int, 1),
+        "tol": kit.parse_number(args.tol, "--tol", float, 1e-4),
+        "start_rate": kit.parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    def read() -> tuple[dict[str, Any], list[Any]]:
         opts = parse(args)
-        source: WorkloadSource = opts["source"]
-        programs = unit_rate_programs(source)  # reads and checks a trace before any run starts
-    except (UsageError, WorkloadError) as e:
-        print(f"autellix sim: error: {e}", file=sys.stderr)
+        return opts, unit_rate_programs(opts["source"])  # reads and checks a trace before any run starts
+
+    loaded = kit.read_input("autellix sim", args.workload, read)
+    if loaded is None:
         return 2
-    except OSError as e:
-        print(f"autellix sim: error: cannot read {args.workload}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    opts, programs = loaded
+    source: WorkloadSource = opts["source"]
     if args.trace_out:
         write_trace(args.trace_out, programs)
     if args.capacity:
         return _run_capacity(args, opts, programs)
     points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(points), desc="sim", unit="run", file=sys.stderr, disable=args.no_progress)
+    bar = kit.progress_bar(len(points), "sim", "run", args.no_progress)
     try:
         results = run_sweep(
             source,
@@ -303,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             warmup=opts["warmup"],
             drain=opts["drain"],
             jobs=opts["jobs"],
-            on_done=lambda _: _tick(bar),
+            on_done=lambda _: bar.update(1),
         )
     finally:
         bar.close()
@@ -323,8 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "points": results,
         "analysis": analysis,
     }
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+    kit.write_json(args.json, summary)
     if not args.quiet:
         print(points_table(results))
         print()
@@ -380,13 +299,13 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
         "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
         "config": _config_json(config, opts),
-        "capacity_config": _jsonable(asdict(cap_config)),
+        "capacity_config": kit.jsonable(asdict(cap_config)),
         "capacity": result,
     }
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(summary), f, indent=1)
+    kit.write_json(args.json, summary)
     print(capacity_text(result))
     return 0
+
 
 
 def _config_json(config: SimConfig, opts: dict[str, Any]) -> Any:
@@ -395,14 +314,4 @@ def _config_json(config: SimConfig, opts: dict[str, Any]) -> Any:
     out = {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
     out["sched_every_steps"] = config.schedule_every
     out["cost"]["kv_budget_tokens"] = config.cost.kv_capacity_tokens
-    return _jsonable(out)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    return kit.jsonable(out)

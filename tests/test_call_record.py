@@ -29,24 +29,25 @@ from autellix.proto.messages import completed_message_id
 from autellix.services.engine.call_record import CallOutcome, core_call
 from autellix.services.scheduler.core import SchedulerCore
 
-# The JSON these messages had before CallParams existed (encoded by the code of commit afdc2e8).
+# The JSON these messages had before CallParams existed (encoded by the code of commit afdc2e8), with
+# the fields added since at the end (additive: prefer_engine; a stamped call's ack and tenant).
 REQUEST_JSON = (
     b'{"program_id":"p1","call_id":"c1","messages":[{"role":"user","content":"hi"}],"prompt":null,'
     b'"max_tokens":7,"temperature":0.5,"seed":3,"ignore_eos":true,"parents":["c0"],"stream":false,'
     b'"reply_to":"_INBOX.x","submitted_at":12.5,"resume_token_ids":[4,5],"attempt":2,"ack":true,'
-    b'"tenant":"t","deadline_s":9.0}'
+    b'"tenant":"t","deadline_s":9.0,"prefer_engine":""}'
 )
 DEFAULT_REQUEST_JSON = (
     b'{"program_id":"","call_id":"","messages":[],"prompt":null,"max_tokens":128,"temperature":0.0,'
     b'"seed":null,"ignore_eos":false,"parents":null,"stream":true,"reply_to":"","submitted_at":0.0,'
-    b'"resume_token_ids":[],"attempt":0,"ack":false,"tenant":"","deadline_s":0.0}'
+    b'"resume_token_ids":[],"attempt":0,"ack":false,"tenant":"","deadline_s":0.0,"prefer_engine":""}'
 )
 STAMPED_JSON = (
     b'{"call_id":"c1","program_id":"p1","reply_to":"_INBOX.x","messages":[{"role":"user","content":"hi"}],'
     b'"prompt":null,"max_tokens":7,"temperature":0.5,"seed":3,"ignore_eos":true,"parents":["c0"],'
     b'"stream":false,"priority":1.5,"policy":"atlas","submitted_at":12.5,"stamped_at":13.0,'
     b'"scheduler_id":"s1","resume_token_ids":[4,5],"attempt":2,"program_service_s":2.0,'
-    b'"program_wait_s":0.25,"deadline_at":20.0,"owner":"alice"}'
+    b'"program_wait_s":0.25,"deadline_at":20.0,"owner":"alice","ack":false,"tenant":""}'
 )
 
 PARAMS = dict(

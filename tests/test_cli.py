@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from meshkit import gateway_chat
 
 AUTELLIX = [sys.executable, "-m", "autellix.services.cli"]
 #: no HTTP ports at all (the defaults, 8000 and 9100.., may be taken on a shared machine)
@@ -57,22 +57,8 @@ def _start_up(*extra: str) -> tuple[subprocess.Popen[str], str, str, list[int]]:
 
 def _chat(api: str) -> None:
     """One OpenAI chat call through the gateway `autellix up` started."""
-    deadline = time.monotonic() + 10
-    while True:  # ready = an engine's heartbeat heard
-        try:
-            with urllib.request.urlopen(f"{api[: -len('/v1')]}/ready", timeout=5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway never became ready"
-            time.sleep(0.1)
-    with urllib.request.urlopen(f"{api}/models", timeout=30) as reply:
-        model = json.load(reply)["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    request = urllib.request.Request(
-        f"{api}/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        assert json.load(reply)["choices"][0]["message"]["content"] == " tok tok"
+    reply = gateway_chat(api[: -len("/v1")], 2, timeout_s=10)
+    assert reply["choices"][0]["message"]["content"] == " tok tok"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

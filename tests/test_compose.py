@@ -4,9 +4,11 @@ No Docker engine runs on the machines that run these tests, so this checks what 
 without one: the compose file parses and every service in it runs a real `autellix` sub-command with
 environment variables the code actually reads; the scalable services have no container name and no
 host ports; everything waits for a healthy NATS; the stop grace outlasts the engine drain; the
-Dockerfile pins the CPU torch before the project. Then it runs the compose topology (tracker,
-scheduler, two engines, each with its compose environment) as local processes against an embedded
-nats-server, makes calls through it, and stops every process with SIGTERM as `docker compose stop` does.
+Dockerfile pins the CPU torch before the project; the mesh is authenticated as `autellix up`'s is (one
+identity per role, credentials from `autellix auth init`). Then it runs the compose topology (tracker,
+scheduler, two engines, the gateway, each with its compose environment and its role's credentials) as
+local processes against an embedded nats-server running the configuration `autellix auth init`
+wrote, makes calls through it, and stops every process with SIGTERM as `docker compose stop` does.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshkit import gateway_chat
 
+from autellix.proto import Subjects
+from autellix.services.auth import inbox_prefix, init_deployment, read_credentials
 from autellix.services.client import Client
-from autellix.services.embedded_nats import EmbeddedNats
+from autellix.services.embedded_nats import EmbeddedNats, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "compose" / "compose.yaml"
@@ -59,8 +64,18 @@ def compose() -> dict[str, Any]:
 
 
 def _autellix_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The services that run the Autellix image (everything but the broker)."""
-    return {name: svc for name, svc in compose["services"].items() if "build" in svc}
+    """The long-running services of the Autellix image (everything but the broker and auth-init)."""
+    return {name: svc for name, svc in compose["services"].items() if "build" in svc and name != "auth-init"}
+
+
+#: the NATS identity (role) each compose service connects as
+ROLE_OF = {
+    "tracker": "tracker",
+    "scheduler": "scheduler",
+    "engine": "engine",
+    "engine-gpu": "engine",
+    "gateway": "gateway",
+}
 
 
 def _command(svc: dict[str, Any]) -> list[str]:
@@ -141,7 +156,7 @@ def test_compose_has_the_services_built_from_one_dockerfile(compose: dict[str, A
     assert {"nats", "tracker", "scheduler", "engine", "engine-gpu", "gateway"} <= set(compose["services"])
     services = _autellix_services(compose)
     assert set(services) == {"tracker", "scheduler", "engine", "engine-gpu", "gateway"}
-    for name, svc in services.items():
+    for name, svc in {**services, "auth-init": compose["services"]["auth-init"]}.items():
         build = svc["build"]
         assert build["context"] == "..", name
         assert build["dockerfile"] == "Dockerfile", name
@@ -157,6 +172,7 @@ def test_every_command_is_an_autellix_subcommand(compose: dict[str, Any]) -> Non
 
     parser = build_parser()
     commands = {tuple(_command(svc)) for svc in _autellix_services(compose).values()}
+    parser.parse_args(_command(compose["services"]["auth-init"]))
     assert {c[0] for c in commands} == {"tracker", "scheduler", "engine", "gateway"}
     for command in commands:
         parser.parse_args(list(command))  # exits (fails the test) on an unknown command or flag
@@ -191,10 +207,13 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
             for var, value in env.items():
                 m.setenv(var, value)
             cfg: Any = configs[_command(svc)[0]].from_env()
-            assert cfg.nats_url == "nats://nats:4222", name
-            assert cfg.root == env.get("AUTELLIX_ROOT", "autellix")
-            if isinstance(cfg, SchedulerConfig | EngineConfig):
+            assert cfg.nats.urls == ("nats://nats:4222",), name
+            assert env["AUTELLIX_NATS_CREDS"] == f"/secrets/{ROLE_OF[name]}.creds", name
+            assert cfg.nats.root == env.get("AUTELLIX_ROOT", "autellix")
+            if isinstance(cfg, SchedulerConfig):
                 assert cfg.policy in POLICIES
+            if isinstance(cfg, EngineConfig):
+                assert cfg.core.policy in POLICIES
             if isinstance(cfg, SchedulerConfig):
                 assert cfg.balancer in BALANCERS
             if isinstance(cfg, GatewayConfig):
@@ -268,6 +287,42 @@ def test_gpu_engine_reserves_one_gpu_under_a_profile(compose: dict[str, Any]) ->
             assert "deploy" not in svc, name
 
 
+def test_compose_is_authenticated_with_one_identity_per_role(compose: dict[str, Any], tmp_path: Path) -> None:
+    """auth-init writes the credentials (`autellix auth init`, kept across restarts) into the secrets
+    volume; nats-server runs with the per-role users and permissions it wrote; each service mounts the
+    volume read-only and connects as its own role."""
+    services = compose["services"]
+    init = services["auth-init"]
+    command = _command(init)
+    assert command[:3] == ["auth", "init", "/secrets"] and "--keep" in command
+    assert command[command.index("--host") + 1] == "nats:4222"
+    assert init["volumes"] == ["secrets:/secrets"] and init["restart"] == "no"
+    assert _environment(init).get("AUTELLIX_ROOT", "autellix") == "autellix"
+    nats = services["nats"]
+    assert _command(nats)[-2:] == ["-c", "/secrets/nats-auth.conf"]
+    assert "secrets:/secrets:ro" in nats["volumes"]
+    assert nats["depends_on"]["auth-init"]["condition"] == "service_completed_successfully"
+    assert "secrets" in compose["volumes"]
+    for name, svc in _autellix_services(compose).items():
+        assert "secrets:/secrets:ro" in svc["volumes"], name
+    # what auth-init writes: a file for every role a service connects as, owner-only, and --keep keeps it
+    run = [*AUTELLIX, *command[:2], str(tmp_path), *command[3:]]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for role in {*ROLE_OF.values(), "client"}:
+        creds = tmp_path / f"{role}.creds"
+        assert (creds.stat().st_mode & 0o777) == 0o600, role
+        assert read_credentials(creds).endswith("@nats:4222") and f"//{role}:" in read_credentials(creds)
+    conf = (tmp_path / "nats-auth.conf").read_text()
+    assert (tmp_path / "nats-auth.conf").stat().st_mode & 0o777 == 0o600
+    assert all(f'user: "{role}"' in conf for role in ROLE_OF.values())
+    again = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and (tmp_path / "nats-auth.conf").read_text() == conf, "restarts keep the secrets"
+    # the Dockerfile gives /secrets to the image's user (auth-init writes there as that user)
+    runs = " ".join(a for k, a in _dockerfile() if k == "RUN")
+    assert "/secrets" in runs and re.search(r"chown -R autellix:autellix [^&]*/secrets", runs)
+
+
 # -- the Dockerfile -----------------------------------------------------------------------------
 def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
     instructions = _dockerfile()
@@ -339,18 +394,24 @@ class Topology:
     """The compose services as local processes: each runs its compose command with its compose
     environment, pointed at a local broker and a private subject root."""
 
-    def __init__(self, compose: dict[str, Any], url: str, root: str, logs: Path) -> None:
+    def __init__(self, compose: dict[str, Any], url: str, root: str, logs: Path, secrets: Path) -> None:
         self.compose = compose
         self.url = url
         self.root = root
         self.logs = logs
+        #: what auth-init wrote (the compose volume mounted at /secrets), for this broker
+        self.secrets = secrets
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def creds(self, role: str) -> str:
+        return read_credentials(self.secrets / f"{role}.creds")
 
     def start(self, service: str, replica: int, *extra: str) -> None:
         svc = self.compose["services"][service]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTELLIX_")}
         env.update(_environment(svc))
         env["AUTELLIX_LOG_LEVEL"] = "warning"
+        env["AUTELLIX_NATS_CREDS"] = env["AUTELLIX_NATS_CREDS"].replace("/secrets", str(self.secrets), 1)
         name = f"{service}-{replica}"
         with (self.logs / f"{name}.log").open("wb") as log:
             self.procs[name] = subprocess.Popen(
@@ -377,19 +438,25 @@ class Topology:
 
 @pytest.fixture
 def topology(compose: dict[str, Any], tmp_path: Path) -> Iterator[Topology]:
-    with EmbeddedNats(port=0) as broker:
-        topo = Topology(compose, broker.url, f"t{uuid.uuid4().hex[:12]}", tmp_path)
+    """An embedded broker configured as compose's: the users and permissions `autellix auth init` wrote."""
+    root, port = f"t{uuid.uuid4().hex[:12]}", free_port()
+    secrets = tmp_path / "secrets"
+    init_deployment(secrets, Subjects(root), host=f"127.0.0.1:{port}")
+    with EmbeddedNats(port=port, config=(secrets / "nats-auth.conf").read_text()) as broker:
+        topo = Topology(compose, broker.url, root, tmp_path, secrets)
         try:
             yield topo
         finally:
             topo.kill_all()
 
 
-async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[str]:
-    """Wait for the engines and the tracker, make calls through the scheduler; the engines that served."""
+async def _exercise(topology: Topology, engines: int) -> set[str]:
+    """Wait for the engines and the tracker, make calls through the scheduler; the engines that served.
+    Heartbeats are read as the gateway (a role allowed to read them), calls made as the client."""
     import nats
 
-    nc = await nats.connect(url)
+    root, check_alive = topology.root, topology.check_alive
+    nc = await nats.connect(topology.creds("gateway"), inbox_prefix=inbox_prefix("gateway"))
     try:
         seen: set[str] = set()
         sub = await nc.subscribe(f"{root}.engine.heartbeat")
@@ -416,7 +483,8 @@ async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[
         await nc.close()
 
     served: set[str] = set()
-    async with await Client.connect(url, root=root, timeout_s=20, ack_timeout_s=1.0, max_attempts=15) as client:
+    client_url = topology.creds("client")
+    async with await Client.connect(client_url, root=root, timeout_s=20, ack_timeout_s=1.0, max_attempts=15) as client:
 
         async def one_program(i: int) -> None:
             async with client.program() as p:
@@ -438,22 +506,7 @@ async def _exercise(url: str, root: str, engines: int, check_alive: Any) -> set[
 
 def _exercise_gateway(base: str, check_alive: Any) -> None:
     """An OpenAI chat call through the gateway process, then its /metrics."""
-    deadline = time.monotonic() + 20
-    while True:
-        check_alive()
-        try:
-            with urllib.request.urlopen(f"{base}/ready", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            assert time.monotonic() < deadline, "the gateway never became ready"
-            time.sleep(0.1)
-    with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as reply:
-        model = json.load(reply)["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode())
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        assert json.load(reply)["usage"]["completion_tokens"] == 3
+    assert gateway_chat(base, 3, check_alive=check_alive)["usage"]["completion_tokens"] == 3
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
         assert (
             'autellix:gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in reply.read().decode()
@@ -489,7 +542,7 @@ def test_compose_topology_runs_as_local_processes(topology: Topology) -> None:
         http_port = s.getsockname()[1]
     topology.start("gateway", 1, "--port", str(http_port), "--host", "127.0.0.1")
 
-    served = asyncio.run(_exercise(topology.url, topology.root, 2, topology.check_alive))
+    served = asyncio.run(_exercise(topology, 2))
     assert served
     _exercise_gateway(f"http://127.0.0.1:{http_port}", topology.check_alive)
     topology.check_alive()

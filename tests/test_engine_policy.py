@@ -10,10 +10,12 @@ import nats
 import pytest
 from meshkit import start_mesh, stop_mesh
 
+from autellix.engine.core import CoreConfig
 from autellix.engine.factory import BackendSpec
 from autellix.proto import CallFinal, EngineHeartbeat, StampedCall, Subjects, decode, decode_reply, encode
 from autellix.services.engine.config import EngineConfig
 from autellix.services.engine.service import EngineService
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.core import SchedulerCore
 
 
@@ -55,12 +57,11 @@ async def test_the_mesh_routes_only_to_engines_of_its_policy(nats_url: str, root
     mesh = await start_mesh(nats_url, root, engines=1, policy="plas")
     fifo = EngineService(
         EngineConfig(
-            nats_url=nats_url,
-            root=root,
+            nats=NatsConfig.at(nats_url, root),
             engine_id=f"fifo-{root}",
             backend=BackendSpec(name="sim", sim_time_scale=0.05),
             heartbeat_s=0.2,
-            policy="fcfs",
+            core=CoreConfig(policy="fcfs"),
         )
     )
     nc = await nats.connect(nats_url)

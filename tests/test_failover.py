@@ -22,6 +22,7 @@ from autellix.proto import ProgramTable
 from autellix.services.client import CallStream, Client
 from autellix.services.engine.config import EngineConfig
 from autellix.services.engine.service import EngineService
+from autellix.services.nats_config import NatsConfig
 from autellix.services.tracker.config import TrackerConfig
 from autellix.services.tracker.service import TrackerService
 
@@ -99,7 +100,7 @@ async def test_draining_engine_hands_back_its_calls(nats_url: str, root: str) ->
     spec = BackendSpec(name="sim", sim_time_scale=4.0)
     mesh = await start_mesh(nats_url, root, engines=1, backend=spec)
     other = EngineService(
-        EngineConfig(nats_url=nats_url, root=root, engine_id=f"late-{root}", backend=spec, heartbeat_s=0.2)
+        EngineConfig(nats=NatsConfig.at(nats_url, root), engine_id=f"late-{root}", backend=spec, heartbeat_s=0.2)
     )
     try:
         streams = [mesh.client.program(f"p{i}").stream(f"hand back {i}", max_tokens=80) for i in range(4)]
@@ -158,7 +159,7 @@ async def test_restarted_tracker_keeps_every_programs_service(nats_url: str, roo
         before = {r.program_id: r for r in (await mesh.client.table()).programs}
         assert len(before) == 6
         await mesh.tracker.stop()
-        mesh.tracker = TrackerService(TrackerConfig(nats_url=nats_url, root=root))
+        mesh.tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(nats_url, root)))
         await mesh.tracker.start()
         after = {r.program_id: r for r in (await table_when_ready(mesh.client)).programs}
         assert after.keys() == before.keys()
@@ -200,7 +201,7 @@ async def test_completions_while_the_tracker_is_down_are_counted_once(nats_url: 
         assert crashed._nc is not None
         await crashed._nc.close()
         await asyncio.sleep(1.0)  # completions published meanwhile wait in the stream
-        mesh.tracker = TrackerService(TrackerConfig(nats_url=nats_url, root=root))
+        mesh.tracker = TrackerService(TrackerConfig(nats=NatsConfig.at(nats_url, root)))
         await mesh.tracker.start()
         await asyncio.wait_for(work, 60)
         deadline = time.monotonic() + 30  # an event the crashed tracker held is redelivered after ack_wait

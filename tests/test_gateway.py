@@ -19,6 +19,7 @@ from autellix.engine.factory import BackendSpec
 from autellix.proto import CallError, CallRequest, EngineHeartbeat, decode, encode
 from autellix.services.gateway.config import GatewayConfig
 from autellix.services.gateway.service import GatewayService
+from autellix.services.nats_config import NatsConfig
 
 openai = pytest.importorskip("openai")
 try:  # the HTTP client the installed openai SDK is built on (httpx2 in its newer releases)
@@ -321,7 +322,7 @@ async def test_rate_limited_is_429(nats_url: str, root: str) -> None:
         await nc.publish(request.reply_to, encode(error))
 
     await nc.subscribe(f"{root}.call.submit", cb=refuse)
-    service = GatewayService(GatewayConfig(nats_url=nats_url, root=root, host="127.0.0.1", port=0))
+    service = GatewayService(GatewayConfig(nats=NatsConfig.at(nats_url, root), host="127.0.0.1", port=0))
     await service.start()
     sdk = sdk_for(service.url)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from autellix.services.gateway.identity import IdentityError, parse_parents, resolve
@@ -68,6 +68,7 @@ def test_api_key_table() -> None:
     st.lists(st.text(alphabet="ab", max_size=4), min_size=1, max_size=8),
     st.lists(st.text(alphabet="ab", min_size=1, max_size=3), max_size=2),
 )
+@example(pieces=["ba", "a"], stops=["a", "baa"])  # a short stop matches while a longer one, begun earlier, is open
 def test_stop_text_equals_cutting_the_whole_text(pieces: list[str], stops: list[str]) -> None:
     whole = "".join(pieces)
     cuts = [i for i in (whole.find(s) for s in stops) if i >= 0]

@@ -10,19 +10,12 @@ import time
 import msgspec
 import nats
 import pytest
-from meshkit import Mesh
+from meshkit import Mesh, until
 
 from autellix.proto import CallError, CallFinal, Subjects, decode_reply
 from autellix.proto.limits import MAX_ID_CHARS, check_shape, is_subject, storage_key
 from autellix.services.log_throttle import LogThrottle
-
-
-async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
+from autellix.services.nats_config import NatsConfig
 
 
 def _alive(mesh: Mesh) -> None:
@@ -122,8 +115,8 @@ async def test_long_ids_cannot_break_the_tracker(mesh: Mesh) -> None:
     # the tracker still counts and stores real programs
     p = mesh.client.program("after-long-ids")
     await p.call("x", max_tokens=2)
-    await _until(lambda: (e := mesh.tracker.table.get("after-long-ids")) is not None and e.account.calls_completed)
-    await _until(lambda: not mesh.tracker.store._dirty)
+    await until(lambda: (e := mesh.tracker.table.get("after-long-ids")) is not None and e.account.calls_completed)
+    await until(lambda: not mesh.tracker.store._dirty)
 
 
 def test_storage_keys_are_bounded_and_distinct() -> None:
@@ -222,10 +215,10 @@ async def test_rejected_call_releases_the_active_count(mesh: Mesh) -> None:
     finally:
         await nc.close()
     # the dispatched event created the program; the engine's rejection releases its call
-    await _until(lambda: (e := mesh.tracker.table.get("too-long")) is not None and not e.active_calls)
+    await until(lambda: (e := mesh.tracker.table.get("too-long")) is not None and not e.active_calls)
     entry = mesh.tracker.table.get("too-long")
     assert entry is not None and entry.account.calls_completed == 0 and entry.account.service_s == 0
-    assert not any(mesh.scheduler.core.routed.values())
+    await until(lambda: not any(mesh.scheduler.core.routed.values()))  # its own copy of the event
 
 
 def test_phantom_active_calls_expire() -> None:
@@ -259,7 +252,7 @@ async def test_abort_ends_with_final_abort(mesh: Mesh) -> None:
         assert 0 < reply.output_tokens < 500 and reply.program_id == "ab"
     finally:
         await nc.close()
-    await _until(lambda: (e := mesh.tracker.table.get("ab")) is not None and not e.active_calls)
+    await until(lambda: (e := mesh.tracker.table.get("ab")) is not None and not e.active_calls)
 
 
 # -- health: a service that cannot work stops counting as up --------------------------------------------
@@ -275,7 +268,7 @@ async def test_dead_step_loop_fails_the_engine_and_stops_its_heartbeats(mesh: Me
     await asyncio.wait_for(engine.health.failed.wait(), 5)
     assert "injected fault" in engine.health.reason
     # its heartbeats stop, so the scheduler forgets it within 3 intervals and routes nothing there
-    await _until(lambda: engine.engine_id not in mesh.scheduler.core.engines, timeout_s=3)
+    await until(lambda: engine.engine_id not in mesh.scheduler.core.engines, timeout_s=3)
 
 
 async def test_closed_connection_fails_the_service(mesh: Mesh) -> None:
@@ -312,8 +305,8 @@ async def test_call_past_its_deadline_fails_clearly_and_is_dropped(nats_url: str
         assert isinstance(error, CallError) and error.code == "deadline_exceeded"
         assert error.call_id == "late" and error.program_id == "slow"
         assert 0.3 <= time.monotonic() - t0 < 2
-        await _until(lambda: not m.engines[0]._inflight)  # the engine dropped it
-        await _until(lambda: (e := m.tracker.table.get("slow")) is not None and not e.active_calls)
+        await until(lambda: not m.engines[0]._inflight)  # the engine dropped it
+        await until(lambda: (e := m.tracker.table.get("slow")) is not None and not e.active_calls)
     finally:
         await nc.close()
         await stop_mesh(m)
@@ -360,8 +353,9 @@ async def test_engine_sheds_past_its_waiting_limit(nats_url: str, root: str) -> 
 
     m = await start_mesh(nats_url, root, engines=0)
     spec = BackendSpec(name="sim", sim_time_scale=1.0, max_batch=2)
-    engine = EngineService(EngineConfig(nats_url=nats_url, root=root, engine_id="small", backend=spec, max_waiting=1,
-                                        heartbeat_s=0.2))  # fmt: skip
+    config = EngineConfig(nats=NatsConfig.at(nats_url, root), engine_id="small", backend=spec, max_waiting=1,
+                          heartbeat_s=0.2)  # fmt: skip
+    engine = EngineService(config)
     await engine.start()
     nc = await nats.connect(nats_url)
     try:
@@ -375,7 +369,7 @@ async def test_engine_sheds_past_its_waiting_limit(nats_url: str, root: str) -> 
         shed = [r for r in replies if isinstance(r, CallError)]
         assert len(shed) == 3 and all(r.code == "rate_limited" and "limit" in r.message for r in shed)
         assert sum(isinstance(r, CallFinal) for r in replies) == 3
-        await _until(lambda: all(not e.active_calls for e in (m.tracker.table.get(f"bp{i}") for i in range(6)) if e))
+        await until(lambda: all(not e.active_calls for e in (m.tracker.table.get(f"bp{i}") for i in range(6)) if e))
     finally:
         await nc.close()
         await engine.stop()
@@ -435,7 +429,7 @@ async def test_stuck_model_step_fails_the_engine(nats_url: str, root: str, monke
 
     m = await start_mesh(nats_url, root, engines=0)
     spec = BackendSpec(name="sim", sim_time_scale=0)
-    config = EngineConfig(nats_url=nats_url, root=root, engine_id="stuck", heartbeat_s=0.1, step_stuck_s=0.4,
+    config = EngineConfig(nats=NatsConfig.at(nats_url, root), engine_id="stuck", heartbeat_s=0.1, step_stuck_s=0.4,
                           backend=spec)  # fmt: skip
     engine = EngineService(config)
     await engine.start()
@@ -444,7 +438,7 @@ async def test_stuck_model_step_fails_the_engine(nats_url: str, root: str, monke
         call = asyncio.create_task(m.client.program().call("x", max_tokens=2))
         await asyncio.wait_for(engine.health.failed.wait(), 5)
         assert "model step has run" in engine.health.reason
-        await _until(lambda: "stuck" not in m.scheduler.core.engines, timeout_s=3)
+        await until(lambda: "stuck" not in m.scheduler.core.engines, timeout_s=3)
         call.cancel()
     finally:
         await engine.stop()
@@ -488,8 +482,8 @@ async def test_a_call_whose_output_cannot_be_sent_fails_alone(mesh: Mesh, monkey
     assert getattr(info.value, "code", None) == "internal"
     assert [r.output_tokens for r in await asyncio.gather(*good)] == [20, 20, 20]
     _alive(mesh)
-    await _until(lambda: not engine._inflight)
-    await _until(lambda: (e := mesh.tracker.table.get("poison")) is not None and not e.active_calls)
+    await until(lambda: not engine._inflight)
+    await until(lambda: (e := mesh.tracker.table.get("poison")) is not None and not e.active_calls)
 
 
 def test_calls_on_a_gone_engine_leave_the_active_counts() -> None:
@@ -521,9 +515,9 @@ async def test_tracker_drops_active_calls_of_an_engine_that_stopped(mesh: Mesh) 
         dispatched = {"call_id": "c-ghost", "program_id": "haunted", "engine_id": "ghost", "priority": 0}
         await nc.publish(s.call_dispatched, json.dumps(dispatched).encode())
         await nc.flush()
-        await _until(lambda: (e := mesh.tracker.table.get("haunted")) is not None and e.active_calls)
+        await until(lambda: (e := mesh.tracker.table.get("haunted")) is not None and e.active_calls)
         # no more heartbeats from the ghost: within 3 intervals and a GC round, its call is dropped
-        await _until(lambda: not mesh.tracker.table.get("haunted").active_calls, timeout_s=5)  # type: ignore[union-attr]
+        await until(lambda: not mesh.tracker.table.get("haunted").active_calls, timeout_s=5)  # type: ignore[union-attr]
     finally:
         await nc.close()
 

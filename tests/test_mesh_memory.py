@@ -4,20 +4,11 @@ heartbeats, and learn from the tracker when a program ended."""
 from __future__ import annotations
 
 import asyncio
-import time
 
-from meshkit import Mesh, start_mesh, stop_mesh
+from meshkit import Mesh, start_mesh, stop_mesh, until
 
 from autellix.engine.factory import BackendSpec
 from autellix.engine.sim_backend import SimBackend
-
-
-async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine(mesh: Mesh) -> None:
@@ -33,7 +24,7 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     other = mesh.client.program("prog-other")
     await other.call("something else entirely", max_tokens=3)
     view = lambda: mesh.scheduler.core.engines[engine.engine_id].heartbeat  # noqa: E731
-    await _until(lambda: view().prompt_tokens_total == 31 + 40 + 4)
+    await until(lambda: view().prompt_tokens_total == 31 + 40 + 4)
     hb = view()
     assert hb.prefix_hit_tokens_total == 37 and hb.prefix_hit_rate == 37 / 75
     assert hb.kv_tokens_capacity == engine.core.kv_capacity_tokens > 0
@@ -44,7 +35,7 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
     assert hb.kv_tokens_idle_contexts == 44 + 7
     # the tracker says the program ended: its context leaves the working set and goes first
     await p.end()
-    await _until(lambda: view().kv_tokens_idle_contexts == 7)
+    await until(lambda: view().kv_tokens_idle_contexts == 7)
     assert list(backend.device) == [first.call_id, second.call_id, next(iter(reversed(list(backend.device))))]
 
 
@@ -57,12 +48,12 @@ async def test_door_holds_a_new_program_while_the_working_set_does_not_fit(nats_
         a = m.client.program("prog-a")
         await a.call("word " * 100, max_tokens=50)  # A's context (151 tokens) stays its working set
         engine_id = m.engines[0].engine_id
-        await _until(lambda: m.scheduler.core.engines[engine_id].heartbeat.kv_tokens_idle_contexts == 151)
+        await until(lambda: m.scheduler.core.engines[engine_id].heartbeat.kv_tokens_idle_contexts == 151)
         b = m.client.program("prog-b")
         waiting = asyncio.create_task(b.call("other " * 100, max_tokens=50))
         gate = m.scheduler.door
         assert gate is not None
-        await _until(lambda: gate.waiting_programs() == 1)
+        await until(lambda: gate.waiting_programs() == 1)
         await asyncio.sleep(0.5)
         assert not waiting.done()  # 151 + another ~151 > 90% of 300
         await a.end()  # the tracker says A ended: B goes in

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import msgspec
 import nats
 import pytest
-from meshkit import Mesh, start_mesh, stop_mesh
+from meshkit import Mesh, start_mesh, stop_mesh, until
 
 from autellix.proto import CallChunk, CallError, CallFinal, Subjects, decode_reply
 from autellix.services.client import CallFailed
-
-
-async def _until(predicate, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
+from autellix.services.nats_config import NatsConfig
 
 
 async def test_call_streams_through_all_three_services(mesh: Mesh) -> None:
@@ -38,7 +30,7 @@ async def test_tracker_table_reflects_completed_calls(mesh: Mesh) -> None:
     p = mesh.client.program("prog-table")
     first = await p.call("a b c", max_tokens=4)
     await p.call("d e", max_tokens=6, parents=[first.call_id])
-    await _until(lambda: (e := mesh.tracker.table.get("prog-table")) is not None and e.account.calls_completed == 2)
+    await until(lambda: (e := mesh.tracker.table.get("prog-table")) is not None and e.account.calls_completed == 2)
     table = await mesh.client.table()
     row = next(r for r in table.programs if r.program_id == "prog-table")
     assert row.calls_completed == 2
@@ -59,7 +51,7 @@ async def test_more_service_means_lower_priority(mesh: Mesh) -> None:
     busy = mesh.client.program("prog-busy")
     for _ in range(3):
         await busy.call("x y z", max_tokens=8)
-    await _until(lambda: (a := mesh.scheduler.core.programs.get("prog-busy")) is not None and a.calls_completed == 3)
+    await until(lambda: (a := mesh.scheduler.core.programs.get("prog-busy")) is not None and a.calls_completed == 3)
     served = mesh.scheduler.core.programs["prog-busy"].service_s
     assert served > 0
     later = await busy.call("x", max_tokens=2)
@@ -147,7 +139,7 @@ async def test_abort_frees_the_call(mesh: Mesh) -> None:
             break
     await stream.aclose()
     engine = mesh.engines[0]
-    await _until(lambda: not engine._inflight)
+    await until(lambda: not engine._inflight)
     assert engine.core is not None and engine.core.idle
     assert (await p.call("after", max_tokens=2)).output_tokens == 2
 
@@ -170,7 +162,9 @@ async def test_calls_wait_for_an_engine_that_joins(nats_url: str, root: str) -> 
 
     m = await start_mesh(nats_url, root, engines=0, no_engine_wait_s=10)
     late = EngineService(
-        EngineConfig(nats_url=nats_url, root=root, engine_id="late", backend=BackendSpec(name="sim", sim_time_scale=0))
+        EngineConfig(
+            nats=NatsConfig.at(nats_url, root), engine_id="late", backend=BackendSpec(name="sim", sim_time_scale=0)
+        )
     )
     try:
         pending = asyncio.create_task(m.client.program().call("hello", max_tokens=2))
@@ -188,7 +182,7 @@ async def test_engine_stop_drains_running_calls(nats_url: str, root: str) -> Non
     m = await start_mesh(nats_url, root)
     try:
         calls = [asyncio.create_task(m.client.program().call("drain me", max_tokens=40)) for _ in range(3)]
-        await _until(lambda: len(m.engines[0]._inflight) == 3)
+        await until(lambda: len(m.engines[0]._inflight) == 3)
         await m.engines[0].stop()  # the SIGTERM path: stop taking work, finish what runs
         results = await asyncio.gather(*calls)
         assert [r.output_tokens for r in results] == [40, 40, 40]

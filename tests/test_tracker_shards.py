@@ -25,6 +25,7 @@ from autellix.services.client import Client
 from autellix.services.engine.config import EngineConfig
 from autellix.services.engine.service import EngineService
 from autellix.services.lifecycle import stop_all
+from autellix.services.nats_config import NatsConfig
 from autellix.services.scheduler.config import SchedulerConfig
 from autellix.services.scheduler.service import SchedulerService
 from autellix.services.tracker.config import TrackerConfig
@@ -57,7 +58,7 @@ def test_slots_are_stable_and_shards_partition_them() -> None:
 async def _start_shards(url: str, root: str, n: int, persist: bool = True) -> list[TrackerService]:
     trackers = [
         TrackerService(
-            TrackerConfig(nats_url=url, root=root, gc_interval_s=0.2, persist=persist, shards=n, shard_index=i)
+            TrackerConfig(nats=NatsConfig.at(url, root), gc_interval_s=0.2, persist=persist, shards=n, shard_index=i)
         )
         for i in range(n)
     ]
@@ -179,11 +180,10 @@ async def test_a_restarted_shard_restores_only_its_programs(nats_url: str, root:
 
 async def test_calls_through_a_mesh_with_two_tracker_shards(nats_url: str, root: str) -> None:
     trackers = await _start_shards(nats_url, root, 2)
-    scheduler = SchedulerService(SchedulerConfig(nats_url=nats_url, root=root, max_tokens_ceiling=512))
+    scheduler = SchedulerService(SchedulerConfig(nats=NatsConfig.at(nats_url, root), max_tokens_ceiling=512))
     engine = EngineService(
         EngineConfig(
-            nats_url=nats_url,
-            root=root,
+            nats=NatsConfig.at(nats_url, root),
             engine_id=f"e0-{root}",
             backend=BackendSpec(name="sim", sim_time_scale=0.05),
             heartbeat_s=0.2,

@@ -23,6 +23,12 @@ class InFlight:
     sent_ids: list[int] = field(default_factory=list)
     #: tokens whose text the detokeniser still holds back
     pending_ids: list[int] = field(default_factory=list)
+    #: (offset, text) of every chunk sent: a newer attempt of the call is answered from here
+    texts: list[tuple[int, str]] = field(default_factory=list)
+
+    def sent_all(self) -> list[int]:
+        """Every output token id the caller was sent, from the call's first attempt on."""
+        return list(self.call.resume_token_ids) + self.sent_ids
 
 
 def core_call(call: StampedCall, prompt_ids: list[int]) -> CoreCall:
@@ -129,4 +135,5 @@ class CallOutcome:
             swap_s=self.swap_s,
             recomputed_tokens=self.recomputed_tokens,
             completed_at=self.completed_at,
+            attempt=self.call.attempt,
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +19,6 @@ from nats.aio.subscription import Subscription
 
 from autellix.engine.backend import CacheStats, ModelBackend, PrefixCache
 from autellix.engine.core import (
-    CoreConfig,
     CoreEvent,
     EngineCore,
     FinishEvent,
@@ -31,6 +29,7 @@ from autellix.engine.factory import make_backend
 from autellix.policy.door import SpillMeter
 from autellix.proto import (
     CallAbort,
+    CallAccepted,
     CallChunk,
     CallError,
     EngineHeartbeat,
@@ -39,12 +38,13 @@ from autellix.proto import (
     ProgramService,
     StampedCall,
     Subjects,
-    decode,
     encode,
 )
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .call_record import CallOutcome, InFlight, core_call
@@ -61,7 +61,7 @@ class EngineService:
 
     def __init__(self, config: EngineConfig, backend: ModelBackend | None = None) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.log = get_logger("engine", engine_id=config.engine_id)
         self.backend = backend
         self.core: EngineCore | None = None
@@ -85,6 +85,8 @@ class EngineService:
         self._busy_s = 0.0
         self._spill = SpillMeter()
         self._wake = asyncio.Event()
+        #: set to heartbeat at once (the connection is back: schedulers route here only after one)
+        self._beat_now = asyncio.Event()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
         self._state = "up"
@@ -110,23 +112,15 @@ class EngineService:
 
     async def start(self) -> None:
         cfg = self.config
-        self.log.info("starting", config=dataclasses.asdict(cfg))
+        self.log.info("starting", config=config_for_log(cfg))
         if self.backend is None:
             t0 = time.perf_counter()
             self.backend = await asyncio.to_thread(make_backend, cfg.backend)
             self.log.info("model loaded", model=self.backend.model_name, load_s=round(time.perf_counter() - t0, 2))
-        self.core = EngineCore(
-            self.backend,
-            CoreConfig(
-                max_batch=cfg.backend.max_batch,
-                max_batched_tokens=cfg.max_batched_tokens,
-                kv_capacity_tokens=cfg.backend.kv_capacity_tokens,
-                policy=cfg.policy,
-                schedule_every=cfg.schedule_every,
-                preempt_mode=cfg.preempt_mode,  # type: ignore[arg-type]
-            ),
+        self.core = EngineCore(self.backend, cfg.core_config)
+        nc = self._nc = await connect(
+            cfg.nats, f"autellix-{cfg.engine_id}", on_closed=self._on_closed, on_reconnected=self._beat_now.set
         )
-        nc = self._nc = await connect(cfg.nats_url, f"autellix-{cfg.engine_id}", on_closed=self._on_closed)
         self._outbox = CompletionOutbox(nc, self.subjects, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
         await nc.subscribe(self.subjects.call_abort, cb=self._on_abort)
@@ -174,10 +168,8 @@ class EngineService:
     # -- inputs -------------------------------------------------------------------------------
     async def _on_call(self, msg: Msg) -> None:
         assert self.core is not None and self.backend is not None
-        try:
-            call = decode(msg.data, StampedCall)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad stamped call dropped", error=str(exc)[:300])
+        call = decode_or_drop(msg.data, StampedCall, self.log, self._throttle, "stamped call")
+        if call is None:
             return
         await self._accept(call)
 
@@ -197,6 +189,12 @@ class EngineService:
             if held is not None:
                 if call.attempt <= held.call.attempt:
                     self.log.info("duplicate call ignored", attempt=call.attempt)
+                    return
+                if call.owner != held.call.owner:
+                    problem = "another caller's call with this call_id runs here; choose another call_id"
+                    await self._error(call, ErrorCode.BAD_FIELD, problem)
+                    return
+                if await self._adopt(held, call):
                     return
                 # a newer attempt of a call held here (its caller gave up on us): the newer one wins
                 if self._stepping:
@@ -242,17 +240,61 @@ class EngineService:
             self._inflight[call.call_id] = InFlight(call)
             self._drained.clear()
             self.log.debug("call queued", priority=call.priority, prompt_tokens=len(prompt_ids))
+            if call.ack:
+                assert self._nc is not None
+                accepted = CallAccepted(
+                    call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=call.priority
+                )
+                await self._nc.publish(call.reply_to, encode(accepted))
         self._wake.set()
 
+    async def _adopt(self, flight: InFlight, call: StampedCall) -> bool:
+        """A newer attempt of a call still running here (its caller lost replies, say while the broker
+        restarted): carry on with the same run under the new attempt, resending in one chunk what
+        the caller lacks after its ``resume_token_ids``. Nothing is recomputed or counted twice.
+        False when its tokens do not match what was sent here (the caller resumes elsewhere)."""
+        assert self._nc is not None
+        have = len(call.resume_token_ids)
+        sent = flight.sent_all()
+        offsets = {offset for offset, _ in flight.texts} | {len(flight.call.resume_token_ids), len(sent)}
+        if have > len(sent) or have not in offsets or sent[:have] != list(call.resume_token_ids):
+            return False
+        replay = "".join(text for offset, text in flight.texts if offset >= have)
+        flight.call = call
+        flight.sent_ids = sent[have:]
+        flight.texts = [(offset, text) for offset, text in flight.texts if offset >= have]
+        flight.chunks = 0
+        self._pending_aborts.pop(call.call_id, None)  # aborts of the older attempt no longer apply
+        self._silent_aborts.discard(call.call_id)
+        self.log.info("newer attempt adopted", attempt=call.attempt, resent=len(sent) - have)
+        if call.ack:
+            accepted = CallAccepted(
+                call_id=call.call_id, engine_id=self.engine_id, attempt=call.attempt, priority=flight.call.priority
+            )
+            await self._nc.publish(call.reply_to, encode(accepted))
+        if len(sent) > have:
+            chunk = CallChunk(
+                call_id=call.call_id,
+                seq=flight.chunks,
+                text=replay,
+                token_ids=sent[have:],
+                attempt=call.attempt,
+                engine_id=self.engine_id,
+                offset=have,
+            )
+            flight.chunks += 1
+            await self._nc.publish(call.reply_to, encode(chunk))
+        return True
+
     async def _on_abort(self, msg: Msg) -> None:
-        try:
-            abort = decode(msg.data, CallAbort)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad abort dropped", error=str(exc)[:300])
+        abort = decode_or_drop(msg.data, CallAbort, self.log, self._throttle, "abort")
+        if abort is None:
             return
         flight = self._inflight.get(abort.call_id)
         if flight is None or abort.engine_id not in ("", self.engine_id):
             return
+        if abort.attempt is not None and abort.attempt < flight.call.attempt:
+            return  # meant for an older attempt: the caller resubmitted, and this one is the newer
         sender = self.subjects.sender(msg.subject, self.subjects.call_abort)
         if sender and sender != flight.call.owner:  # an authenticated user aborts only its own calls
             self._throttle.log(self.log, "abort of another user's call refused", call_id=abort.call_id, by=sender)
@@ -265,10 +307,8 @@ class EngineService:
             await self._apply_aborts()
 
     async def _on_program_service(self, msg: Msg) -> None:
-        try:
-            update = decode(msg.data, ProgramService)
-        except msgspec.MsgspecError as exc:
-            self.log.warning("bad program update dropped", error=str(exc))
+        update = decode_or_drop(msg.data, ProgramService, self.log, self._throttle, "program update")
+        if update is None:
             return
         if update.ended:
             self._ended_programs.append(update.program_id)
@@ -409,8 +449,10 @@ class EngineService:
             token_ids=flight.pending_ids,
             attempt=flight.call.attempt,
             engine_id=self.engine_id,
+            offset=len(flight.call.resume_token_ids) + len(flight.sent_ids),
         )
         flight.chunks += 1
+        flight.texts.append((chunk.offset, text))
         flight.sent_ids.extend(flight.pending_ids)
         flight.pending_ids = []
         await self._nc.publish(flight.call.reply_to, encode(chunk))
@@ -550,7 +592,9 @@ class EngineService:
         """Heartbeats say the engine takes work; one whose step loop died sends none, so the
         schedulers stop routing to it and tell its callers to resubmit."""
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), timeout=self.config.heartbeat_s)
+            self._beat_now.clear()
             if self._stepping and (running := time.monotonic() - self._step_started) > self.config.step_stuck_s:
                 self.health.fail(f"a model step has run for {running:.0f} s (limit {self.config.step_stuck_s:g} s)")
             if not self.health.ok:

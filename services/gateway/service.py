@@ -13,13 +13,14 @@ import contextlib
 import time
 from collections.abc import Generator
 
-import msgspec
 import uvicorn
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from autellix.proto import EngineHeartbeat, decode
+from autellix.proto import EngineHeartbeat
 from autellix.services.client import Client
+from autellix.services.inbound import decode_or_drop
+from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
 from autellix.services.nats_conn import connect
 
@@ -41,6 +42,7 @@ class GatewayService:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.log = get_logger("gateway")
+        self._throttle = LogThrottle()
         self.live = LiveModels()
         self.metrics = GatewayMetrics()
         self.gateway: Gateway | None = None
@@ -63,8 +65,8 @@ class GatewayService:
     async def start(self) -> None:
         cfg = self.config
         self.log.info("starting", config=cfg.redacted())
-        nc = self._nc = await connect(cfg.nats_url, "autellix-gateway")
-        client = Client(nc, root=cfg.root, timeout_s=cfg.call_timeout_s)
+        nc = self._nc = await connect(cfg.nats, "autellix-gateway")
+        client = Client(nc, root=cfg.nats.root, timeout_s=cfg.call_timeout_s)
         await nc.subscribe(client.subjects.engine_heartbeat, cb=self._on_heartbeat)
         await nc.flush()
         self.gateway = Gateway(cfg, client, self.live, self.metrics)
@@ -92,10 +94,9 @@ class GatewayService:
         self.log.info("ready", url=self.url)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            self.live.on_heartbeat(decode(msg.data, EngineHeartbeat), time.time())
-        except msgspec.MsgspecError as exc:
-            self.log.warning("bad heartbeat dropped", error=str(exc))
+        heartbeat = decode_or_drop(msg.data, EngineHeartbeat, self.log, self._throttle, "heartbeat")
+        if heartbeat is not None:
+            self.live.on_heartbeat(heartbeat, time.time())
 
     async def stop(self) -> None:
         if self._server is not None and self._serving is not None:

@@ -26,21 +26,29 @@ class StopText:
         if not self._stops:
             return text
         buf = self._buf + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.done = True
-            self._buf = ""
-            return buf[:cut]
+        cut = _first_match(buf, self._stops)
+        # the end of the text that could still grow into a stop string (the longest such suffix)
         hold = 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(buf)), hold, -1):
                 if buf.endswith(stop[:k]):
                     hold = k
                     break
-        self._buf = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold]
+        start = len(buf) - hold
+        if cut >= 0 and cut <= start:  # no longer stop can begin before this match
+            self.done = True
+            self._buf = ""
+            return buf[:cut]
+        self._buf = buf[start:]
+        return buf[:start]
 
     def flush(self) -> str:
-        """What was held back, once the text has ended without a stop string."""
+        """What was held back, once the text has ended, up to a stop string found in it."""
         out, self._buf = ("" if self.done else self._buf), ""
-        return out
+        cut = _first_match(out, self._stops)
+        return out[:cut] if cut >= 0 else out
+
+
+def _first_match(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in ``text``; -1 for none."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)

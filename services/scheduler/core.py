@@ -31,6 +31,8 @@ from autellix.proto import (
 )
 from autellix.proto.limits import MAX_TEMPERATURE, check_shape, explain, is_id, is_subject
 
+from .tenant_limits import DEFAULT_MAX_CALLS, DEFAULT_MAX_TOKENS, TenantLimits
+
 POLICIES = SERVING_POLICIES
 
 
@@ -51,6 +53,9 @@ class EngineView:
     pending_tokens: int = 0
     #: calls routed here since the last heartbeat
     pending_calls: int = 0
+    #: heard from since this scheduler's connection last came back (only such engines get calls:
+    #: one still reconnecting would miss them)
+    confirmed: bool = True
 
     def full(self) -> bool:
         """Whether the engine would shed one more call (its heartbeat's limit, with what was routed since)."""
@@ -81,12 +86,20 @@ class Routed:
     attempt: int
     #: when the call fails with ``deadline_exceeded`` (0: never)
     deadline_at: float = 0.0
+    #: the tenant it is accounted to, and its tokens there (:func:`call_tokens`)
+    tenant: str = ""
+    tokens: int = 0
 
 
 def estimate_prompt_tokens(call: CallParams) -> int:
     """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
     chars = len(call.prompt or "") + sum(len(m.content) + 8 for m in call.messages)
     return max(1, chars // 4 + len(call.resume_token_ids))
+
+
+def call_tokens(call: CallParams) -> int:
+    """What a call may hold of an engine's KV: its estimated prompt and all it may generate."""
+    return estimate_prompt_tokens(call) + max(0, call.max_tokens)
 
 
 class SchedulerCore:
@@ -100,6 +113,9 @@ class SchedulerCore:
         call_deadline_s: float = 600.0,
         max_calls_per_program: int = 1024,
         tenant_half_life_s: float = 300.0,
+        max_calls_per_tenant: int = DEFAULT_MAX_CALLS,
+        max_tokens_per_tenant: int = DEFAULT_MAX_TOKENS,
+        tenant_users: tuple[str, ...] = ("gateway",),
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -124,6 +140,10 @@ class SchedulerCore:
         self._deadlines: list[tuple[float, str, str]] = []
         #: recent service per tenant (a program's owner): splitting work into programs gains nothing
         self.tenants = TenantAccounts(half_life_s=tenant_half_life_s)
+        #: per-tenant bounds on calls and tokens in flight through this scheduler
+        self.tenant_limits = TenantLimits(max_calls_per_tenant, max_tokens_per_tenant, tenant_users)
+        #: call id -> (tenant, tokens) of calls waiting here for a live engine (counted in the bounds)
+        self.held: dict[str, tuple[str, int]] = {}
         # Routing reads the live engines on every call: they are kept, sorted by engine id, until an
         # engine joins, leaves or changes state, or the first of them may have gone stale
         # (``_live_until``), and the balancer's candidates (engines with room) with them. A routed call
@@ -140,10 +160,10 @@ class SchedulerCore:
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:
-        if update.owner:
+        if tenant := update.tenant or update.owner:
             before = self.programs.get(update.program_id)
             grown = update.program_service_s - (before.service_s if before is not None else 0.0)
-            self.tenants.charge(update.owner, grown, update.updated_at)
+            self.tenants.charge(tenant, grown, update.updated_at)
         if update.ended:
             self.programs.pop(update.program_id, None)
             self.program_wait_s.pop(update.program_id, None)
@@ -207,7 +227,9 @@ class SchedulerCore:
 
     def _live_views(self, now: float) -> list[EngineView]:
         if self._live is None or now > self._live_until:
-            live = [v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up"]
+            live = [
+                v for v in self.engines.values() if self._fresh(v, now) and v.heartbeat.state == "up" and v.confirmed
+            ]
             live.sort(key=lambda v: v.heartbeat.engine_id)
             self._live = live
             self._live_at = {v.heartbeat.engine_id: i for i, v in enumerate(live)}
@@ -218,12 +240,25 @@ class SchedulerCore:
             self._candidates = None
         return self._live
 
+    def on_reconnected(self, now: float) -> None:
+        """This scheduler's connection came back after a break: an engine gets calls again once it
+        heartbeats (it may still be reconnecting itself); each has a full timeout to do so before it
+        counts as dead, from now."""
+        for view in self.engines.values():
+            view.confirmed = False
+            view.received_at = now
+        self._live = self._candidates = None
+
     def on_routed(self, call: StampedCall, engine_id: str) -> None:
-        routed = Routed(call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at)
         previous = self.routed.setdefault(engine_id, {}).get(call.call_id)
+        tokens = previous.tokens if previous is not None else call_tokens(call)
+        routed = Routed(
+            call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at, call.tenant, tokens
+        )
         self.routed[engine_id][call.call_id] = routed
         if previous is None:
             self.active_by_program[call.program_id] = self.active_by_program.get(call.program_id, 0) + 1
+            self.tenant_limits.add(call.tenant, tokens)
         if call.deadline_at:
             heapq.heappush(self._deadlines, (call.deadline_at, engine_id, call.call_id))
 
@@ -236,32 +271,65 @@ class SchedulerCore:
             if routed is None or routed.deadline_at != deadline:
                 continue  # completed, or routed again since
             del self.routed[engine_id][call_id]
-            self._release(routed.program_id)
+            self._release(routed)
             out.append((engine_id, routed))
         return out
 
-    def on_completed(self, call_id: str, engine_id: str) -> None:
+    def on_completed(self, call_id: str, engine_id: str, attempt: int | None = None) -> None:
+        """``attempt``: the attempt that finished (None: whichever is routed there)."""
         calls = self.routed.get(engine_id)
-        if calls is not None and (routed := calls.pop(call_id, None)) is not None:
-            self._release(routed.program_id)
-        if len(self._deadlines) > 1024 and len(self._deadlines) > 4 * sum(map(len, self.routed.values())):
-            # entries of completed calls wait for their deadline to be skipped: drop them in bulk
+        routed = calls.get(call_id) if calls is not None else None
+        if calls is not None and routed is not None and (attempt is None or routed.attempt <= attempt):
+            del calls[call_id]
+            self._release(routed)
+        self._compact_deadlines()
+
+    def _compact_deadlines(self) -> None:
+        """Entries of completed calls wait for their deadline to be skipped: drop them in bulk (all of
+        them once nothing is in flight), so the heap returns to its size after a burst."""
+        in_flight = sum(map(len, self.routed.values()))
+        if not in_flight:
+            self._deadlines.clear()
+        elif len(self._deadlines) > 64 and len(self._deadlines) > 4 * in_flight:
             self._deadlines = [
                 d for d in self._deadlines if (r := self.routed.get(d[1], {}).get(d[2])) and r.deadline_at == d[0]
             ]
             heapq.heapify(self._deadlines)
 
-    def _release(self, program_id: str) -> None:
-        left = self.active_by_program.get(program_id, 0) - 1
+    def _release(self, routed: Routed) -> None:
+        left = self.active_by_program.get(routed.program_id, 0) - 1
         if left > 0:
-            self.active_by_program[program_id] = left
+            self.active_by_program[routed.program_id] = left
         else:
-            self.active_by_program.pop(program_id, None)
+            self.active_by_program.pop(routed.program_id, None)
+        self.tenant_limits.remove(routed.tenant, routed.tokens)
+
+    # -- per-tenant bounds ------------------------------------------------------------------------
+    def tenant_of(self, request: CallRequest, owner: str) -> str:
+        return self.tenant_limits.tenant_of(owner, request.tenant)
+
+    def tenant_refusal(self, request: CallRequest, tenant: str) -> str | None:
+        """Why the call would break its tenant's bounds (a new call only: a resubmission continues
+        admitted work); None when it fits."""
+        if request.attempt:
+            return None
+        return self.tenant_limits.refusal(tenant, call_tokens(request))
+
+    def hold(self, call_id: str, tenant: str, tokens: int) -> None:
+        """A call waits here for a live engine: it counts in its tenant's bounds meanwhile."""
+        if call_id not in self.held:
+            self.held[call_id] = (tenant, tokens)
+            self.tenant_limits.add(tenant, tokens)
+
+    def unhold(self, call_id: str) -> None:
+        if (held := self.held.pop(call_id, None)) is not None:
+            self.tenant_limits.remove(*held)
 
     def _forget_engine(self, engine_id: str) -> list[Routed]:
         orphans = list(self.routed.pop(engine_id, {}).values())
         for routed in orphans:
-            self._release(routed.program_id)
+            self._release(routed)
+        self._compact_deadlines()
         return orphans
 
     def dead_engines(self, now: float) -> list[tuple[str, list[Routed]]]:
@@ -339,25 +407,33 @@ class SchedulerCore:
     def stamp(self, request: CallRequest, reply_to: str, now: float, owner: str = "") -> StampedCall:
         """``owner``: the authenticated user the submission came from (its subject says), "" without auth."""
         account = self.programs.get(request.program_id)
+        # a tenant's new program starts at its tenant's recent service (policy/tenant_account.py), in
+        # its priority and in the service its waits are weighed against: else the engine's
+        # anti-starvation rule (wait / service >= beta) lifts a fresh program's call to the top at once
+        tenant = self.tenant_of(request, owner)
+        floor = self._tenant_floor(tenant, now)
         return StampedCall.stamp(
             request,
             reply_to=reply_to,
             submitted_at=request.submitted_at or now,
-            priority=self._priority(account, request, owner, now),
+            priority=max(priority_for(self.policy, account, request.parents), floor),
             policy=self.policy,
             stamped_at=now,
             scheduler_id=self.scheduler_id,
-            program_service_s=account.service_s if account is not None else 0.0,
+            program_service_s=max(account.service_s if account is not None else 0.0, floor),
             program_wait_s=self.program_wait_s.get(request.program_id, 0.0),
             deadline_at=now + self.deadline_for(request),
             owner=owner,
+            ack=request.ack,
+            tenant=tenant,
         )
 
-    def _priority(self, account: ProgramAccount | None, request: CallRequest, tenant: str, now: float) -> float:
-        base = priority_for(self.policy, account, request.parents)
-        if self.policy in ("plas", "atlas"):  # service-ordered policies: a tenant cannot split its way ahead
-            return self.tenants.stamp(tenant, base, now)
-        return base
+    def _tenant_floor(self, tenant: str, now: float) -> float:
+        """The least a program of ``tenant`` is stamped at: its tenant's recent service while tenants
+        compete, under the service-ordered policies (0 otherwise)."""
+        if self.policy in ("plas", "atlas"):  # a tenant cannot split its way ahead
+            return self.tenants.stamp(tenant, 0.0, now)
+        return 0.0
 
     def deadline_for(self, request: CallRequest) -> float:
         """The call's own deadline when it asks for a shorter one than the deployment's."""
@@ -365,12 +441,19 @@ class SchedulerCore:
             return request.deadline_s
         return self.call_deadline_s
 
-    def route(self, call: CallParams, now: float) -> str | None:
+    def route(self, call: CallParams, now: float, prefer: str = "") -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
-        what this scheduler routed since each engine's last heartbeat); None when none is live."""
+        what this scheduler routed since each engine's last heartbeat); None when none is live.
+        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live with room."""
         live = self._live_views(now)
         if not live:
             return None
+        if prefer and prefer in self._live_at and not self.engines[prefer].full():
+            view = self.engines[prefer]
+            view.pending_tokens += estimate_prompt_tokens(call) + call.max_tokens
+            view.pending_calls += 1
+            self._candidates = None  # its load changed: the candidates are chosen again
+            return prefer
         loads = self._candidates
         if loads is None:
             # engines with room first; when every one is full, the chosen one sheds with rate_limited

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -31,17 +29,18 @@ from autellix.proto import (
     ProgramService,
     StampedCall,
     Subjects,
-    decode,
     encode,
 )
 from autellix.services.auth import inbox_prefix
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
-from .core import RejectedCall, SchedulerCore
+from .core import RejectedCall, SchedulerCore, call_tokens
 from .door_gate import DoorFull, DoorGate
 from .metrics import SchedulerMetrics
 
@@ -51,7 +50,7 @@ class SchedulerService:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.core = SchedulerCore(
             policy=config.policy,
             max_tokens_ceiling=config.max_tokens_ceiling,
@@ -59,6 +58,9 @@ class SchedulerService:
             call_deadline_s=config.call_deadline_s,
             max_calls_per_program=config.max_calls_per_program,
             tenant_half_life_s=config.tenant_half_life_s,
+            max_calls_per_tenant=config.max_calls_per_tenant,
+            max_tokens_per_tenant=config.max_tokens_per_tenant,
+            tenant_users=config.tenant_users,
         )
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         #: the door (issue 10): new programs wait while the engines' working set does not fit
@@ -78,8 +80,13 @@ class SchedulerService:
         self._stopping = False
 
     async def start(self) -> None:
-        self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-scheduler", on_closed=self._on_closed)
+        self.log.info("starting", config=config_for_log(self.config))
+        nc = self._nc = await connect(
+            self.config.nats,
+            "autellix-scheduler",
+            on_closed=self._on_closed,
+            on_reconnected=lambda: self.core.on_reconnected(time.time()),
+        )
         s = self.subjects
         await nc.subscribe(s.program_service, cb=self._on_service)
         await nc.subscribe(s.engine_heartbeat, cb=self._on_heartbeat)
@@ -121,10 +128,8 @@ class SchedulerService:
 
     # -- inputs -----------------------------------------------------------------------------
     async def _on_service(self, msg: Msg) -> None:
-        try:
-            update = decode(msg.data, ProgramService)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad program-service update dropped", error=str(exc)[:300])
+        update = decode_or_drop(msg.data, ProgramService, self.log, self._throttle, "program-service update")
+        if update is None:
             return
         self.core.on_program_service(update)
         if self.door is not None:
@@ -133,10 +138,8 @@ class SchedulerService:
                 await self._open_door()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = decode(msg.data, EngineHeartbeat)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
+        hb = decode_or_drop(msg.data, EngineHeartbeat, self.log, self._throttle, "heartbeat")
+        if hb is None:
             return
         known = hb.engine_id in self.core.engines
         if self.core.on_heartbeat(hb, time.time()):
@@ -179,6 +182,13 @@ class SchedulerService:
             )
             if msg.reply.startswith(inbox_prefix(owner) + "."):
                 await self._reject(error, msg.reply)
+            return
+        refusal = self.core.tenant_refusal(request, self.core.tenant_of(request, owner))
+        if refusal is not None:
+            error = CallError(
+                call_id=request.call_id, program_id=request.program_id, code=ErrorCode.RATE_LIMITED, message=refusal
+            )
+            await self._reject(error, reply_to)
             return
         if self.door is not None and not await self._through_door(request, reply_to, now, owner):
             return
@@ -227,11 +237,13 @@ class SchedulerService:
             code=ErrorCode.NO_ENGINE,
             message=f"no engine was available within {self.config.no_engine_wait_s:g} s; try again later",
         )
+        self.core.hold(request.call_id, self.core.tenant_of(request, owner), call_tokens(request))
         self._park(
             lambda: self._dispatch(request, reply_to, now, owner, door_wait_s),
             time.time() + self.config.no_engine_wait_s,
             error,
             reply_to,
+            request.call_id,
         )
 
     async def _reject(self, error: CallError, reply_to: str) -> None:
@@ -253,20 +265,17 @@ class SchedulerService:
     async def _dispatch(
         self, request: CallRequest, reply_to: str, submitted: float, owner: str = "", door_wait_s: float = 0.0
     ) -> bool:
-        engine_id = await self._send(self.core.stamp(request, reply_to, submitted, owner), door_wait_s)
-        if engine_id is None:
-            return False
-        if request.ack:
-            assert self._nc is not None
-            accepted = CallAccepted(call_id=request.call_id, engine_id=engine_id, attempt=request.attempt)
-            await self._nc.publish(reply_to, encode(accepted))
-        return True
+        # the engine acknowledges the call (when the request asked) once it has it: a stamped call
+        # lost on the way (the engine was reconnecting) then goes unacknowledged, and is resubmitted
+        stamped = self.core.stamp(request, reply_to, submitted, owner)
+        prefer = request.prefer_engine if request.attempt else ""
+        return await self._send(stamped, door_wait_s, prefer) is not None
 
-    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0) -> str | None:
+    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0, prefer: str = "") -> str | None:
         """Route a stamped call to a live engine and announce it; None when no engine is live."""
         assert self._nc is not None
         now = time.time()
-        engine_id = self.core.route(stamped, now)
+        engine_id = self.core.route(stamped, now, prefer)
         if engine_id is None:
             return None
         self.core.on_routed(stamped, engine_id)
@@ -286,6 +295,7 @@ class SchedulerService:
                     dispatched_at=now,
                     owner=stamped.owner,
                     door_wait_s=door_wait_s,
+                    tenant=stamped.tenant,
                 )
             ),
         )
@@ -296,19 +306,15 @@ class SchedulerService:
         return engine_id
 
     async def _on_completed(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data, CallCompleted)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallCompleted, self.log, self._throttle, "call-completed event")
+        if event is None:
             return
-        self.core.on_completed(event.call_id, event.engine_id)
+        self.core.on_completed(event.call_id, event.engine_id, event.attempt)
 
     async def _on_handback(self, msg: Msg) -> None:
         """A draining engine could not finish a call: route it, with its tokens so far, elsewhere."""
-        try:
-            call = decode(msg.data, StampedCall)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad handed-back call dropped", error=str(exc)[:300])
+        call = decode_or_drop(msg.data, StampedCall, self.log, self._throttle, "handed-back call")
+        if call is None:
             return
         self.log.info(
             "call handed back", call_id=call.call_id, program_id=call.program_id, resume=len(call.resume_token_ids)
@@ -328,7 +334,8 @@ class SchedulerService:
             ),
             attempt=call.attempt,
         )
-        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to)
+        self.core.hold(call.call_id, call.tenant, call_tokens(call))
+        self._park(send, time.time() + self.config.no_engine_wait_s, error, call.reply_to, call.call_id)
 
     async def wait_for_engines(self, n: int, timeout_s: float) -> None:
         """Return once at least ``n`` engines are live in this scheduler's view (woken by their
@@ -364,7 +371,9 @@ class SchedulerService:
                 attempt=routed.attempt,
             )
             await self._nc.publish(routed.reply_to, encode(error))
-            abort = CallAbort(call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id)
+            abort = CallAbort(
+                call_id=routed.call_id, reason="deadline exceeded", engine_id=engine_id, attempt=routed.attempt
+            )
             await self._nc.publish(self.subjects.call_abort, encode(abort))
         for engine_id, orphans in self.core.dead_engines(now):
             self._throttle.log(self.log, "engine stopped heartbeating", engine_id=engine_id, calls=len(orphans))
@@ -377,20 +386,28 @@ class SchedulerService:
                     reason=f"engine {engine_id} stopped responding; resubmit to resume the call",
                 )
                 await self._nc.publish(routed.reply_to, encode(retry))
-                abort = CallAbort(call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id)
+                abort = CallAbort(
+                    call_id=routed.call_id, reason="engine presumed dead", engine_id=engine_id, attempt=routed.attempt
+                )
                 await self._nc.publish(self.subjects.call_abort, encode(abort))
 
-    def _park(self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str) -> None:
+    def _park(
+        self, attempt: Callable[[], Awaitable[bool]], deadline: float, error: CallError, reply_to: str, call_id: str
+    ) -> None:
         """Retry ``attempt`` whenever an engine heartbeats, until it succeeds or ``deadline`` passes;
-        then the caller gets ``error``. Runs as a task, so the subscription keeps serving."""
+        then the caller gets ``error``. Runs as a task, so the subscription keeps serving. The call
+        was held in its tenant's bounds (:meth:`SchedulerCore.hold`); it is let go either way."""
 
         async def wait() -> None:
-            while (left := deadline - time.time()) > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
-                if await attempt():
-                    return
-            await self._reject(error, reply_to)
+            try:
+                while (left := deadline - time.time()) > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._engine_seen.wait(), timeout=min(left, 0.5))
+                    if await attempt():
+                        return
+                await self._reject(error, reply_to)
+            finally:
+                self.core.unhold(call_id)
 
         task = asyncio.create_task(wait())
         self._waiting.add(task)

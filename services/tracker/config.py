@@ -1,17 +1,16 @@
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from autellix.proto import DEFAULT_ROOT
-from autellix.services.metrics import metrics_port_from_env
-from autellix.services.nats_conn import DEFAULT_NATS_URL
+from autellix.services.nats_config import NATS_SETTINGS, NatsConfig
+from autellix.services.settings import METRICS_PORT, Setting, from_env, parse_bool, parse_finite
 
 
 @dataclass(frozen=True, slots=True)
 class TrackerConfig:
-    nats_url: str = DEFAULT_NATS_URL
-    root: str = DEFAULT_ROOT
+    nats: NatsConfig = field(default_factory=NatsConfig)
     #: programs idle this long (no active call) are forgotten
     idle_ttl_s: float = 600.0
     gc_interval_s: float = 5.0
@@ -31,19 +30,25 @@ class TrackerConfig:
     #: this tracker's shard, 0 .. shards - 1 (replicas of one shard share its work)
     shard_index: int = 0
 
+    SETTINGS: ClassVar[tuple[Setting, ...]] = (
+        *NATS_SETTINGS,
+        Setting("idle_ttl_s", "AUTELLIX_PROGRAM_TTL_S", "--program-ttl", parse_finite,
+                "forget a program idle (no active call) this many seconds"),
+        Setting("gc_interval_s", "AUTELLIX_TRACKER_GC_S", "--tracker-gc-s", parse_finite,
+                "how often idle programs are looked for, in seconds"),
+        Setting("persist", "AUTELLIX_TRACKER_PERSIST", "--tracker-persist", parse_bool,
+                "keep the process table in a JetStream key-value bucket", boolean=True),
+        Setting("active_call_max_s", "AUTELLIX_ACTIVE_CALL_MAX_S", "--active-call-max-s", parse_finite,
+                "an active call with no completion after this many seconds stops counting"),
+        Setting("kv_replicas", "AUTELLIX_KV_REPLICAS", "--kv-replicas", int,
+                "JetStream replicas of the process-table bucket and the completions stream"),
+        Setting("shards", "AUTELLIX_TRACKER_SHARDS", "--shards", int,
+                "trackers sharing the programs (`autellix up --trackers N`); see [docs/scaling.md](docs/scaling.md)"),
+        Setting("shard_index", "AUTELLIX_TRACKER_SHARD", "--shard-index", int,
+                "this tracker's shard, 0 .. shards-1 (replicas of one shard share its work)"),
+        METRICS_PORT,
+    )
+
     @classmethod
-    def from_env(cls) -> TrackerConfig:
-        env = os.environ
-        d = cls()
-        return cls(
-            nats_url=env.get("AUTELLIX_NATS", DEFAULT_NATS_URL),
-            root=env.get("AUTELLIX_ROOT", DEFAULT_ROOT),
-            idle_ttl_s=float(env.get("AUTELLIX_PROGRAM_TTL_S", d.idle_ttl_s)),
-            gc_interval_s=float(env.get("AUTELLIX_TRACKER_GC_S", d.gc_interval_s)),
-            active_call_max_s=float(env.get("AUTELLIX_ACTIVE_CALL_MAX_S", d.active_call_max_s)),
-            persist=env.get("AUTELLIX_TRACKER_PERSIST", "1").lower() not in ("0", "false", "no"),
-            metrics_port=metrics_port_from_env(),
-            kv_replicas=int(env.get("AUTELLIX_KV_REPLICAS", d.kv_replicas)),
-            shards=int(env.get("AUTELLIX_TRACKER_SHARDS", d.shards)),
-            shard_index=int(env.get("AUTELLIX_TRACKER_SHARD", d.shard_index)),
-        )
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TrackerConfig:
+        return from_env(cls, env)

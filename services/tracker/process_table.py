@@ -41,6 +41,8 @@ class ProgramEntry:
     partial_service_s: dict[str, float] = field(default_factory=dict)
     #: the authenticated user whose call started the program ("" without auth): only it may end it
     owner: str = ""
+    #: the tenant its first call was accounted to (a gateway's API-key tenant, or the owner)
+    tenant: str = ""
 
     def summary(self, ended: bool = False) -> ProgramSummary:
         a = self.account
@@ -78,6 +80,7 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     active_since: dict[str, float] = {}
     owner: str = ""
     door_wait_s: float = 0.0
+    tenant: str = ""
     program_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -109,6 +112,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         active_since=_newest(entry.active_calls, MAX_PERSISTED_CALL_PATHS),
         owner=entry.owner,
         door_wait_s=entry.door_wait_s,
+        tenant=entry.tenant,
     )
 
 
@@ -130,6 +134,7 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         active_calls={c: r.active_since.get(c, now) for c in r.active_calls},
         partial_service_s=dict(r.partial_service_s),
         owner=r.owner,
+        tenant=r.tenant,
     )
 
 
@@ -175,6 +180,8 @@ class ProcessTable:
         entry = self._entry(event.program_id, now)
         if not entry.owner:
             entry.owner = event.owner
+        if not entry.tenant:
+            entry.tenant = event.tenant
         if event.call_id not in entry.account.call_path_s:  # a dispatch can trail its own completion
             entry.active_calls[event.call_id] = now  # (core NATS and the stream are different paths)
             entry.active_engine[event.call_id] = event.engine_id
@@ -227,6 +234,7 @@ class ProcessTable:
             ended=ended,
             updated_at=now,
             owner=entry.owner,
+            tenant=entry.tenant,
         )
 
     def owner(self, program_id: str) -> str:

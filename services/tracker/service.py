@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,9 +26,11 @@ from autellix.proto import (
     encode,
 )
 from autellix.proto.limits import explain
+from autellix.services.inbound import decode_or_drop
 from autellix.services.lifecycle import Health
 from autellix.services.log_throttle import LogThrottle
 from autellix.services.logs import get_logger
+from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .completions import JETSTREAM_ERRORS, stream_name, subscribe_completions
@@ -50,11 +51,11 @@ class TrackerService:
 
     def __init__(self, config: TrackerConfig) -> None:
         self.config = config
-        self.subjects = Subjects(config.root)
+        self.subjects = Subjects(config.nats.root)
         self.table = ProcessTable(idle_ttl_s=config.idle_ttl_s, active_call_max_s=config.active_call_max_s)
         #: the programs this tracker owns (all of them unless trackers are sharded)
         self.shard = TrackerShard(config.shard_index, config.shards)
-        self.store = ProgramStore(self.table, config.root, replicas=config.kv_replicas, owns=self.shard.owns)
+        self.store = ProgramStore(self.table, config.nats.root, replicas=config.kv_replicas, owns=self.shard.owns)
         self.log = get_logger("tracker", shard=f"{self.shard.index}/{self.shard.count}")
         self._nc: NATS | None = None
         self._gc_task: asyncio.Task[None] | None = None
@@ -66,8 +67,8 @@ class TrackerService:
         self._throttle = LogThrottle()
 
     async def start(self) -> None:
-        self.log.info("starting", config=dataclasses.asdict(self.config))
-        nc = self._nc = await connect(self.config.nats_url, "autellix-tracker", on_closed=self._on_closed)
+        self.log.info("starting", config=config_for_log(self.config))
+        nc = self._nc = await connect(self.config.nats, "autellix-tracker", on_closed=self._on_closed)
         if self.config.persist:
             restored = await self.store.open(nc)
             self.log.info(
@@ -87,7 +88,7 @@ class TrackerService:
         self._gc_task = asyncio.create_task(self._every(self.config.gc_interval_s, self._collect_idle))
         self._flush_task = asyncio.create_task(self._every(self.config.flush_interval_s, self._flush))
         self.metrics.endpoint.start()
-        self.log.info("ready", root=self.config.root)
+        self.log.info("ready", root=self.config.nats.root)
 
     async def stop(self) -> None:
         # The loops end on their own at the stop event: cancelling one in the middle of a JetStream
@@ -182,10 +183,8 @@ class TrackerService:
         await self._publish(self.subjects.program_ended, update)  # engines free its contexts first
 
     async def _on_dispatched(self, msg: Msg) -> None:
-        try:
-            event = decode(msg.data, CallDispatched)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-dispatched event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallDispatched, self.log, self._throttle, "call-dispatched event")
+        if event is None:
             return
         if await self._foreign(msg, event.program_id, self.subjects.call_dispatched_for(event.program_id)):
             return
@@ -193,18 +192,15 @@ class TrackerService:
         self.store.mark(event.program_id)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            self.engines.on_heartbeat(decode(msg.data, EngineHeartbeat), time.time())
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad heartbeat dropped", error=str(exc)[:300])
+        heartbeat = decode_or_drop(msg.data, EngineHeartbeat, self.log, self._throttle, "heartbeat")
+        if heartbeat is not None:
+            self.engines.on_heartbeat(heartbeat, time.time())
 
     async def _on_completed(self, msg: Msg, durable: bool) -> str | None:
         """Apply a completed event; returns its program id (None for an unreadable event, or one of
         another shard's programs)."""
-        try:
-            event = decode(msg.data, CallCompleted)
-        except msgspec.MsgspecError as exc:
-            self._throttle.log(self.log, "bad call-completed event dropped", error=str(exc)[:300])
+        event = decode_or_drop(msg.data, CallCompleted, self.log, self._throttle, "call-completed event")
+        if event is None:
             return None
         if await self._foreign(msg, event.program_id, self.subjects.call_completed_for(event.program_id), durable):
             return None

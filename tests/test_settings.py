@@ -1,0 +1,169 @@
+"""The settings tables: env vars and flags reach the right fields, README's table is the generated one,
+and every AUTELLIX_* variable the code reads is documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autellix.services.cli import UP_OWN_FLAGS, _config, build_parser
+from autellix.services.config_doc import BEGIN, END, SERVICES, markdown_table
+from autellix.services.engine.config import EngineConfig
+from autellix.services.nats_config import DEFAULT_NATS_URL, NatsConfig, config_for_log
+from autellix.services.scheduler.config import SchedulerConfig
+from autellix.services.settings import (
+    Setting,
+    from_env,
+    get_path,
+    parse_bool,
+    parse_finite,
+    parse_names_list,
+    parse_port,
+    parse_url_list,
+    settings_of,
+)
+from autellix.services.tracker.config import TrackerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+#: AUTELLIX_* names that are not settings: a JetStream stream's prefix, the compose test's own switches
+NOT_SETTINGS = {"AUTELLIX_COMPLETED_", "AUTELLIX_COMPOSE_LOCAL", "AUTELLIX_WHEELS"}
+
+
+def _sample(cls: type, s: Setting) -> tuple[str, Any]:
+    """A value for ``s`` unlike its default, as text and as the field should hold it."""
+    default = get_path(cls(), s.field)
+    if s.choices:
+        text = next(c for c in reversed(s.choices) if c != default)
+        return text, text
+    if s.parse is parse_bool:
+        return ("no", False) if default else ("yes", True)
+    if s.parse is parse_url_list:
+        return "nats://a:1, nats://b:2", ("nats://a:1", "nats://b:2")
+    if s.parse is parse_port:
+        return "9999", 9999
+    if s.parse is parse_names_list:
+        return "alice, bob,", ("alice", "bob")
+    if s.parse is int:
+        return "7", 7
+    if s.parse is parse_finite:
+        return "0.5", 0.5
+    return f"v-{s.field}", f"v-{s.field}"
+
+
+@pytest.mark.parametrize("cls", [NatsConfig, *SERVICES.values()], ids=lambda c: c.__name__)
+def test_every_env_var_sets_its_field(cls: type) -> None:
+    table = settings_of(cls)
+    env = {s.env: _sample(cls, s)[0] for s in table}
+    config = from_env(cls, env)
+    for s in table:
+        assert get_path(config, s.field) == _sample(cls, s)[1], s.env
+    assert from_env(cls, {}) == cls() or cls is EngineConfig  # engine ids are random
+
+
+@pytest.mark.parametrize("command", list(SERVICES))
+def test_every_flag_sets_its_field_over_the_env(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = SERVICES[command]
+    argv = [command]
+    for s in settings_of(cls):
+        if s.flag is None:
+            continue
+        text, _ = _sample(cls, s)
+        monkeypatch.setenv(s.env, text)  # the flag must win over it
+        if s.boolean:
+            argv.append(s.flag if text == "yes" else f"--no-{s.flag[2:]}")
+        else:
+            argv += [s.flag, "0.25" if s.parse is parse_finite else ("3" if s.parse in (int, parse_port) else text)]
+    args = build_parser().parse_args(argv)
+    config = _config(cls, args)
+    for s in settings_of(cls):
+        if s.flag is None or s.boolean or s.choices or s.parse in (str, parse_url_list, parse_names_list):
+            continue  # same text as the env var: nothing to tell apart
+        want = 0.25 if s.parse is parse_finite else 3
+        assert get_path(config, s.field) == want, s.flag
+
+
+def test_up_takes_every_service_flag_once_and_policy_for_both() -> None:
+    args = build_parser().parse_args(["up", "--policy", "fcfs", "--max-tokens-ceiling", "99", "--heartbeat-s", "0.5"])
+    assert _config(SchedulerConfig, args, UP_OWN_FLAGS).policy == "fcfs"
+    engine = _config(EngineConfig, args, UP_OWN_FLAGS)
+    assert engine.core.policy == "fcfs" and engine.core_config.policy == "fcfs"
+    assert engine.heartbeat_s == 0.5
+    assert _config(SchedulerConfig, args, UP_OWN_FLAGS).max_tokens_ceiling == 99
+    assert args.port == 4222 and args.metrics_port == 9100  # up's own, not the gateway's or a service's
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="AUTELLIX_MAX_BATCH='lots'"):
+        EngineConfig.from_env({"AUTELLIX_MAX_BATCH": "lots"})
+    with pytest.raises(ValueError, match="AUTELLIX_POLICY='lifo'"):
+        SchedulerConfig.from_env({"AUTELLIX_POLICY": "lifo"})
+    with pytest.raises(ValueError, match="AUTELLIX_TRACKER_PERSIST"):
+        TrackerConfig.from_env({"AUTELLIX_TRACKER_PERSIST": "maybe"})
+    monkeypatch.setenv("AUTELLIX_KV_TOKENS", "-")
+    with pytest.raises(SystemExit, match="autellix: AUTELLIX_KV_TOKENS="):
+        _config(EngineConfig, build_parser().parse_args(["engine"]))
+
+
+def test_empty_env_var_counts_as_unset() -> None:
+    assert TrackerConfig.from_env({"AUTELLIX_PROGRAM_TTL_S": "", "AUTELLIX_NATS": " "}) == TrackerConfig()
+
+
+def test_engine_core_config_takes_the_backends_limits() -> None:
+    env = {"AUTELLIX_MAX_BATCH": "5", "AUTELLIX_KV_TOKENS": "1000", "AUTELLIX_SCHEDULE_EVERY": "2"}
+    config = EngineConfig.from_env(env)
+    core = config.core_config
+    assert (core.max_batch, core.kv_capacity_tokens, core.schedule_every) == (5, 1000, 2)
+
+
+def test_nats_server_url_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTELLIX_CACHE", str(tmp_path / "cache"))
+    creds = tmp_path / "x.creds"
+    creds.write_text("nats://u:p@h:1\n")
+    # a credentials file wins over the URL (as --creds always did)
+    assert NatsConfig(urls=("nats://a:1",), creds=str(creds)).server_url() == "nats://u:p@h:1"
+    assert NatsConfig(urls=("nats://a:1", "nats://b:2")).server_url() == "nats://a:1,nats://b:2"
+    assert NatsConfig().server_url(client=True) == DEFAULT_NATS_URL
+    written = tmp_path / "cache" / "credentials" / "client.creds"
+    written.parent.mkdir(parents=True)
+    written.write_text("nats://client:pw@h:2\n")
+    assert NatsConfig().server_url(client=True) == "nats://client:pw@h:2"  # what `autellix up` wrote
+    assert NatsConfig().server_url() == DEFAULT_NATS_URL  # services never pick it up
+    bad = tmp_path / "bad.creds"
+    bad.write_text("hello\n")
+    with pytest.raises(ValueError, match="not an Autellix credentials file"):
+        NatsConfig(creds=str(bad)).server_url()
+
+
+def test_tls_cert_needs_its_key() -> None:
+    with pytest.raises(ValueError, match="needs its key"):
+        NatsConfig(tls_cert="c.pem")
+    assert NatsConfig().tls_context() is None
+
+
+def test_start_up_log_shows_no_password() -> None:
+    config = TrackerConfig(nats=NatsConfig.at("nats://tracker:s3cret@h:1,nats://tracker:s3cret@h:2", "r"))
+    shown = config_for_log(config)
+    assert "s3cret" not in repr(shown)
+    assert "tracker:***@h:1" in repr(shown) and shown["idle_ttl_s"] == config.idle_ttl_s
+
+
+def test_readme_config_table_is_the_generated_one() -> None:
+    readme = (REPO / "README.md").read_text()
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    assert readme[start:end] == markdown_table(), "run: python -m autellix.services.config_doc --write README.md"
+
+
+def test_every_env_var_the_code_reads_is_documented() -> None:
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.findall(r"^\| `(AUTELLIX_[A-Z0-9_]+)`", readme, flags=re.M))
+    read: set[str] = set()
+    for folder in ("services", "engine", "proto", "policy", "sim", "compose"):
+        for path in (REPO / folder).rglob("*"):
+            if path.suffix in (".py", ".yml", ".yaml") and path.is_file():
+                read |= set(re.findall(r"AUTELLIX_[A-Z0-9_]+", path.read_text()))
+    assert {"AUTELLIX_NATS", "AUTELLIX_LOG_LEVEL", "AUTELLIX_CACHE"} <= read  # the scan sees the code
+    missing = sorted(read - documented - NOT_SETTINGS)
+    assert not missing, f"read by the code, not in README's configuration table: {missing}"
