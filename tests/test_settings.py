@@ -13,7 +13,7 @@ from autellix.services.cli import UP_OWN_FLAGS, _config, build_parser
 from autellix.services.config_doc import BEGIN, END, SERVICES, markdown_table
 from autellix.services.engine.config import EngineConfig
 from autellix.services.nats_config import DEFAULT_NATS_URL, NatsConfig, config_for_log
-from autellix.services.scheduler.config import SchedulerConfig
+from autellix.services.scheduler.config import SchedulerConfig, parse_spill_gate
 from autellix.services.settings import (
     Setting,
     from_env,
@@ -50,6 +50,8 @@ def _sample(cls: type, s: Setting) -> tuple[str, Any]:
         return "7", 7
     if s.parse is parse_finite:
         return "0.5", 0.5
+    if s.parse is parse_spill_gate:
+        return "none", None
     return f"v-{s.field}", f"v-{s.field}"
 
 
@@ -75,13 +77,14 @@ def test_every_flag_sets_its_field_over_the_env(command: str, monkeypatch: pytes
         if s.boolean:
             argv.append(s.flag if text == "yes" else f"--no-{s.flag[2:]}")
         else:
-            argv += [s.flag, "0.25" if s.parse is parse_finite else ("3" if s.parse in (int, parse_port) else text)]
+            fraction = s.parse in (parse_finite, parse_spill_gate)
+            argv += [s.flag, "0.25" if fraction else ("3" if s.parse in (int, parse_port) else text)]
     args = build_parser().parse_args(argv)
     config = _config(cls, args)
     for s in settings_of(cls):
         if s.flag is None or s.boolean or s.choices or s.parse in (str, parse_url_list, parse_names_list):
             continue  # same text as the env var: nothing to tell apart
-        want = 0.25 if s.parse is parse_finite else 3
+        want = 0.25 if s.parse in (parse_finite, parse_spill_gate) else 3
         assert get_path(config, s.field) == want, s.flag
 
 

@@ -13,6 +13,13 @@ from autellix.services.settings import METRICS_PORT, Setting, from_env, parse_bo
 from .tenant_limits import DEFAULT_MAX_CALLS, DEFAULT_MAX_TOKENS
 
 
+def parse_spill_gate(text: str) -> float | None:
+    """``AUTELLIX_DOOR_SPILL_GATE`` / ``--door-spill-gate``: a share of busy time, or ``none``."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return parse_finite(text)
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     nats: NatsConfig = field(default_factory=NatsConfig)
@@ -79,7 +86,7 @@ class SchedulerConfig:
                 "admit while the projected working set stays under this fraction of KV"),
         Setting("door_max_waiting", "AUTELLIX_DOOR_MAX_WAITING", "--door-max-waiting", int,
                 "programs that may wait at the door (`rate_limited` beyond)"),
-        Setting("door_spill_gate", "AUTELLIX_DOOR_SPILL_GATE", "--door-spill-gate", lambda t: parse_spill_gate(t),
+        Setting("door_spill_gate", "AUTELLIX_DOOR_SPILL_GATE", "--door-spill-gate", parse_spill_gate,
                 "with CPU tiers on the engines, the door holds programs only while the engines spend this share "
                 "of busy time swapping contexts back in; `none`: always"),
         METRICS_PORT,
@@ -98,10 +105,3 @@ class SchedulerConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SchedulerConfig:
         return from_env(cls, env)
-
-
-def parse_spill_gate(text: str) -> float | None:
-    """``AUTELLIX_DOOR_SPILL_GATE`` / ``--door-spill-gate``: a share of busy time, or ``none``."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    return parse_finite(text)
