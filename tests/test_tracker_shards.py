@@ -136,6 +136,20 @@ async def test_two_shards_count_each_program_once_by_its_owner(nats_url: str, ro
         await stop_all(trackers)
 
 
+def _completed(pid: str, call_id: str) -> CallCompleted:
+    """A finished call of 0.5 s service, as an engine publishes it."""
+    return CallCompleted(
+        call_id=call_id,
+        program_id=pid,
+        engine_id="e0",
+        service_s=0.5,
+        queue_wait_s=0.0,
+        prompt_tokens=10,
+        output_tokens=5,
+        finish_reason="stop",
+    )
+
+
 async def test_a_restarted_shard_restores_only_its_programs(nats_url: str, root: str) -> None:
     trackers = await _start_shards(nats_url, root, 1)
     s = Subjects(root)
@@ -143,17 +157,7 @@ async def test_a_restarted_shard_restores_only_its_programs(nats_url: str, root:
     programs = [f"q-{i}" for i in range(40)]
     try:
         for pid in programs:
-            completed = CallCompleted(
-                call_id=f"{pid}-c",
-                program_id=pid,
-                engine_id="e0",
-                service_s=0.5,
-                queue_wait_s=0.0,
-                prompt_tokens=10,
-                output_tokens=5,
-                finish_reason="stop",
-            )
-            await nc.jetstream().publish(s.call_completed_for(pid), encode(completed))
+            await nc.jetstream().publish(s.call_completed_for(pid), encode(_completed(pid, f"{pid}-c")))
         await _until(lambda: len(trackers[0].table) == len(programs))
         await stop_all(trackers)  # its records are written at stop
         trackers = await _start_shards(nats_url, root, 2)  # resharded: each loads its own from the bucket
@@ -161,17 +165,7 @@ async def test_a_restarted_shard_restores_only_its_programs(nats_url: str, root:
             assert all(t.shard.owns(pid) for pid in t.table.program_ids())
         assert sorted(pid for t in trackers for pid in t.table.program_ids()) == sorted(programs)
         pid = next(p for p in programs if trackers[1].shard.owns(p))
-        completed = CallCompleted(
-            call_id=f"{pid}-c2",
-            program_id=pid,
-            engine_id="e0",
-            service_s=0.5,
-            queue_wait_s=0.0,
-            prompt_tokens=10,
-            output_tokens=5,
-            finish_reason="stop",
-        )
-        await nc.jetstream().publish(s.call_completed_for(pid), encode(completed))
+        await nc.jetstream().publish(s.call_completed_for(pid), encode(_completed(pid, f"{pid}-c2")))
         await _until(lambda: (e := trackers[1].table.get(pid)) is not None and e.account.calls_completed == 2)
     finally:
         await nc.close()
