@@ -255,7 +255,7 @@ def _process_mesh(url: str, root: str, time_scale: float) -> dict[str, subproces
         "tracker": spawn_service("tracker", nats),
         "scheduler": spawn_service("scheduler", nats),
         "engine": spawn_service("engine", nats, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
-                                "--max-batch", "256", "--kv-tokens", "400000"),
+                                "--max-batch", "256", "--kv-capacity-tokens", "400000"),
     }
 
 
@@ -287,7 +287,7 @@ async def _drive(url: str, root: str, calls: int, concurrency: int, max_tokens: 
 
 async def measure_stream(concurrency: int, max_tokens: int, calls: int) -> dict[str, Any]:
     proc = _autellix("up", "--backend", "sim", "--sim-time-scale", "0", "--port", "0", "--engines", "1",
-                     "--max-batch", "256", "--kv-tokens", "400000")
+                     "--max-batch", "256", "--kv-capacity-tokens", "400000")
     try:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)

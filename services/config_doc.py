@@ -37,10 +37,14 @@ BEGIN = "<!-- config table: `python -m autellix.services.config_doc --write READ
 END = "<!-- end of config table -->"
 
 
+def _aliases(names: tuple[str, ...]) -> str:
+    return "".join(f" (alias `{name}`)" for name in names)
+
+
 def _flag(s: Setting) -> str:
     if s.flag is None:
         return ""
-    return f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.boolean else f"`{s.flag}`"
+    return (f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.boolean else f"`{s.flag}`") + _aliases(s.flag_aliases)
 
 
 def _meaning(s: Setting) -> str:
@@ -59,7 +63,7 @@ def table_rows() -> list[str]:
                 continue
             rows.setdefault((s.env, s.help), (s, default_text(cls, s), []))[2].append(name)
     out = [
-        f"| `{s.env}` | {_flag(s)} | {default} | {', '.join(who)}: {_meaning(s)} |"
+        f"| `{s.env}`{_aliases(s.env_aliases)} | {_flag(s)} | {default} | {', '.join(who)}: {_meaning(s)} |"
         for s, default, who in rows.values()
     ]
     out += [f"| `{env}` | {flag} | {default} | {text} |" for env, flag, default, text in PROCESS_WIDE]

@@ -78,6 +78,9 @@ class Setting:
     default_text: str | None = None
     #: a yes/no setting: the flag is ``--x/--no-x``
     boolean: bool = False
+    #: older names still accepted: flags (``--kv-tokens``) and env vars (read when ``env`` is unset)
+    flag_aliases: tuple[str, ...] = ()
+    env_aliases: tuple[str, ...] = ()
 
     @property
     def dest(self) -> str:
@@ -123,9 +126,11 @@ def from_env(cls: type[C], env: Mapping[str, str] | None = None) -> C:
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for s in settings_of(cls):
-        raw = env.get(s.env, "").strip()
-        if raw:
-            values[s.field] = _parse(s, raw, s.env)
+        for name in (s.env, *s.env_aliases):
+            raw = env.get(name, "").strip()
+            if raw:
+                values[s.field] = _parse(s, raw, name)
+                break
     return with_values(cls(), values)
 
 
@@ -161,12 +166,14 @@ def add_flags(
             if s.flag is None or s.flag in seen:
                 continue
             seen.add(s.flag)
+            seen.update(s.flag_aliases)
             help_text = f"{s.help} (env {s.env}; default {default_text(cls, s)})".replace("%", "%%")
+            flags = (s.flag, *s.flag_aliases)
             if s.boolean:
-                parser.add_argument(s.flag, dest=s.dest, action=argparse.BooleanOptionalAction, default=None,
+                parser.add_argument(*flags, dest=s.dest, action=argparse.BooleanOptionalAction, default=None,
                                     help=help_text)
             else:
-                parser.add_argument(s.flag, dest=s.dest, type=s.parse, choices=s.choices, default=None,
+                parser.add_argument(*flags, dest=s.dest, type=s.parse, choices=s.choices, default=None,
                                     help=help_text, metavar=None if s.choices else s.dest.upper())
 
 

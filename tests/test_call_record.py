@@ -15,7 +15,6 @@ from autellix.proto import (
     REJECTED,
     CallCompleted,
     CallError,
-    CallFigures,
     CallFinal,
     CallParams,
     CallReply,
@@ -29,7 +28,7 @@ from autellix.proto import (
     decode,
     encode,
 )
-from autellix.proto.messages import completed_message_id
+from autellix.proto.messages import CallFigures, completed_message_id
 from autellix.services.engine.call_record import CallOutcome, core_call
 from autellix.services.scheduler.core import SchedulerCore
 

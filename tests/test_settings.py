@@ -3,6 +3,7 @@ and every AUTELLIX_* variable the code reads is documented."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from autellix.services.nats_config import DEFAULT_NATS_URL, NatsConfig, config_f
 from autellix.services.scheduler.config import SchedulerConfig, parse_spill_gate
 from autellix.services.settings import (
     Setting,
+    add_flags,
     from_env,
     get_path,
     parse_bool,
@@ -161,7 +163,8 @@ def test_readme_config_table_is_the_generated_one() -> None:
 
 def test_every_env_var_the_code_reads_is_documented() -> None:
     readme = (REPO / "README.md").read_text()
-    documented = set(re.findall(r"^\| `(AUTELLIX_[A-Z0-9_]+)`", readme, flags=re.M))
+    env_cells = re.findall(r"^\| (`AUTELLIX_[^|]*)\|", readme, flags=re.M)  # a name and its aliases
+    documented = {name for cell in env_cells for name in re.findall(r"AUTELLIX_[A-Z0-9_]+", cell)}
     read: set[str] = set()
     for folder in ("services", "engine", "proto", "policy", "sim", "compose"):
         for path in (REPO / folder).rglob("*"):
@@ -170,3 +173,23 @@ def test_every_env_var_the_code_reads_is_documented() -> None:
     assert {"AUTELLIX_NATS", "AUTELLIX_LOG_LEVEL", "AUTELLIX_CACHE"} <= read  # the scan sees the code
     missing = sorted(read - documented - NOT_SETTINGS)
     assert not missing, f"read by the code, not in README's configuration table: {missing}"
+
+
+def test_older_names_stay_accepted_as_aliases() -> None:
+    aliased = [s for cls in SERVICES.values() for s in settings_of(cls) if s.flag_aliases or s.env_aliases]
+    assert {(s.flag, s.flag_aliases, s.env, s.env_aliases) for s in aliased} == {
+        ("--kv-capacity-tokens", ("--kv-tokens",), "AUTELLIX_KV_CAPACITY_TOKENS", ("AUTELLIX_KV_TOKENS",))
+    }
+    for flag in ("--kv-capacity-tokens", "--kv-tokens"):
+        args = build_parser().parse_args(["engine", flag, "1234"])
+        assert _config(EngineConfig, args).core_config.kv_capacity_tokens == 1234, flag
+    assert EngineConfig.from_env({"AUTELLIX_KV_TOKENS": "99"}).backend.kv_capacity_tokens == 99
+    both = {"AUTELLIX_KV_TOKENS": "99", "AUTELLIX_KV_CAPACITY_TOKENS": "77"}
+    assert EngineConfig.from_env(both).backend.kv_capacity_tokens == 77  # the name wins over its alias
+    with pytest.raises(ValueError, match="AUTELLIX_KV_TOKENS='x'"):
+        EngineConfig.from_env({"AUTELLIX_KV_TOKENS": "x"})
+    parser = argparse.ArgumentParser()
+    add_flags(parser, [EngineConfig])
+    assert "--kv-capacity-tokens KV_CAPACITY_TOKENS, --kv-tokens KV_CAPACITY_TOKENS" in " ".join(
+        parser.format_help().split()
+    )

@@ -66,31 +66,19 @@ class CallOutcome:
     total_s: float = 0.0
 
     @classmethod
-    def of(
-        cls,
-        call: StampedCall,
-        engine_id: str,
-        finish_reason: str,
-        now: float,
-        *,
-        prompt_tokens: int = 0,
-        output_tokens: int = 0,
-        ttft_s: float = 0.0,
-        total_s: float = 0.0,
-        **figures: Any,
-    ) -> CallOutcome:
-        """``call``'s end on ``engine_id``, with the other measured :class:`CallFigures` fields in ``figures``."""
-        measured = CallFigures(
+    def of(cls, call: StampedCall, engine_id: str, finish_reason: str, now: float, **measured: Any) -> CallOutcome:
+        """``call``'s end on ``engine_id``: ``measured`` holds ``ttft_s``, ``total_s`` and the other
+        :class:`CallFigures` fields (each 0 where not given)."""
+        ttft_s, total_s = measured.pop("ttft_s", 0.0), measured.pop("total_s", 0.0)
+        figures = CallFigures(
             call_id=call.call_id,
             program_id=call.program_id,
             engine_id=engine_id,
             finish_reason=finish_reason,
             priority=call.priority,
-            prompt_tokens=prompt_tokens,
-            output_tokens=output_tokens,
-            **figures,
+            **{"prompt_tokens": 0, "output_tokens": 0, **measured},
         )
-        return cls(call, measured, now, ttft_s, total_s)
+        return cls(call, figures, now, ttft_s, total_s)
 
     @classmethod
     def measured(

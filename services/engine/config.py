@@ -54,7 +54,8 @@ class EngineConfig:
                 "how a displaced call gives up its KV (`auto`: the cheaper by its own estimates)",
                 choices=("auto", "swap", "recompute")),
         Setting("backend.max_batch", "AUTELLIX_MAX_BATCH", "--max-batch", int, "running calls"),
-        Setting("backend.kv_capacity_tokens", "AUTELLIX_KV_TOKENS", "--kv-tokens", int, "KV capacity in tokens"),
+        Setting("backend.kv_capacity_tokens", "AUTELLIX_KV_CAPACITY_TOKENS", "--kv-capacity-tokens", int,
+                "KV capacity in tokens", flag_aliases=("--kv-tokens",), env_aliases=("AUTELLIX_KV_TOKENS",)),
         Setting("backend.retention", "AUTELLIX_RETENTION", "--retention", str,
                 "eviction order of retained contexts (finished calls' KV kept for the program's next call): "
                 "`program` = contexts another one contains, then ended programs', then least recently used; "
@@ -62,7 +63,7 @@ class EngineConfig:
         Setting("backend.kv_tier_tokens", "AUTELLIX_KV_TIER_TOKENS", "--kv-tier-tokens", int,
                 "CPU tier for evicted contexts of live programs, swapped back in when cheaper than re-prefilling; "
                 "0 = none (`sim` backend; `hf` where it supports it)",
-                default_text=f"{DEFAULT_TIER_SCALE} x `--kv-tokens`"),
+                default_text=f"{DEFAULT_TIER_SCALE} x `--kv-capacity-tokens`"),
         Setting("core.max_batched_tokens", "AUTELLIX_MAX_BATCHED_TOKENS", "--max-batched-tokens", int,
                 "tokens per step (decode + prefill chunks)"),
         Setting("backend.sim_time_scale", "AUTELLIX_SIM_TIME_SCALE", "--sim-time-scale", parse_finite,
