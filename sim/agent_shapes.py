@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from autellix.sim.chains import SHAREGPT_CALLS, SHAREGPT_OUTPUT, SHAREGPT_PROMPT, chain_program, think_times
 from autellix.sim.distributions import CountDist, TokenDist
 from autellix.sim.workload import CallSpec, ProgramSpec
 
-CHAT_CALLS = CountDist(mean=6.66, sigma=1.0, lo=1, hi=80)
-CHAT_PROMPT = TokenDist(mean=255.65, sigma=1.0, lo=4, hi=4096)
-CHAT_OUTPUT = TokenDist(mean=276.81, sigma=0.9, lo=4, hi=2048)
 CHAT_THINK_S = 120.0
 
 FANOUT_WIDTH = (20, 80)  # inclusive, uniform
@@ -47,32 +45,14 @@ CODER_OUTPUT = TokenDist(mean=180.0, sigma=0.8, lo=8, hi=2048)
 CODER_THINK_S = 2.0
 
 
-def _think(rng: np.random.Generator, mean_s: float, n: int) -> list[float]:
-    return rng.exponential(mean_s, n).tolist() if mean_s > 0 else [0.0] * n
-
-
-def _chain(
-    rng: np.random.Generator, program_id: str, kind: str, calls: CountDist, prompt: TokenDist, output: TokenDist,
-    think_s: float,
-) -> ProgramSpec:
-    n = calls.sample(rng)
-    prompts, outputs, thinks = prompt.sample(rng, n), output.sample(rng, n), _think(rng, think_s, n)
-    specs = [
-        CallSpec(
-            f"c{i}", (f"c{i - 1}",) if i else (), prompts[i], outputs[i], thinks[i] if i else 0.0,
-            f"c{i - 1}" if i else None,
-        )
-        for i in range(n)
-    ]
-    return ProgramSpec(program_id, 0.0, tuple(specs), kind)
-
-
 def chat_think_program(rng: np.random.Generator, program_id: str, think_scale: float = 1.0) -> ProgramSpec:
-    return _chain(rng, program_id, "chat-think", CHAT_CALLS, CHAT_PROMPT, CHAT_OUTPUT, CHAT_THINK_S * think_scale)
+    return chain_program(
+        rng, program_id, "chat-think", SHAREGPT_CALLS, SHAREGPT_PROMPT, SHAREGPT_OUTPUT, CHAT_THINK_S * think_scale
+    )
 
 
 def coder_program(rng: np.random.Generator, program_id: str, think_scale: float = 1.0) -> ProgramSpec:
-    return _chain(rng, program_id, "coder", CODER_CALLS, CODER_PROMPT, CODER_OUTPUT, CODER_THINK_S * think_scale)
+    return chain_program(rng, program_id, "coder", CODER_CALLS, CODER_PROMPT, CODER_OUTPUT, CODER_THINK_S * think_scale)
 
 
 def fanout_program(rng: np.random.Generator, program_id: str, think_scale: float = 1.0) -> ProgramSpec:
@@ -85,12 +65,12 @@ def fanout_program(rng: np.random.Generator, program_id: str, think_scale: float
         specs.append(
             CallSpec(
                 plan, (previous,) if previous else (), FANOUT_PLAN_PROMPT.sample(rng, 1)[0],
-                FANOUT_PLAN_OUTPUT.sample(rng, 1)[0], _think(rng, think, 1)[0] if previous else 0.0, previous,
+                FANOUT_PLAN_OUTPUT.sample(rng, 1)[0], think_times(rng, think, 1)[0] if previous else 0.0, previous,
             )
         )
         width = int(rng.integers(FANOUT_WIDTH[0], FANOUT_WIDTH[1] + 1))
         prompts, outputs = FANOUT_WORKER_PROMPT.sample(rng, width), FANOUT_WORKER_OUTPUT.sample(rng, width)
-        thinks = _think(rng, think, width)
+        thinks = think_times(rng, think, width)
         workers = []
         for k in range(width):
             wid = f"w{r}.{k}"
@@ -101,7 +81,7 @@ def fanout_program(rng: np.random.Generator, program_id: str, think_scale: float
         specs.append(
             CallSpec(
                 agg, tuple(workers), max(1, sum(outputs)), FANOUT_AGG_OUTPUT.sample(rng, 1)[0],
-                _think(rng, think, 1)[0], plan,
+                think_times(rng, think, 1)[0], plan,
             )
         )
         previous = agg

@@ -9,6 +9,7 @@ published statistics after clipping rather than before.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ def discrete_lognormal_mean(mu: float, sigma: float, lo: int, hi: int) -> float:
     return mean
 
 
-def _bisect_mu(target: float, mean_of, lo: float, hi: float) -> float:
+def _bisect_mu(target: float, mean_of: Callable[[float], float], lo: float, hi: float) -> float:
     if not lo < target < hi:
         raise ValueError(f"mean {target} must lie strictly inside the clip range [{lo}, {hi}]")
     a, b = math.log(lo) - 10.0, math.log(hi) + 10.0
@@ -55,8 +56,8 @@ def _bisect_mu(target: float, mean_of, lo: float, hi: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class TokenDist:
-    """Token counts: round(clip(LogNormal)), fitted so the clipped mean is ``mean``."""
+class _FittedLogNormal:
+    """LogNormal(mu, sigma) clipped to [lo, hi], ``mu`` solved so that the clipped mean is ``mean``."""
 
     mean: float
     sigma: float
@@ -65,10 +66,15 @@ class TokenDist:
     mu: float = field(init=False)
 
     def __post_init__(self) -> None:
-        mu = _bisect_mu(
-            self.mean, lambda m: clipped_lognormal_mean(m, self.sigma, self.lo, self.hi), self.lo, self.hi
-        )
-        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "mu", _bisect_mu(self.mean, self._clipped_mean, self.lo, self.hi))
+
+    def _clipped_mean(self, mu: float) -> float:
+        return clipped_lognormal_mean(mu, self.sigma, self.lo, self.hi)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDist(_FittedLogNormal):
+    """Token counts: round(clip(LogNormal)), fitted so the clipped mean is ``mean``."""
 
     def sample(self, rng: np.random.Generator, n: int) -> list[int]:
         x = rng.lognormal(self.mu, self.sigma, n)
@@ -76,20 +82,11 @@ class TokenDist:
 
 
 @dataclass(frozen=True, slots=True)
-class CountDist:
+class CountDist(_FittedLogNormal):
     """Small counts (calls per program): clip(round(LogNormal)), exact discrete mean fit."""
 
-    mean: float
-    sigma: float
-    lo: int
-    hi: int
-    mu: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        mu = _bisect_mu(
-            self.mean, lambda m: discrete_lognormal_mean(m, self.sigma, self.lo, self.hi), self.lo, self.hi
-        )
-        object.__setattr__(self, "mu", mu)
+    def _clipped_mean(self, mu: float) -> float:
+        return discrete_lognormal_mean(mu, self.sigma, self.lo, self.hi)
 
     def sample(self, rng: np.random.Generator) -> int:
         x = rng.lognormal(self.mu, self.sigma)

@@ -41,14 +41,12 @@ from collections.abc import Callable
 import numpy as np
 
 from autellix.sim.agent_shapes import chat_think_program, coder_program, fanout_program
+from autellix.sim.chains import SHAREGPT_CALLS, SHAREGPT_OUTPUT, SHAREGPT_PROMPT, chain_program, think_times
 from autellix.sim.distributions import CountDist, TokenDist
 from autellix.sim.workload import CallSpec, ProgramSpec
 
 WORKLOAD_NAMES: tuple[str, ...] = ("sharegpt", "bfcl", "lats", "mixed", "chat-think", "fanout", "coder")
 
-SHAREGPT_CALLS = CountDist(mean=6.66, sigma=1.0, lo=1, hi=80)
-SHAREGPT_PROMPT = TokenDist(mean=255.65, sigma=1.0, lo=4, hi=4096)
-SHAREGPT_OUTPUT = TokenDist(mean=276.81, sigma=0.9, lo=4, hi=2048)
 SHAREGPT_THINK_S = 1.0
 
 BFCL_CALLS = CountDist(mean=10.75, sigma=0.8, lo=1, hi=70)
@@ -64,48 +62,15 @@ LATS_THINK_S = 0.2
 LATS_DEEPEN_P = 0.7
 
 
-def _think(rng: np.random.Generator, mean_s: float, n: int) -> list[float]:
-    if mean_s <= 0:
-        return [0.0] * n
-    return rng.exponential(mean_s, n).tolist()
-
-
-def _chain(
-    rng: np.random.Generator,
-    program_id: str,
-    kind: str,
-    calls: CountDist,
-    prompt: TokenDist,
-    output: TokenDist,
-    think_s: float,
-) -> ProgramSpec:
-    n = calls.sample(rng)
-    prompts, outputs, thinks = prompt.sample(rng, n), output.sample(rng, n), _think(rng, think_s, n)
-    specs: list[CallSpec] = []
-    for i in range(n):
-        parent = (f"c{i - 1}",) if i else ()
-        specs.append(
-            CallSpec(
-                call_id=f"c{i}",
-                parents=parent,
-                new_prompt_tokens=prompts[i],
-                output_tokens=outputs[i],
-                think_s=thinks[i] if i else 0.0,
-                context_parent=parent[0] if parent else None,
-            )
-        )
-    return ProgramSpec(program_id=program_id, arrival_s=0.0, calls=tuple(specs), kind=kind)
-
-
 def sharegpt_program(rng: np.random.Generator, program_id: str, think_scale: float = 1.0) -> ProgramSpec:
-    return _chain(
+    return chain_program(
         rng, program_id, "sharegpt", SHAREGPT_CALLS, SHAREGPT_PROMPT, SHAREGPT_OUTPUT,
         SHAREGPT_THINK_S * think_scale,
     )
 
 
 def bfcl_program(rng: np.random.Generator, program_id: str, think_scale: float = 1.0) -> ProgramSpec:
-    return _chain(
+    return chain_program(
         rng, program_id, "bfcl", BFCL_CALLS, BFCL_PROMPT, BFCL_OUTPUT, BFCL_THINK_S * think_scale
     )
 
@@ -114,7 +79,7 @@ def lats_program(rng: np.random.Generator, program_id: str, think_scale: float =
     iterations = LATS_ITERATIONS.sample(rng)
     n = iterations * LATS_FANOUT * 2
     prompts, outputs = LATS_PROMPT.sample(rng, n), LATS_OUTPUT.sample(rng, n)
-    thinks = _think(rng, LATS_THINK_S * think_scale, n)
+    thinks = think_times(rng, LATS_THINK_S * think_scale, n)
     specs: list[CallSpec] = []
     expanded: list[str] = []
     previous_evals: tuple[str, ...] = ()
