@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PREFIX = "autellix:"
 
@@ -50,6 +51,18 @@ class MetricsEndpoint:
         self._host = host if host is not None else metrics_host_from_env()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    # Each metric of a service: its name under ``autellix:``, in this endpoint's registry.
+    def counter(self, metric: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name(metric), doc, labels, registry=self.registry)
+
+    def gauge(self, metric: str, doc: str) -> Gauge:
+        return Gauge(name(metric), doc, registry=self.registry)
+
+    def histogram(
+        self, metric: str, doc: str, labels: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> Histogram:
+        return Histogram(name(metric), doc, labels, buckets=buckets, registry=self.registry)
 
     @property
     def port(self) -> int | None:

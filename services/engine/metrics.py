@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge
 
 from autellix.engine.core import CallState, Preemption
 from autellix.proto import CallCompleted, EngineHeartbeat
-from autellix.services.metrics import ITL_BUCKETS, LATENCY_BUCKETS, MetricsEndpoint, name
+from autellix.services.metrics import ITL_BUCKETS, MetricsEndpoint
 
 #: heartbeat fields that later engines may carry; their gauges appear once a heartbeat has them
 RETENTION_FIELDS = {
@@ -35,39 +35,28 @@ def preemption_reason(reason: str) -> str:
 class EngineMetrics:
     def __init__(self, port: int | None) -> None:
         self.endpoint = MetricsEndpoint(port)
-        r = self.endpoint.registry
-        self.running = Gauge(name("num_requests_running"), "calls in the running batch", registry=r)
-        self.waiting = Gauge(name("num_requests_waiting"), "calls queued, not yet admitted", registry=r)
-        self.swapped = Gauge(name("num_requests_swapped"), "preempted calls whose KV is in the CPU pool", registry=r)
-        self.kv_usage = Gauge(name("kv_cache_usage_perc"), "share of KV capacity in use (0..1)", registry=r)
-        self.kv_used = Gauge(name("kv_cache_used_tokens"), "KV tokens in use", registry=r)
-        self.kv_free = Gauge(name("kv_cache_free_tokens"), "KV tokens free", registry=r)
-        self.swap_pool = Gauge(name("swap_pool_used_bytes"), "bytes of KV held in the CPU swap pool", registry=r)
+        m = self.endpoint
+        self.running = m.gauge("num_requests_running", "calls in the running batch")
+        self.waiting = m.gauge("num_requests_waiting", "calls queued, not yet admitted")
+        self.swapped = m.gauge("num_requests_swapped", "preempted calls whose KV is in the CPU pool")
+        self.kv_usage = m.gauge("kv_cache_usage_perc", "share of KV capacity in use (0..1)")
+        self.kv_used = m.gauge("kv_cache_used_tokens", "KV tokens in use")
+        self.kv_free = m.gauge("kv_cache_free_tokens", "KV tokens free")
+        self.swap_pool = m.gauge("swap_pool_used_bytes", "bytes of KV held in the CPU swap pool")
         self.retention: dict[str, Gauge] = {}
-        self.preemptions = Counter(
-            name("num_preemptions"), "preempted calls by reason and mode", ["reason", "mode"], registry=r
-        )
-        self.swap_bytes = Counter(name("swap_bytes"), "KV bytes swapped out and back in", registry=r)
-        self.prompt_tokens = Counter(name("prompt_tokens"), "prompt tokens of finished calls", registry=r)
-        self.generation_tokens = Counter(name("generation_tokens"), "tokens generated", registry=r)
-        self.finished = Counter(
-            name("request_success"), "finished calls by finish reason", ["finished_reason"], registry=r
-        )
-        self.ttft = Histogram(
-            name("time_to_first_token_seconds"), "arrival to first token", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.itl = Histogram(
-            name("inter_token_latency_seconds"),
+        self.preemptions = m.counter("num_preemptions", "preempted calls by reason and mode", ["reason", "mode"])
+        self.swap_bytes = m.counter("swap_bytes", "KV bytes swapped out and back in")
+        self.prompt_tokens = m.counter("prompt_tokens", "prompt tokens of finished calls")
+        self.generation_tokens = m.counter("generation_tokens", "tokens generated")
+        self.finished = m.counter("request_success", "finished calls by finish reason", ["finished_reason"])
+        self.ttft = m.histogram("time_to_first_token_seconds", "arrival to first token")
+        self.itl = m.histogram(
+            "inter_token_latency_seconds",
             "mean time between a call's tokens after its first (one sample per call)",
             buckets=ITL_BUCKETS,
-            registry=r,
         )
-        self.e2e = Histogram(
-            name("e2e_request_latency_seconds"), "arrival to the call's end", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.queue = Histogram(
-            name("request_queue_time_seconds"), "time a call waited in the queues", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.e2e = m.histogram("e2e_request_latency_seconds", "arrival to the call's end")
+        self.queue = m.histogram("request_queue_time_seconds", "time a call waited in the queues")
 
     def on_heartbeat(self, hb: EngineHeartbeat) -> None:
         self.running.set(hb.running)
@@ -88,7 +77,7 @@ class EngineMetrics:
                 continue
             gauge = self.retention.get(field_name)
             if gauge is None:
-                gauge = self.retention[field_name] = Gauge(name(metric), doc, registry=self.endpoint.registry)
+                gauge = self.retention[field_name] = self.endpoint.gauge(metric, doc)
             gauge.set(value)
 
     def on_preemptions(self, preemptions: Iterable[Preemption]) -> None:

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from autellix.proto import ProgramService, ProgramSummary
-from autellix.services.metrics import LATENCY_BUCKETS, MetricsEndpoint, name
+from autellix.services.metrics import MetricsEndpoint
 
 
 class TrackerMetrics:
     def __init__(self, port: int | None, programs: Callable[[], int]) -> None:
         self.endpoint = MetricsEndpoint(port)
-        r = self.endpoint.registry
-        active = Gauge(name("tracker_programs_active"), "programs in the process table", registry=r)
+        m = self.endpoint
+        active = m.gauge("tracker_programs_active", "programs in the process table")
         active.set_function(programs)
-        self.ended = Counter(name("tracker_programs_ended"), "programs ended, by how", ["how"], registry=r)
-        self.service = Histogram(
-            name("tracker_program_attained_service_seconds"),
-            "engine service a program received over its life (at its end)",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.ended = m.counter("tracker_programs_ended", "programs ended, by how", ["how"])
+        self.service = m.histogram(
+            "tracker_program_attained_service_seconds", "engine service a program received over its life (at its end)"
         )
-        self.latency = Histogram(
-            name("tracker_program_latency_seconds"),
-            "first call to last activity of programs ended explicitly",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.latency = m.histogram(
+            "tracker_program_latency_seconds", "first call to last activity of programs ended explicitly"
         )
 
     def on_ended(self, summary: ProgramSummary) -> None:
