@@ -102,6 +102,21 @@ def _heartbeat(engine_id: str, interval_s: float) -> EngineHeartbeat:
     )
 
 
+def _completed(call_id: str, program_id: str, engine_id: str, now: float) -> CallCompleted:
+    """A call an engine finished: 0.05 s of service for 300 prompt and 60 output tokens."""
+    return CallCompleted(
+        call_id=call_id,
+        program_id=program_id,
+        engine_id=engine_id,
+        service_s=0.05,
+        queue_wait_s=0.001,
+        prompt_tokens=300,
+        output_tokens=60,
+        finish_reason="stop",
+        completed_at=now,
+    )
+
+
 class _Load:
     """Publishes one service's input at a steady rate, in 5 ms ticks."""
 
@@ -171,17 +186,7 @@ class _Load:
             )
             slotted = self.plan.slotted
             await self.nc.publish(s.call_dispatched_for(pid) if slotted else s.call_dispatched, encode(dispatched))
-            completed = CallCompleted(
-                call_id=call_id,
-                program_id=pid,
-                engine_id=engine_id,
-                service_s=0.05,
-                queue_wait_s=0.001,
-                prompt_tokens=300,
-                output_tokens=60,
-                finish_reason="stop",
-                completed_at=now,
-            )
+            completed = _completed(call_id, pid, engine_id, now)
             await self.nc.publish(
                 s.call_completed_for(pid) if slotted else s.call_completed,
                 encode(completed),
@@ -346,17 +351,7 @@ class _Counter:
             return
         call = self._decoder.decode(msg.data)
         engine_id = msg.subject.split(".")[-2]
-        completed = CallCompleted(
-            call_id=call.call_id,
-            program_id=call.program_id,
-            engine_id=engine_id,
-            service_s=0.05,
-            queue_wait_s=0.001,
-            prompt_tokens=300,
-            output_tokens=60,
-            finish_reason="stop",
-            completed_at=time.time(),
-        )
+        completed = _completed(call.call_id, call.program_id, engine_id, time.time())
         s = self.subjects
         await self.nc.publish(
             s.call_completed_for(call.program_id) if self.slotted else s.call_completed, encode(completed)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from eventkit import completed
 from hypothesis import given
 from hypothesis import strategies as st
 
 from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent, TokenEvent
 from autellix.engine.sim_backend import SimBackend
-from autellix.proto import CallCompleted, CallDispatched, EngineHeartbeat, ProgramService, Subjects
+from autellix.proto import CallDispatched, EngineHeartbeat, ProgramService, Subjects
 from autellix.services.scheduler.core import RejectedCall, SchedulerCore
 from autellix.services.tracker.process_table import ProcessTable
-
-
-def completed(program: str, call: str, service: float, parents: list[str] | None = None, wait: float = 0.0):
-    return CallCompleted(
-        call_id=call,
-        program_id=program,
-        engine_id="e1",
-        service_s=service,
-        queue_wait_s=wait,
-        prompt_tokens=1,
-        output_tokens=1,
-        finish_reason="stop",
-        parents=parents,
-    )
 
 
 # -- proto -------------------------------------------------------------------------------------
@@ -43,7 +30,7 @@ def test_process_table_plas_and_atlas_arithmetic() -> None:
     t = ProcessTable(idle_ttl_s=10)
     t.on_dispatched(CallDispatched(call_id="a", program_id="p", engine_id="e1", priority=0), now=0)
     assert t.get("p").active_calls.keys() == {"a"}  # type: ignore[union-attr]
-    up = t.on_completed(completed("p", "a", 2.0, parents=[], wait=0.5), now=1)
+    up = t.on_completed(completed("p", "a", 2.0, parents=[], queue_wait_s=0.5), now=1)
     assert (up.service_s, up.critical_path_s, up.call_path_s) == (2.0, 2.0, 2.0)
     # two children of a in parallel, then a join
     t.on_completed(completed("p", "b", 3.0, parents=["a"]), now=2)
@@ -264,20 +251,8 @@ def test_engine_core_prefills_only_past_the_attached_prefix() -> None:
 
 
 def test_process_table_counts_a_redelivered_completion_once() -> None:
-    from autellix.proto import CallCompleted
-    from autellix.services.tracker.process_table import ProcessTable
-
     table = ProcessTable()
-    event = CallCompleted(
-        call_id="c1",
-        program_id="p",
-        engine_id="e",
-        service_s=2.0,
-        queue_wait_s=0.5,
-        prompt_tokens=3,
-        output_tokens=4,
-        finish_reason="stop",
-    )
+    event = completed("p", "c1", 2.0, engine_id="e", queue_wait_s=0.5, prompt_tokens=3, output_tokens=4)
     assert table.on_completed(event, now=1.0) is not None
     assert table.on_completed(event, now=2.0) is None  # the same completion again (JetStream redelivery)
     entry = table.get("p")
@@ -286,36 +261,15 @@ def test_process_table_counts_a_redelivered_completion_once() -> None:
 
 
 def test_a_completion_trailing_its_programs_end_does_not_bring_it_back() -> None:
-    from autellix.proto import CallCompleted, CallDispatched
-    from autellix.services.tracker.process_table import ProcessTable
-
     table = ProcessTable()
     table.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="e", priority=0.0), now=1.0)
     assert table.end("p", now=2.0) is not None
-    late = CallCompleted(
-        call_id="c1",
-        program_id="p",
-        engine_id="e",
-        service_s=1.0,
-        queue_wait_s=0.0,
-        prompt_tokens=1,
-        output_tokens=1,
-        finish_reason="stop",
-    )
+    late = completed("p", "c1", 1.0, engine_id="e")
     assert table.on_completed(late, now=3.0) is None
     assert table.get("p") is None  # no ghost program
     # the same id used again later is a new session
     table.on_dispatched(CallDispatched(call_id="c2", program_id="p", engine_id="e", priority=0.0), now=4.0)
-    again = CallCompleted(
-        call_id="c2",
-        program_id="p",
-        engine_id="e",
-        service_s=2.0,
-        queue_wait_s=0.0,
-        prompt_tokens=1,
-        output_tokens=1,
-        finish_reason="stop",
-    )
+    again = completed("p", "c2", 2.0, engine_id="e")
     assert table.on_completed(again, now=5.0) is not None
     entry = table.get("p")
     assert entry is not None and entry.account.service_s == 2.0

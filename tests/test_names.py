@@ -7,12 +7,13 @@ import argparse
 import json
 
 import pytest
+from eventkit import completed
 
 import autellix.engine.core as engine_core
 import autellix.sim.engine_model as sim_engine
 import autellix.sim.simulator as simulator
 from autellix.engine.sim_backend import SimBackend
-from autellix.proto import CallCompleted, ProgramService, ProgramSummary, decode, encode
+from autellix.proto import ProgramService, ProgramSummary, decode, encode
 from autellix.services.tracker.process_table import ProcessTable, ProgramRecord, from_record, to_record
 from autellix.sim import cli as sim_cli
 
@@ -32,10 +33,7 @@ def test_program_service_sends_both_names_and_reads_either() -> None:
 
 def test_the_tracker_publishes_the_program_figures_under_both_names() -> None:
     table = ProcessTable()
-    done = CallCompleted(
-        call_id="c", program_id="p", engine_id="e", service_s=2.0, queue_wait_s=0.25,
-        prompt_tokens=1, output_tokens=1, finish_reason="stop",
-    )
+    done = completed("p", "c", 2.0, engine_id="e", queue_wait_s=0.25)
     update = table.on_completed(done, now=1.0)
     assert update is not None
     assert (update.program_service_s, update.program_wait_s) == (2.0, 0.25)
@@ -54,8 +52,7 @@ def test_the_tracker_publishes_the_program_figures_under_both_names() -> None:
 def test_a_tracker_record_written_before_the_rename_restores_its_wait() -> None:
     table = ProcessTable()
     table.on_completed(
-        CallCompleted(call_id="c", program_id="p", engine_id="e", service_s=1.0, queue_wait_s=0.75,
-                      prompt_tokens=1, output_tokens=1, finish_reason="stop"),
+        completed("p", "c", 1.0, engine_id="e", queue_wait_s=0.75),
         now=1.0,
     )
     entry = table.get("p")

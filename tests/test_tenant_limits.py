@@ -4,6 +4,7 @@ with ``rate_limited`` past them; released on every way a call leaves the schedul
 from __future__ import annotations
 
 import pytest
+from eventkit import completed
 
 from autellix.proto import CallRequest, EngineHeartbeat
 from autellix.services.scheduler.core import SchedulerCore, call_tokens
@@ -100,7 +101,7 @@ def test_gateway_tenants_are_accounted_apart_and_a_fresh_program_is_weighed_at_i
     """The gateway names its API-key tenants: each is accounted on its own (not all as "gateway"),
     and a tenant's fresh program carries its tenant's service into the engine's anti-starvation
     rule as well as its priority (else wait / service >= beta lifts it to the top queue at once)."""
-    from autellix.proto import CallCompleted, CallDispatched, ProgramService
+    from autellix.proto import CallDispatched, ProgramService
     from autellix.services.tracker.process_table import ProcessTable
 
     table = ProcessTable()
@@ -110,10 +111,7 @@ def test_gateway_tenants_are_accounted_apart_and_a_fresh_program_is_weighed_at_i
         ),
         now=1.0,
     )
-    done = CallCompleted(
-        call_id="c", program_id="acme/p", engine_id="e", service_s=4.0, queue_wait_s=0, prompt_tokens=1,
-        output_tokens=1, finish_reason="stop",
-    )  # fmt: skip
+    done = completed("acme/p", "c", 4.0, engine_id="e")
     update = table.on_completed(done, now=2.0)
     assert update is not None and update.tenant == "gateway/acme" and update.owner == "gateway"
 

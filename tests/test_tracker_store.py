@@ -5,6 +5,7 @@ from __future__ import annotations
 import nats
 import nats.errors
 import nats.js.errors
+from eventkit import completed
 
 from autellix.policy.program_account import ProgramAccount
 from autellix.services.tracker.kv_writer import KvWriter
@@ -44,14 +45,11 @@ def test_a_long_programs_record_keeps_its_newest_paths() -> None:
 
 
 def test_a_dispatch_trailing_its_completion_leaves_no_active_call() -> None:
-    from autellix.proto import CallCompleted, CallDispatched
+    from autellix.proto import CallDispatched
     from autellix.services.tracker.process_table import ProcessTable
 
     table = ProcessTable()
-    done = CallCompleted(
-        call_id="c1", program_id="p", engine_id="e", service_s=0.5, queue_wait_s=0.0, prompt_tokens=1,
-        output_tokens=1, finish_reason="stop",
-    )  # fmt: skip
+    done = completed("p", "c1", 0.5, engine_id="e")
     table.on_completed(done, 1.0)
     table.on_dispatched(CallDispatched(call_id="c1", program_id="p", engine_id="e", priority=0.0), 1.1)
     entry = table.get("p")
