@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import replace
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simkit import finish_times_under_two_hash_seeds, programs
 
 from autellix.engine.cost_model import CostModel
 from autellix.policy.balancer import BALANCER_NAMES
@@ -16,33 +14,10 @@ from autellix.policy.mlfq import MLFQConfig
 from autellix.policy.variants import POLICY_NAMES
 from autellix.sim.engine_model import DONE
 from autellix.sim.simulator import SimConfig, Simulation
-from autellix.sim.workload import CallSpec, ProgramSpec
+from autellix.sim.workload import ProgramSpec
 
 # a small engine so that KV, batch and token budgets all bind
 SMALL = CostModel(kv_capacity_tokens=6000, max_batch=4, max_batched_tokens=512)
-
-
-@st.composite
-def programs(draw: st.DrawFn) -> list[ProgramSpec]:
-    out = []
-    for i in range(draw(st.integers(1, 6))):
-        calls: list[CallSpec] = []
-        for j in range(draw(st.integers(1, 7))):
-            earlier = [c.call_id for c in calls]
-            parents = tuple(draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True))) if earlier else ()
-            ctx = draw(st.sampled_from([None, *parents])) if parents else None
-            calls.append(
-                CallSpec(
-                    call_id=f"c{j}",
-                    parents=parents,
-                    new_prompt_tokens=draw(st.integers(1, 2500)),
-                    output_tokens=draw(st.integers(1, 120)),
-                    think_s=draw(st.sampled_from([0.0, 0.01, 0.5])),
-                    context_parent=ctx,
-                )
-            )
-        out.append(ProgramSpec(f"p{i}", draw(st.floats(0, 5)), tuple(calls), kind="t"))
-    return out
 
 
 configs = st.builds(
@@ -94,19 +69,5 @@ def test_same_input_same_result(progs: list[ProgramSpec], config: SimConfig) -> 
 
 def test_result_does_not_depend_on_the_hash_seed() -> None:
     """Nothing iterates a set of strings: two interpreters with different hash seeds agree."""
-    code = (
-        "from autellix.sim.generators import generate;"
-        "from autellix.sim.simulator import SimConfig, simulate;"
-        "from autellix.sim.workload import scaled_arrivals;"
-        "r = simulate(scaled_arrivals(generate('mixed', 12, 4), 0.2),"
-        " SimConfig(policy='atlas', engines=2, kv_scale=0.05));"
-        "print(repr([(p.program_id, p.finish_s) for p in r.programs]))"
-    )
-    outs = {
-        subprocess.run(
-            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True, text=True, check=True,
-        ).stdout
-        for seed in ("1", "2")
-    }
-    assert len(outs) == 1
+    outs = finish_times_under_two_hash_seeds("policy='atlas', engines=2, kv_scale=0.05")
+    assert len(outs) == 1 and outs != {""}

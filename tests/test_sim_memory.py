@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from simkit import finish_times_under_two_hash_seeds, programs
 
 from autellix.engine.cost_model import CostModel
 from autellix.policy.door import Door, DoorConfig
@@ -208,28 +205,10 @@ def test_memory_variants_are_validated() -> None:
 SMALL = CostModel(kv_capacity_tokens=6000, max_batch=4, max_batched_tokens=512)
 
 
-@st.composite
-def programs(draw: st.DrawFn) -> list[ProgramSpec]:
-    out = []
-    for i in range(draw(st.integers(1, 6))):
-        calls: list[CallSpec] = []
-        for j in range(draw(st.integers(1, 6))):
-            earlier = [c.call_id for c in calls]
-            parents = tuple(draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True))) if earlier else ()
-            ctx = draw(st.sampled_from([None, *parents])) if parents else None
-            calls.append(
-                CallSpec(
-                    f"c{j}", parents, draw(st.integers(1, 2500)), draw(st.integers(1, 100)),
-                    think_s=draw(st.sampled_from([0.0, 0.01, 0.5, 3.0])), context_parent=ctx,
-                )
-            )
-        out.append(ProgramSpec(f"p{i}", draw(st.floats(0, 5)), tuple(calls), kind="t"))
-    return out
-
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    programs(),
+    programs(max_calls=6, max_output=100, think_s=(0.0, 0.01, 0.5, 3.0)),
     st.sampled_from(POLICY_NAMES),
     st.sampled_from(MEMORY_NAMES),
     st.integers(1, 3),
@@ -258,22 +237,8 @@ def test_no_call_lost_or_left_holding_kv(
 
 
 def test_memory_variants_do_not_depend_on_the_hash_seed() -> None:
-    code = (
-        "from autellix.sim.generators import generate;"
-        "from autellix.sim.simulator import SimConfig, simulate;"
-        "from autellix.sim.workload import scaled_arrivals;"
-        "r = simulate(scaled_arrivals(generate('mixed', 12, 4), 0.2),"
-        " SimConfig(policy='atlas', engines=2, kv_scale=0.05, memory='all', tier_scale=0.5));"
-        "print(repr([(p.program_id, p.finish_s) for p in r.programs]))"
-    )
-    outs = {
-        subprocess.run(
-            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True, text=True, check=True,
-        ).stdout
-        for seed in ("1", "2")
-    }
-    assert len(outs) == 1
+    outs = finish_times_under_two_hash_seeds("policy='atlas', engines=2, kv_scale=0.05, memory='all', tier_scale=0.5")
+    assert len(outs) == 1 and outs != {""}
 
 
 def test_cli_compares_memory_variants_side_by_side(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
