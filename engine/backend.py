@@ -17,7 +17,7 @@ Optional capabilities are declared as protocols of their own (:class:`SwapPool`,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 
@@ -137,6 +137,20 @@ class CacheStats:
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def held(
+        self, retained_tokens: int, tiered_tokens: int, tier_capacity_tokens: int, tier_in_s: float | None = None
+    ) -> CacheStats:
+        """These cumulative counters with what the cache holds now (``tier_in_s``: where the cache
+        keeps that figure itself)."""
+        tier_in_s = self.tier_in_s if tier_in_s is None else tier_in_s
+        return replace(
+            self,
+            retained_tokens=retained_tokens,
+            tiered_tokens=tiered_tokens,
+            tier_capacity_tokens=tier_capacity_tokens,
+            tier_in_s=tier_in_s,
+        )
 
 
 @runtime_checkable

@@ -93,17 +93,7 @@ class RetainedKV:
         return self.index.tokens
 
     def cache_stats(self) -> CacheStats:
-        s = self.stats
-        return CacheStats(
-            prompt_tokens=s.prompt_tokens,
-            hit_tokens=s.hit_tokens,
-            tier_hit_tokens=s.tier_hit_tokens,
-            retained_tokens=self.index.tokens,
-            tiered_tokens=self.tier_index.tokens,
-            evictions=s.evictions,
-            tier_capacity_tokens=self.tier_tokens,
-            tier_in_s=s.tier_in_s,
-        )
+        return self.stats.held(self.index.tokens, self.tier_index.tokens, self.tier_tokens)
 
     def _index_of(self, entry: Entry) -> RetentionIndex[int]:
         return self.index if entry.slab is not None else self.tier_index

@@ -307,17 +307,8 @@ class SimBackend:
             self.tier.end_program(prefix_key)
 
     def cache_stats(self) -> CacheStats:
-        s = self.stats
-        return CacheStats(
-            prompt_tokens=s.prompt_tokens,
-            hit_tokens=s.hit_tokens,
-            tier_hit_tokens=s.tier_hit_tokens,
-            retained_tokens=self.device.tokens,
-            tiered_tokens=self.tier.tokens if self.tier is not None else 0,
-            evictions=s.evictions,
-            tier_capacity_tokens=self.tier_tokens,
-            tier_in_s=self.stat_tier_s,
-        )
+        tiered = self.tier.tokens if self.tier is not None else 0
+        return self.stats.held(self.device.tokens, tiered, self.tier_tokens, tier_in_s=self.stat_tier_s)
 
     def _forget(self, seq_id: str) -> None:
         self._fed.pop(seq_id, None)
