@@ -15,6 +15,7 @@ from autellix.services.config_doc import BEGIN, END, SERVICES, markdown_table
 from autellix.services.engine.config import EngineConfig
 from autellix.services.nats_config import DEFAULT_NATS_URL, NatsConfig, config_for_log
 from autellix.services.scheduler.config import SchedulerConfig, parse_spill_gate
+from autellix.services.scheduler.core import SchedulerCore
 from autellix.services.settings import (
     Setting,
     add_flags,
@@ -193,3 +194,16 @@ def test_older_names_stay_accepted_as_aliases() -> None:
     assert "--kv-capacity-tokens KV_CAPACITY_TOKENS, --kv-tokens KV_CAPACITY_TOKENS" in " ".join(
         parser.format_help().split()
     )
+
+
+def test_the_scheduler_core_takes_every_setting_it_names_from_the_config() -> None:
+    config = SchedulerConfig(
+        policy="atlas", balancer="least-used", max_tokens_ceiling=99, call_deadline_s=7.0, max_calls_per_program=5,
+        tenant_half_life_s=11.0, max_calls_per_tenant=3, max_tokens_per_tenant=13, tenant_users=("gw",),
+    )  # fmt: skip
+    core = SchedulerCore.from_config(config)
+    assert (core.policy, core.balancer.name, core.max_tokens_ceiling) == ("atlas", "least-used", 99)
+    assert (core.call_deadline_s, core.max_calls_per_program, core.tenants.half_life_s) == (7.0, 5, 11.0)
+    limits = core.tenant_limits
+    assert (limits.max_calls, limits.max_tokens, limits.trusted_users) == (3, 13, frozenset({"gw"}))
+    assert core.scheduler_id.startswith("sched-")  # not a setting: made by the core

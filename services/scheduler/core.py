@@ -9,9 +9,12 @@ told to resubmit).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import inspect
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -32,6 +35,9 @@ from autellix.proto import (
 from autellix.proto.limits import MAX_TEMPERATURE, check_shape, explain, is_id, is_subject
 
 from .tenant_limits import DEFAULT_MAX_CALLS, DEFAULT_MAX_TOKENS, TenantLimits
+
+if TYPE_CHECKING:
+    from .config import SchedulerConfig
 
 POLICIES = SERVING_POLICIES
 
@@ -157,6 +163,13 @@ class SchedulerCore:
         self._all_full = False
         #: engines that serve another policy, with it: nothing is routed to them
         self.refused: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> SchedulerCore:
+        """A scheduler service's core: every setting of ``config`` that names a parameter here (the
+        policy, the balancer, the limits), so a new one reaches the core by its name alone."""
+        taken = inspect.signature(cls).parameters
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in taken})
 
     # -- inputs from the tracker and engines ----------------------------------------------------
     def on_program_service(self, update: ProgramService) -> None:

@@ -51,17 +51,7 @@ class SchedulerService:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.subjects = Subjects(config.nats.root)
-        self.core = SchedulerCore(
-            policy=config.policy,
-            max_tokens_ceiling=config.max_tokens_ceiling,
-            balancer=config.balancer,
-            call_deadline_s=config.call_deadline_s,
-            max_calls_per_program=config.max_calls_per_program,
-            tenant_half_life_s=config.tenant_half_life_s,
-            max_calls_per_tenant=config.max_calls_per_tenant,
-            max_tokens_per_tenant=config.max_tokens_per_tenant,
-            tenant_users=config.tenant_users,
-        )
+        self.core = SchedulerCore.from_config(config)
         self.log = get_logger("scheduler", scheduler_id=self.core.scheduler_id)
         #: the door (issue 10): new programs wait while the engines' working set does not fit
         self.door: DoorGate | None = (
