@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from autellix.engine.cost_model import profile
@@ -37,6 +37,32 @@ discarded from the figures; the run continues until every program has finished.
 
 
 _DEFAULT_FRACTIONS = "0.8,0.9,1.0,1.2"
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    """The checked command line of ``autellix sim``."""
+
+    source: WorkloadSource
+    #: every run's config but its policy, balancer and memory variant (each point's own)
+    config: SimConfig
+    policies: list[str]
+    memories: list[str]
+    balancers: list[str]
+    rates: list[float]
+    targets: list[tuple[str, float | None, float | None]]
+    fractions: list[float]
+    warmup: float
+    drain: float
+    jobs: int
+    #: --capacity: the bisection's relative tolerance and first rate (None: from the offered load)
+    tol: float
+    start_rate: float | None
+
+    @property
+    def variants(self) -> list[str]:
+        """``policy+memory`` names, every policy with every memory variant."""
+        return [variant_name(p, m) for p in self.policies for m in self.memories]
 
 
 def register(subparsers: Any) -> None:
@@ -123,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the analysis, not every point")
 
 
-def parse(args: argparse.Namespace) -> dict[str, Any]:
+def parse(args: argparse.Namespace) -> SimOptions:
     """Validate the options; raises :class:`UsageError`."""
     workload = kit.check_workload(args.workload)
     policies = kit.parse_names(args.policies, POLICY_NAMES, "policy", "--policies")
@@ -181,54 +207,52 @@ def parse(args: argparse.Namespace) -> dict[str, Any]:
         seed=kit.parse_number(args.seed, "--seed", int),
         think_scale=kit.parse_number(args.think_scale, "--think-scale", float, 0.0),
     )
-    return {
-        "source": source,
-        "config": config,
-        "policies": policies,
-        "memories": memories,
-        "variants": [variant_name(p, m) for p in policies for m in memories],
-        "balancers": balancers,
-        "rates": kit.parse_rates(args.rates) if args.rates is not None else [],
-        "targets": targets,
-        "fractions": kit.parse_numbers(args.fractions, "--fractions item", float, 0.0),
-        "warmup": warmup,
-        "drain": drain,
-        "jobs": kit.parse_number(args.jobs, "--jobs", int, 1),
-        "tol": kit.parse_number(args.tol, "--tol", float, 1e-4),
-        "start_rate": kit.parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
-    }
+    return SimOptions(
+        source=source,
+        config=config,
+        policies=policies,
+        memories=memories,
+        balancers=balancers,
+        rates=kit.parse_rates(args.rates) if args.rates is not None else [],
+        targets=targets,
+        fractions=kit.parse_numbers(args.fractions, "--fractions item", float, 0.0),
+        warmup=warmup,
+        drain=drain,
+        jobs=kit.parse_number(args.jobs, "--jobs", int, 1),
+        tol=kit.parse_number(args.tol, "--tol", float, 1e-4),
+        start_rate=kit.parse_number(args.start_rate, "--start-rate", float, 1e-9) if args.start_rate else None,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    def read() -> tuple[dict[str, Any], list[Any]]:
+    def read() -> tuple[SimOptions, list[Any]]:
         opts = parse(args)
-        return opts, unit_rate_programs(opts["source"])  # reads and checks a trace before any run starts
+        return opts, unit_rate_programs(opts.source)  # reads and checks a trace before any run starts
 
     loaded = kit.read_input("autellix sim", args.workload, read)
     if loaded is None:
         return 2
     opts, programs = loaded
-    source: WorkloadSource = opts["source"]
+    source, config = opts.source, opts.config
     if args.trace_out:
         write_trace(args.trace_out, programs)
     if args.capacity:
         return _run_capacity(args, opts, programs)
-    points = sweep_points(opts["balancers"], opts["policies"], opts["rates"], opts["memories"])
+    points = sweep_points(opts.balancers, opts.policies, opts.rates, opts.memories)
     bar = kit.progress_bar(len(points), "sim", "run", args.no_progress)
     try:
         results = run_sweep(
             source,
-            opts["config"],
+            config,
             points,
-            warmup=opts["warmup"],
-            drain=opts["drain"],
-            jobs=opts["jobs"],
+            warmup=opts.warmup,
+            drain=opts.drain,
+            jobs=opts.jobs,
             on_done=lambda _: bar.update(1),
         )
     finally:
         bar.close()
-    analysis = analyse(results, opts["variants"], opts["balancers"], opts["targets"], opts["fractions"])
-    config: SimConfig = opts["config"]
+    analysis = analyse(results, opts.variants, opts.balancers, opts.targets, opts.fractions)
     cost = config.engine_cost()
     summary = {
         "workload": source.name,
@@ -238,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_capacity_tokens": cost.kv_capacity_tokens,
         "kv_budget_tokens": cost.kv_capacity_tokens,  # the older name of the same figure
         "carry_context": config.carry_context,
-        "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
+        "steady_state": {"warmup_fraction": opts.warmup, "drain_fraction": opts.drain},
         "config": _config_json(config, opts),
         "points": results,
         "analysis": analysis,
@@ -247,26 +271,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(points_table(results))
         print()
-    print(analysis_text(analysis, opts["variants"]))
+    print(analysis_text(analysis, opts.variants))
     if args.plot:
         title = f"{os.path.basename(source.name)}, {config.engines} engine(s), KV x{config.kv_scale:g}"
         plot(results, analysis, args.plot, title)
     return 0
 
 
-def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list[Any]) -> int:
+def _run_capacity(args: argparse.Namespace, opts: SimOptions, programs: list[Any]) -> int:
     from autellix.sim.capacity import CapacityConfig, capacity_text, find_capacities
 
-    targets = tuple(m for _, m, _ in opts["targets"] if m is not None)
+    targets = tuple(m for _, m, _ in opts.targets if m is not None)
     if not targets:
         print("autellix sim: error: --capacity needs latency targets as multiples (10x)", file=sys.stderr)
         return 2
-    config: SimConfig = opts["config"]
-    config = replace(config, balancer=opts["balancers"][0])
+    config = replace(opts.config, balancer=opts.balancers[0])
     cap_config = CapacityConfig(
-        tol=opts["tol"], start_rate=opts["start_rate"], targets=targets,
-        harm_fractions=tuple(opts["fractions"]) if args.fractions != _DEFAULT_FRACTIONS else (0.5, 0.9),
-        warmup=opts["warmup"], drain=opts["drain"],
+        tol=opts.tol, start_rate=opts.start_rate, targets=targets,
+        harm_fractions=tuple(opts.fractions) if args.fractions != _DEFAULT_FRACTIONS else (0.5, 0.9),
+        warmup=opts.warmup, drain=opts.drain,
     )
     count = 0
 
@@ -283,8 +306,8 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
                 flush=True,
             )
 
-    result = find_capacities(programs, config, opts["policies"], opts["memories"], cap_config, progress)
-    source: WorkloadSource = opts["source"]
+    result = find_capacities(programs, config, opts.policies, opts.memories, cap_config, progress)
+    source = opts.source
     cost = config.engine_cost()
     summary = {
         "workload": source.name,
@@ -297,7 +320,7 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
         "stable_definition": "keeps_up (sim/metrics.py): output tokens served in the measurement window "
         "shifted by the mean program latency >= 95% of those offered in the window, and the mean latency of "
         "programs arriving in the window's last quarter <= 1.5 x that of those arriving in its first half",
-        "steady_state": {"warmup_fraction": opts["warmup"], "drain_fraction": opts["drain"]},
+        "steady_state": {"warmup_fraction": opts.warmup, "drain_fraction": opts.drain},
         "config": _config_json(config, opts),
         "capacity_config": kit.jsonable(asdict(cap_config)),
         "capacity": result,
@@ -308,10 +331,10 @@ def _run_capacity(args: argparse.Namespace, opts: dict[str, Any], programs: list
 
 
 
-def _config_json(config: SimConfig, opts: dict[str, Any]) -> Any:
+def _config_json(config: SimConfig, opts: SimOptions) -> Any:
     """The run's configuration for the report, with the older names of renamed fields beside the new
     (``sched_every_steps``, ``cost.kv_budget_tokens``: readers of older reports keep working)."""
-    out = {**asdict(config), "policy": opts["policies"], "memory": opts["memories"], "balancer": opts["balancers"]}
+    out = {**asdict(config), "policy": opts.policies, "memory": opts.memories, "balancer": opts.balancers}
     out["sched_every_steps"] = config.schedule_every
     out["cost"]["kv_budget_tokens"] = config.cost.kv_capacity_tokens
     return kit.jsonable(out)

@@ -64,7 +64,7 @@ def test_a_tracker_record_written_before_the_rename_restores_its_wait() -> None:
     assert restored.program_wait_s == 0.75
 
 
-def _sim_options(*flags: str) -> dict[str, object]:
+def _sim_options(*flags: str) -> sim_cli.SimOptions:
     parser = argparse.ArgumentParser()
     sim_cli.add_arguments(parser)
     return sim_cli.parse(parser.parse_args(["--workload", "bfcl", "--rates", "1", "--json", "x.json", *flags]))
@@ -72,15 +72,13 @@ def _sim_options(*flags: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(("flags", "every"), [((), 8), (("--schedule-every", "3"),  3), (("--sched-every", "5"), 5)])
 def test_the_simulator_takes_the_engines_flag_for_the_scheduling_interval(flags: tuple[str, ...], every: int) -> None:
-    config = _sim_options(*flags)["config"]
-    assert isinstance(config, simulator.SimConfig)
-    assert config.schedule_every == every
+    assert _sim_options(*flags).config.schedule_every == every
     assert sim_engine.SIM_SCHEDULE_EVERY == 8 and engine_core.CoreConfig().schedule_every == 4
 
 
 def test_balancer_flag_and_its_alias() -> None:
-    assert _sim_options("--engines", "2", "--balancer", "round-robin")["balancers"] == ["round-robin"]
-    assert _sim_options("--engines", "2", "--lb", "least-used")["balancers"] == ["least-used"]
+    assert _sim_options("--engines", "2", "--balancer", "round-robin").balancers == ["round-robin"]
+    assert _sim_options("--engines", "2", "--lb", "least-used").balancers == ["least-used"]
 
 
 def test_class_names_mean_one_thing() -> None:
@@ -93,8 +91,6 @@ def test_class_names_mean_one_thing() -> None:
 
 def test_sim_reports_keep_the_older_config_names() -> None:
     opts = _sim_options("--schedule-every", "6")
-    config = opts["config"]
-    assert isinstance(config, simulator.SimConfig)
-    report = sim_cli._config_json(config, opts)
+    report = sim_cli._config_json(opts.config, opts)
     assert report["schedule_every"] == report["sched_every_steps"] == 6
     assert report["cost"]["kv_capacity_tokens"] == report["cost"]["kv_budget_tokens"] == 400_000
