@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,17 +87,25 @@ async def test_replay_sends_the_trace_token_counts_and_forced_lengths(nats_url: 
     assert hits > 0  # context carried: histories found in the prefix cache
 
 
-def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
+def _bench_small(tmp_path: Path, nats_url: str, *flags: str) -> dict[str, Any]:
+    """The report of ``autellix bench`` over the three small programs at 2 programs/s, whole runs
+    measured (no warm-up or drain), on fast sim engines of the mesh at ``nats_url``."""
     trace = tmp_path / "small.jsonl"
     write_trace(trace, _small_programs())
     out = tmp_path / "out.json"
     code = autellix_main([
-        "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs,plas",
-        "--sim-time-scale", "0.02", "--engines", "2", "--json", str(out), "--no-progress", "--with-sim",
-        "--warmup", "0", "--drain", "0", "--balancer", "locality,round-robin", "--kv-scale", "0.5",
+        "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--sim-time-scale", "0.02",
+        "--json", str(out), "--no-progress", "--warmup", "0", "--drain", "0", *flags,
     ])
     assert code == 0
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
+    report = _bench_small(
+        tmp_path, nats_url, "--compare", "fcfs,plas", "--engines", "2", "--with-sim",
+        "--balancer", "locality,round-robin", "--kv-scale", "0.5",
+    )  # fmt: skip
     assert [(p["policy"], p["balancer"]) for p in report["points"]] == [
         ("fcfs", "locality"), ("plas", "locality"), ("fcfs", "round-robin"), ("plas", "round-robin"),
     ]
@@ -122,16 +131,7 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
 
 
 def test_bench_compares_engine_memory_variants(tmp_path: Path, nats_url: str) -> None:
-    trace = tmp_path / "small.jsonl"
-    write_trace(trace, _small_programs())
-    out = tmp_path / "out.json"
-    code = autellix_main([
-        "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs",
-        "--memory", "lru,tier", "--sim-time-scale", "0.02", "--json", str(out), "--no-progress",
-        "--warmup", "0", "--drain", "0",
-    ])
-    assert code == 0
-    report = json.loads(out.read_text())
+    report = _bench_small(tmp_path, nats_url, "--compare", "fcfs", "--memory", "lru,tier")
     assert [p["memory"] for p in report["points"]] == ["lru", "tier"]
     assert all(p["errors"] == 0 and p["programs_completed"] == 3 for p in report["points"])
     assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("tier", "lru")]

@@ -19,7 +19,7 @@ def _inference_mode():  # type: ignore[no-untyped-def]
         yield
 
 
-def store(capacity: int = 64, tier_tokens: int = 0) -> tuple[KVStore, RetainedKV]:
+def store(capacity: int = 64, tier_tokens: int = 0, enabled: bool = True) -> tuple[KVStore, RetainedKV]:
     kv = KVStore(
         num_layers=2,
         num_kv_heads=1,
@@ -31,7 +31,7 @@ def store(capacity: int = 64, tier_tokens: int = 0) -> tuple[KVStore, RetainedKV
         dtype=torch.float32,
         device=torch.device("cpu"),
     )
-    return kv, RetainedKV(kv, tier_tokens=tier_tokens)
+    return kv, RetainedKV(kv, enabled=enabled, tier_tokens=tier_tokens)
 
 
 def feed(kv: KVStore, seq_id: str, tokens: list[int], program: str) -> None:
@@ -156,18 +156,7 @@ def test_tier_keeps_a_partial_source_and_evicts_in_order_when_full() -> None:
 
 
 def test_disabled_cache_frees_on_release() -> None:
-    kv = KVStore(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=2,
-        max_context=512,
-        max_batch=2,
-        kv_capacity_tokens=64,
-        swap_pool_bytes=0,
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-    )
-    cache = RetainedKV(kv, enabled=False, tier_tokens=100)
+    kv, cache = store(enabled=False, tier_tokens=100)
     feed(kv, "a", [1, 2, 3], "p")
     finish(kv, cache, "a")
     assert cache.attach("b", [1, 2, 3, 4], "p") == 0 and not cache.entries
