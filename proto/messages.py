@@ -153,7 +153,7 @@ class CallFinal(CallFigures, frozen=True, kw_only=True, tag_field="type", tag="f
 
     #: "handback" is in the contract (:class:`FinishReason`) though an engine ends a handed-back
     #: call with no final: the call resumes elsewhere and that engine sends the final
-    finish_reason: Literal["stop", "length", "abort", "handback"]  # pyright: ignore[reportIncompatibleVariableOverride]
+    finish_reason: Literal["stop", "length", "abort", "handback"]
     text: str
     ttft_s: float = 0.0
     total_s: float = 0.0
