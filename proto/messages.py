@@ -257,8 +257,10 @@ class CallDispatched(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FinishReason(StrEnum):
-    """``finish_reason`` of a completed event (:class:`CallCompleted`). A caller's ``final`` carries
-    only the first three; the other two end a call on one engine without a final."""
+    """``finish_reason`` of a completed event (:class:`CallCompleted`) and of a caller's ``final``
+    (:class:`CallFinal`: any but ``rejected``). Engines send a final with the first three; the other
+    two end a call on one engine without one (a handed-back call's final comes from the engine that
+    finishes it)."""
 
     #: the model ended the answer (end of sequence)
     STOP = "stop"
