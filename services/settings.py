@@ -167,7 +167,8 @@ def add_flags(
                 continue
             seen.add(s.flag)
             seen.update(s.flag_aliases)
-            help_text = f"{s.help} (env {s.env}; default {default_text(cls, s)})".replace("%", "%%")
+            env = " or ".join((s.env, *s.env_aliases))
+            help_text = f"{s.help} (env {env}; default {default_text(cls, s)})".replace("%", "%%")
             flags = (s.flag, *s.flag_aliases)
             if s.boolean:
                 parser.add_argument(*flags, dest=s.dest, action=argparse.BooleanOptionalAction, default=None,

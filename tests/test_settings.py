@@ -191,9 +191,9 @@ def test_older_names_stay_accepted_as_aliases() -> None:
         EngineConfig.from_env({"AUTELLIX_KV_TOKENS": "x"})
     parser = argparse.ArgumentParser()
     add_flags(parser, [EngineConfig])
-    assert "--kv-capacity-tokens KV_CAPACITY_TOKENS, --kv-tokens KV_CAPACITY_TOKENS" in " ".join(
-        parser.format_help().split()
-    )
+    shown = " ".join(parser.format_help().split())
+    assert "--kv-capacity-tokens KV_CAPACITY_TOKENS, --kv-tokens KV_CAPACITY_TOKENS" in shown
+    assert "(env AUTELLIX_KV_CAPACITY_TOKENS or AUTELLIX_KV_TOKENS;" in shown
 
 
 def test_the_scheduler_core_takes_every_setting_it_names_from_the_config() -> None:
