@@ -212,11 +212,13 @@ class SchedulerService:
             )
             await self._reject(error, reply_to)
             return False
-        if request.ack:  # taken: it waits at the door (no engine yet), so the caller does not resubmit
+        await self._open_door()
+        if request.ack and self.door.holds(request.program_id):
+            # taken: it waits at the door (no engine yet), so the caller does not resubmit (one let in at
+            # once was routed: its engine says so, and the caller is not woken before the engine works)
             accepted = CallAccepted(call_id=request.call_id, engine_id="", attempt=request.attempt)
             await self._nc.publish(reply_to, encode(accepted))
-        self.log.debug("call waits at the door", call_id=request.call_id, program_id=request.program_id)
-        await self._open_door()
+            self.log.debug("call waits at the door", call_id=request.call_id, program_id=request.program_id)
         return False
 
     async def _open_door(self) -> None:
