@@ -131,10 +131,34 @@ def test_short_bench_writes_every_figure(tmp_path: Path, nats_url: str) -> None:
 
 
 def test_bench_compares_engine_memory_variants(tmp_path: Path, nats_url: str) -> None:
-    report = _bench_small(tmp_path, nats_url, "--compare", "fcfs", "--memory", "lru,tier")
-    assert [p["memory"] for p in report["points"]] == ["lru", "tier"]
+    report = _bench_small(tmp_path, nats_url, "--compare", "fcfs", "--memory", "lru,all")
+    assert [p["memory"] for p in report["points"]] == ["lru", "all"]
     assert all(p["errors"] == 0 and p["programs_completed"] == 3 for p in report["points"])
-    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("tier", "lru")]
+    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("all", "lru")]
+
+
+@pytest.mark.parametrize(
+    ("memory", "retention", "tier", "door"),
+    [
+        ("lru", "lru", False, False),
+        ("tier", "program", True, False),
+        ("door", "lru", False, True),
+        ("all", "program", True, True),
+    ],
+)
+async def test_each_memory_variant_sets_the_engines_and_the_door(
+    nats_url: str, memory: str, retention: str, tier: bool, door: bool
+) -> None:
+    """The simulator's variants, live: ``lru`` is the old behaviour (the door is on by default in a deployed
+    scheduler, so the baseline turns it off), ``all`` what ``autellix up`` runs."""
+    from autellix.bench.live import start_local_mesh
+
+    mesh = await start_local_mesh(nats_url, "fcfs", 1, 0.02, memory=memory)
+    try:
+        spec = mesh.engines[0].config.backend
+        assert (spec.retention, spec.kv_tier_tokens > 0, mesh.scheduler.config.door) == (retention, tier, door)
+    finally:
+        await mesh.stop()
 
 
 def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
