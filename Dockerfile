@@ -15,7 +15,7 @@
 #   docker build --network host --build-arg BASE_IMAGE=autellix-local/python:3.11-bookworm \
 #       --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg PIP_FIND_LINKS=http://127.0.0.1:8765/ .
 #
-# compose/smoke.sh does exactly that.
+# `python compose/smoke.py --build` does exactly that (serving the wheel directory on 127.0.0.1:8765).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
 
