@@ -352,6 +352,7 @@ async def step_stop(report: dict[str, Any], client: Any, watcher: str) -> None:
     t3 = time.monotonic()
     stopping = asyncio.create_task(asyncio.to_thread(compose, "stop", timeout=300))
     done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 120)
+    await client.close()  # before the broker goes (compose stops it last)
     await stopping
     report["stop_s"] = round(time.monotonic() - t3, 1)
     finished = [d for d in done if not isinstance(d, BaseException)]
