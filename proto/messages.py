@@ -127,25 +127,36 @@ class CallRetry(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag
     reason: str
 
 
-class CallFinal(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="final"):
-    """The last message of a successful call."""
+class CallFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """A call's end on one engine, measured once: the figures its caller's ``final`` and the tracker's
+    ``completed`` event share. Both inherit them, so each stays one flat JSON object, and the engine
+    builds both from one record (services/engine/call_record.py)."""
 
-    call_id: str
-    program_id: str
+    call_id: Id
+    program_id: Id
+    engine_id: RequiredToken
+    service_s: Seconds = 0.0
+    queue_wait_s: Seconds = 0.0
+    prompt_tokens: Count
+    output_tokens: Count
+    #: a :class:`FinishReason`
+    finish_reason: Name
+    priority: Priority = 0.0
+    preemptions: Count = 0
+    swap_bytes: Count = 0
+    swap_s: Seconds = 0.0
+    recomputed_tokens: Count = 0
+
+
+class CallFinal(CallFigures, frozen=True, kw_only=True, tag_field="type", tag="final"):
+    """The last message of a successful call: its figures (:class:`CallFigures`) and its text."""
+
+    #: "handback" is in the contract (:class:`FinishReason`) though an engine ends a handed-back
+    #: call with no final: the call resumes elsewhere and that engine sends the final
+    finish_reason: Literal["stop", "length", "abort", "handback"]  # pyright: ignore[reportIncompatibleVariableOverride]
     text: str
-    finish_reason: Literal["stop", "length", "abort"]
-    prompt_tokens: int
-    output_tokens: int
-    engine_id: str
-    priority: float = 0.0
-    queue_wait_s: float = 0.0
-    service_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
-    preemptions: int = 0
-    swap_bytes: int = 0
-    swap_s: float = 0.0
-    recomputed_tokens: int = 0
     attempt: int = 0
 
 
@@ -265,28 +276,18 @@ class FinishReason(StrEnum):
 REJECTED = FinishReason.REJECTED
 
 
-class CallCompleted(msgspec.Struct, frozen=True, kw_only=True):
-    """Published by the engine when a call finishes (successfully, aborted or failed)."""
+class CallCompleted(CallFigures, frozen=True, kw_only=True):
+    """Published by the engine when a call finishes (successfully, aborted or failed): its figures
+    (:class:`CallFigures`) and what the tracker and the schedulers count them by."""
 
-    call_id: Id
-    program_id: Id
-    engine_id: RequiredToken
-    service_s: Seconds
-    queue_wait_s: Seconds
-    prompt_tokens: Count
-    output_tokens: Count
-    finish_reason: Name
-    priority: Priority = 0.0
+    # required here (msgspec keeps an overridden field in its place, so the JSON is unchanged)
+    service_s: Seconds  # pyright: ignore[reportGeneralTypeIssues]
+    queue_wait_s: Seconds  # pyright: ignore[reportGeneralTypeIssues]
     parents: Parents | None = None
-    preemptions: Count = 0
-    swap_bytes: Count = 0
-    swap_s: Seconds = 0.0
-    recomputed_tokens: Count = 0
     completed_at: Epoch = 0.0
     #: the attempt that finished here (None from older engines): a scheduler forgets the call's
     #: routing only up to this attempt, never a newer one routed to the same engine
     attempt: Attempt | None = None
-
 
 
 def completed_message_id(event: CallCompleted) -> str:

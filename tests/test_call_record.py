@@ -13,8 +13,12 @@ from autellix.engine.core import CoreCall, CoreConfig, EngineCore, FinishEvent
 from autellix.engine.sim_backend import SimBackend
 from autellix.proto import (
     REJECTED,
+    CallCompleted,
     CallError,
+    CallFigures,
+    CallFinal,
     CallParams,
+    CallReply,
     CallRequest,
     ErrorCode,
     FinishReason,
@@ -194,6 +198,65 @@ def test_finish_reasons_include_handback_and_rejected() -> None:
     assert rejected.finish_reason == REJECTED == "rejected"
     assert (rejected.service_s, rejected.output_tokens, rejected.completed_at) == (0.0, 0, 5.0)
     assert completed_message_id(rejected) == "e2:c1:rejected"
+
+
+# A final and a completed event as engines sent them before CallFigures existed (encoded by the code
+# of commit 9cc255e): the shared base changes the order of their keys, never a key or a value.
+FINAL_JSON = (
+    b'{"type":"final","call_id":"c1","program_id":"p1","text":"hello","finish_reason":"length",'
+    b'"prompt_tokens":5,"output_tokens":3,"engine_id":"e1","priority":2.5,"queue_wait_s":0.25,'
+    b'"service_s":1.5,"ttft_s":0.75,"total_s":3.0,"preemptions":1,"swap_bytes":4096,"swap_s":0.125,'
+    b'"recomputed_tokens":7,"attempt":2}'
+)
+COMPLETED_JSON = (
+    b'{"call_id":"c1","program_id":"p1","engine_id":"e1","service_s":1.5,"queue_wait_s":0.25,'
+    b'"prompt_tokens":5,"output_tokens":3,"finish_reason":"length","priority":2.5,"parents":["c0"],'
+    b'"preemptions":1,"swap_bytes":4096,"swap_s":0.125,"recomputed_tokens":7,"completed_at":13.0,"attempt":2}'
+)
+
+
+def test_final_and_completed_keep_their_json_through_the_shared_figures() -> None:
+    call = msgspec.structs.replace(_stamped(), priority=2.5, attempt=2, parents=["c0"])
+    outcome = CallOutcome.of(
+        call, "e1", FinishReason.LENGTH, 13.0, prompt_tokens=5, output_tokens=3, ttft_s=0.75, total_s=3.0,
+        queue_wait_s=0.25, service_s=1.5, preemptions=1, swap_bytes=4096, swap_s=0.125, recomputed_tokens=7,
+    )
+    for message, old in ((outcome.final("hello"), FINAL_JSON), (outcome.completed(), COMPLETED_JSON)):
+        new = json.loads(encode(message))
+        assert new == json.loads(old), type(message).__name__
+        assert decode(old, type(message)) == message  # what older engines send still decodes the same
+    # the base holds every key the two share but the attempt (an int in a final, None from older
+    # engines in a completed event)
+    both = set(json.loads(FINAL_JSON)) & set(json.loads(COMPLETED_JSON))
+    assert set(CallFigures.__struct_fields__) == both - {"attempt"}
+
+
+def test_the_shared_figures_keep_each_message_s_required_fields() -> None:
+    required = {"service_s", "queue_wait_s"}
+    for name in required:
+        missing = json.dumps({k: v for k, v in json.loads(COMPLETED_JSON).items() if k != name}).encode()
+        with pytest.raises(msgspec.ValidationError, match=name):
+            decode(missing, CallCompleted)
+    for name in ("prompt_tokens", "output_tokens", "engine_id", "text", "finish_reason"):
+        missing = json.dumps({k: v for k, v in json.loads(FINAL_JSON).items() if k != name}).encode()
+        with pytest.raises(msgspec.ValidationError, match=name):
+            decode(missing, CallReply)
+    # a final need not carry the two figures only the completed event requires
+    lean = json.dumps({k: v for k, v in json.loads(FINAL_JSON).items() if k not in required}).encode()
+    assert decode(lean, CallReply) == msgspec.structs.replace(decode(FINAL_JSON, CallFinal), service_s=0.0,
+                                                               queue_wait_s=0.0)
+
+
+def test_a_final_s_finish_reasons_are_the_contract_s_but_rejected() -> None:
+    final = json.loads(FINAL_JSON)
+    for reason in FinishReason:
+        data = json.dumps({**final, "finish_reason": reason.value}).encode()
+        if reason is FinishReason.REJECTED:  # a refused call's caller gets an error, never a final
+            with pytest.raises(msgspec.ValidationError):
+                decode(data, CallReply)
+        else:
+            reply = decode(data, CallReply)
+            assert isinstance(reply, CallFinal) and reply.finish_reason == reason
 
 
 def test_error_codes_are_a_str_enum_with_unchanged_values() -> None:

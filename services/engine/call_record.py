@@ -4,15 +4,20 @@ the figures its end is reported with.
 The stamped call is turned into the core's :class:`CoreCall` in one place (:func:`core_call`; the
 core makes the call's queue entry from that), and a finished call is measured once
 (:class:`CallOutcome`): the caller's ``final`` and the tracker's ``completed`` event are two views
-of the same figures.
+of the same :class:`CallFigures`, built by one method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
 
 from autellix.engine.core import CallState, CoreCall
-from autellix.proto import CallCompleted, CallFinal, FinishReason, StampedCall
+from autellix.proto import CallCompleted, CallFigures, CallFinal, FinishReason, StampedCall
+
+_Ended = TypeVar("_Ended", CallFinal, CallCompleted)
 
 
 @dataclass(slots=True)
@@ -50,40 +55,59 @@ def core_call(call: StampedCall, prompt_ids: list[int]) -> CoreCall:
 
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
-    """A call's end on this engine, measured once."""
+    """A call's end on this engine, measured once: its :class:`CallFigures` (what the caller's final
+    and the completed event share) and what only one of the two carries."""
 
     call: StampedCall
-    engine_id: str
-    finish_reason: str
+    figures: CallFigures
     #: Unix seconds
     completed_at: float
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    queue_wait_s: float = 0.0
-    service_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
-    preemptions: int = 0
-    swap_bytes: int = 0
-    swap_s: float = 0.0
-    recomputed_tokens: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        call: StampedCall,
+        engine_id: str,
+        finish_reason: str,
+        now: float,
+        *,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_s: float = 0.0,
+        total_s: float = 0.0,
+        **figures: Any,
+    ) -> CallOutcome:
+        """``call``'s end on ``engine_id``, with the other measured :class:`CallFigures` fields in ``figures``."""
+        measured = CallFigures(
+            call_id=call.call_id,
+            program_id=call.program_id,
+            engine_id=engine_id,
+            finish_reason=finish_reason,
+            priority=call.priority,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            **figures,
+        )
+        return cls(call, measured, now, ttft_s, total_s)
 
     @classmethod
     def measured(
         cls, call: StampedCall, state: CallState, engine_id: str, finish_reason: str, now: float
     ) -> CallOutcome:
         """The figures the core kept for a call that ran (or waited) here."""
-        return cls(
-            call=call,
-            engine_id=engine_id,
-            finish_reason=finish_reason,
-            completed_at=now,
+        return cls.of(
+            call,
+            engine_id,
+            finish_reason,
+            now,
+            ttft_s=(state.first_token_at - state.arrived_at) if state.first_token_at else 0.0,
+            total_s=now - state.arrived_at,
             prompt_tokens=len(state.spec.prompt_ids),
             output_tokens=len(state.output_ids),
             queue_wait_s=max(0.0, state.queue_wait_s),
             service_s=max(0.0, state.service_s),
-            ttft_s=(state.first_token_at - state.arrived_at) if state.first_token_at else 0.0,
-            total_s=now - state.arrived_at,
             preemptions=state.preemptions,
             swap_bytes=state.swap_bytes,
             swap_s=max(0.0, state.swap_s),
@@ -93,47 +117,16 @@ class CallOutcome:
     @classmethod
     def rejected(cls, call: StampedCall, engine_id: str, now: float) -> CallOutcome:
         """A call refused before it ran: nothing measured, its place among its program's calls released."""
-        return cls(call=call, engine_id=engine_id, finish_reason=FinishReason.REJECTED, completed_at=now)
+        return cls.of(call, engine_id, FinishReason.REJECTED, now)
 
     def final(self, text: str) -> CallFinal:
-        """The caller's last message."""
-        return CallFinal(
-            call_id=self.call.call_id,
-            program_id=self.call.program_id,
-            text=text,
-            finish_reason=self.finish_reason,  # type: ignore[arg-type]  # stop | length | abort here
-            prompt_tokens=self.prompt_tokens,
-            output_tokens=self.output_tokens,
-            engine_id=self.engine_id,
-            priority=self.call.priority,
-            queue_wait_s=self.queue_wait_s,
-            service_s=self.service_s,
-            ttft_s=self.ttft_s,
-            total_s=self.total_s,
-            preemptions=self.preemptions,
-            swap_bytes=self.swap_bytes,
-            swap_s=self.swap_s,
-            recomputed_tokens=self.recomputed_tokens,
-            attempt=self.call.attempt,
-        )
+        """The caller's last message (finish_reason stop, length or abort here)."""
+        return self._message(CallFinal, text=text, ttft_s=self.ttft_s, total_s=self.total_s)
 
     def completed(self) -> CallCompleted:
         """The event the tracker (and the schedulers) count the call's service from."""
-        return CallCompleted(
-            call_id=self.call.call_id,
-            program_id=self.call.program_id,
-            engine_id=self.engine_id,
-            service_s=self.service_s,
-            queue_wait_s=self.queue_wait_s,
-            prompt_tokens=self.prompt_tokens,
-            output_tokens=self.output_tokens,
-            finish_reason=self.finish_reason,
-            priority=self.call.priority,
-            parents=self.call.parents,
-            preemptions=self.preemptions,
-            swap_bytes=self.swap_bytes,
-            swap_s=self.swap_s,
-            recomputed_tokens=self.recomputed_tokens,
-            completed_at=self.completed_at,
-            attempt=self.call.attempt,
-        )
+        return self._message(CallCompleted, parents=self.call.parents, completed_at=self.completed_at)
+
+    def _message(self, kind: type[_Ended], **own: Any) -> _Ended:
+        """The one builder of both: the shared figures, the attempt, and ``own`` fields of ``kind``."""
+        return kind(**msgspec.structs.asdict(self.figures), attempt=self.call.attempt, **own)

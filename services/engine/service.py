@@ -476,7 +476,7 @@ class EngineService:
     async def _final_without_running(self, call: StampedCall) -> None:
         """A resubmitted call whose caller already holds all its tokens: only the final is missing."""
         assert self._nc is not None and self.backend is not None
-        outcome = CallOutcome(
+        outcome = CallOutcome.of(
             call, self.engine_id, FinishReason.LENGTH, time.time(), output_tokens=len(call.resume_token_ids)
         )
         await self._nc.publish(call.reply_to, encode(outcome.final(self.backend.decode(call.resume_token_ids))))
