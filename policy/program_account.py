@@ -55,6 +55,18 @@ class ProgramAccount:
         self.critical_path_s = max(self.critical_path_s, path)
         return path
 
+    def add_service(self, call_id: str, service_s: float) -> float:
+        """More service for a call already completed: another attempt of it ran too (a resubmission
+        raced the attempt counted first). The call still counts once; its path grows by the service."""
+        if service_s < 0:
+            raise ValueError(f"service time must be >= 0, got {service_s}")
+        self.service_s += service_s
+        path = self.call_path_s.get(call_id, self.critical_path_s) + service_s
+        if call_id:
+            self.call_path_s[call_id] = path
+        self.critical_path_s = max(self.critical_path_s, path)
+        return path
+
 
 def priority_for(policy: str, account: ProgramAccount | None, parents: Sequence[str] | None) -> float:
     """The stamp a scheduler puts on a new call under ``policy``.

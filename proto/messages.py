@@ -292,8 +292,11 @@ class CallCompleted(CallFigures, frozen=True, kw_only=True):
 
 def completed_message_id(event: CallCompleted) -> str:
     """The ``Nats-Msg-Id`` header engines publish a completed event with: JetStream keeps one event
-    per engine, call and outcome within its duplicate window (services/tracker/completions.py)."""
-    return f"{event.engine_id}:{event.call_id}:{event.finish_reason}"
+    per engine, call, attempt and outcome within its duplicate window (services/tracker/completions.py).
+    Two attempts of one call can end on one engine with the same outcome (an attempt replaced by the
+    caller's resubmission, then the resubmission aborted), and each one's service counts."""
+    attempt = f":{event.attempt}" if event.attempt else ""
+    return f"{event.engine_id}:{event.call_id}{attempt}:{event.finish_reason}"
 
 class EngineHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     engine_id: RequiredToken

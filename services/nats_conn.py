@@ -21,12 +21,14 @@ async def connect(
     on_closed: Callable[[], None] | None = None,
     on_reconnected: Callable[[], None] | None = None,
     client: bool = False,
+    on_disconnected: Callable[[], None] | None = None,
 ) -> NATS:
     """Connect to NATS. Services wait for the broker forever; with ``fail_fast`` (clients) the first
     connection gives up after a few tries. Once connected, both reconnect forever, but nats-py closes
     a connection for good on some protocol errors from the server: ``on_closed`` then tells the
     service (which fails its health unless it is the one closing). ``on_reconnected`` runs once the
-    connection is back, its subscriptions replayed and what was buffered meanwhile sent.
+    connection is back, its subscriptions replayed and what was buffered meanwhile sent;
+    ``on_disconnected`` when the connection is lost (not when it is closed on purpose).
 
     A URL with ``user:password@`` connects as that identity, with the inbox prefix its
     permissions grant (:mod:`autellix.services.auth`); logs show the URL with the password
@@ -43,6 +45,8 @@ async def connect(
     async def disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):
             log.warning("nats disconnected", url=shown)
+            if on_disconnected is not None:
+                on_disconnected()
 
     async def closed() -> None:
         if on_closed is not None:

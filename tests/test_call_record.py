@@ -193,11 +193,11 @@ def test_finish_reasons_include_handback_and_rejected() -> None:
     call, event = _finished_call()
     handed = CallOutcome.measured(call, event.state, "e1", FinishReason.HANDBACK, 1.0).completed()
     assert json.loads(encode(handed))["finish_reason"] == "handback"
-    assert completed_message_id(handed) == "e1:c1:handback"
+    assert completed_message_id(handed) == f"e1:c1:{call.attempt}:handback" and call.attempt > 0
     rejected = CallOutcome.rejected(call, "e2", 5.0).completed()
     assert rejected.finish_reason == REJECTED == "rejected"
     assert (rejected.service_s, rejected.output_tokens, rejected.completed_at) == (0.0, 0, 5.0)
-    assert completed_message_id(rejected) == "e2:c1:rejected"
+    assert completed_message_id(rejected) == f"e2:c1:{call.attempt}:rejected"
 
 
 # A final and a completed event as engines sent them before CallFigures existed (encoded by the code

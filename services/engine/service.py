@@ -51,6 +51,7 @@ from .call_record import CallOutcome, InFlight, core_call
 from .completions_out import CompletionOutbox
 from .config import EngineConfig
 from .metrics import EngineMetrics
+from .recent_replies import RecentReplies
 
 #: step-loop iterations failing in a row before the loop (and the service) gives up
 MAX_STEP_FAILURES = 5
@@ -87,6 +88,9 @@ class EngineService:
         self._wake = asyncio.Event()
         #: set to heartbeat at once (the connection is back: schedulers route here only after one)
         self._beat_now = asyncio.Event()
+        #: finals and errors of the last seconds, sent again after a reconnect (a dying node may have lost them)
+        self._replies = RecentReplies()
+        self._resends: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()  # set whenever no call is in flight
         self._stopping = False
         self._state = "up"
@@ -119,7 +123,11 @@ class EngineService:
             self.log.info("model loaded", model=self.backend.model_name, load_s=round(time.perf_counter() - t0, 2))
         self.core = EngineCore(self.backend, cfg.core_config)
         nc = self._nc = await connect(
-            cfg.nats, f"autellix-{cfg.engine_id}", on_closed=self._on_closed, on_reconnected=self._beat_now.set
+            cfg.nats,
+            f"autellix-{cfg.engine_id}",
+            on_closed=self._on_closed,
+            on_reconnected=self._on_reconnected,
+            on_disconnected=lambda: self._replies.disconnected(time.time()),
         )
         self._outbox = CompletionOutbox(nc, self.subjects, self.log)
         self._calls_sub = await nc.subscribe(self.subjects.engine_calls(cfg.engine_id), cb=self._on_call)
@@ -479,7 +487,7 @@ class EngineService:
         outcome = CallOutcome.of(
             call, self.engine_id, FinishReason.LENGTH, time.time(), output_tokens=len(call.resume_token_ids)
         )
-        await self._nc.publish(call.reply_to, encode(outcome.final(self.backend.decode(call.resume_token_ids))))
+        await self._end_reply(call.reply_to, encode(outcome.final(self.backend.decode(call.resume_token_ids))))
 
     async def _finish(self, flight: InFlight, event: FinishEvent) -> None:
         assert self._nc is not None
@@ -488,8 +496,32 @@ class EngineService:
         if call.stream and (len(event.text) > state.emitted_chars or flight.pending_ids):
             await self._chunk(flight, event.text[state.emitted_chars :])  # text held back at the end
         outcome = CallOutcome.measured(call, state, self.engine_id, event.finish_reason, time.time())
-        await self._nc.publish(call.reply_to, encode(outcome.final(event.text)))
+        await self._end_reply(call.reply_to, encode(outcome.final(event.text)))
         await self._completed(event, outcome=outcome)
+
+    async def _end_reply(self, reply_to: str, data: bytes) -> None:
+        """Send a call's last reply (final or error), kept to be sent again after a reconnect."""
+        assert self._nc is not None
+        self._replies.sent(time.time(), reply_to, data)
+        await self._nc.publish(reply_to, data)
+
+    def _on_reconnected(self) -> None:
+        self._beat_now.set()
+        replay = self._replies.reconnected(time.time())
+        if replay:
+            self.log.info("call endings sent again after a reconnect", replies=len(replay))
+            task = asyncio.get_running_loop().create_task(self._send_again(replay))
+            self._resends.add(task)
+            task.add_done_callback(self._resends.discard)
+
+    async def _send_again(self, replay: list[tuple[str, bytes]]) -> None:
+        assert self._nc is not None
+        for subject, data in replay:
+            try:
+                await self._nc.publish(subject, data)
+            except Exception as exc:  # disconnected again: the next reconnect sends them again
+                self._throttle.log(self.log, "reply not sent again", error=str(exc)[:200])
+                return
 
     async def _completed(
         self, event: FinishEvent, finish_reason: str | None = None, outcome: CallOutcome | None = None
@@ -528,7 +560,7 @@ class EngineService:
         error = CallError(
             call_id=call.call_id, program_id=call.program_id, code=code, message=message, attempt=call.attempt
         )
-        await self._nc.publish(call.reply_to, encode(error))
+        await self._end_reply(call.reply_to, encode(error))
 
     async def _reject(self, call: StampedCall, code: str, message: str) -> None:
         """Refuse a call before it runs: the caller gets the error, and a completed event with

@@ -1,7 +1,7 @@
 """Completed events through JetStream: a tracker that was down counts every completion once.
 
 Engines publish one completed event per call on ``<root>.events.call.completed.<slot>`` (the program's
-slot; core NATS, so the schedulers read it at once) with a ``Nats-Msg-Id`` header of engine, call and
+slot; core NATS, so the schedulers read it at once) with a ``Nats-Msg-Id`` header of engine, call, attempt and
 finish reason. A work-queue stream captures those subjects (and the unslotted one of older engines),
 dropping duplicates within its window, and the trackers read it through one durable consumer per shard,
 filtered to the shard's slots (a deliver group when replicas of a shard share the work), acknowledging
@@ -37,7 +37,7 @@ JETSTREAM_ERRORS = (nats.js.errors.Error, nats.errors.Error)
 DURABLE = "trackers"
 #: completions older than this are dropped from the stream, applied or not
 MAX_AGE_S = 3600.0
-#: publishes of the same completion (same call, attempt and outcome) within this window count once
+#: publishes of the same completion (same engine, call, attempt and outcome) within this window count once
 DUPLICATE_WINDOW_S = 120.0
 #: an event delivered to a tracker that crashed before acknowledging it goes to another after this
 #: long (applying one takes microseconds, so a short wait costs nothing)
@@ -49,11 +49,6 @@ MAX_MSGS = 1_000_000
 def stream_name(root: str) -> str:
     """A JetStream stream name for the deployment root (no dots, spaces or wildcards allowed)."""
     return "AUTELLIX_COMPLETED_" + re.sub(r"[^A-Za-z0-9_-]", "_", root)
-
-
-def message_id(call_id: str, attempt: int, finish_reason: str) -> str:
-    """The ``Nats-Msg-Id`` of a completed event: one per call, attempt and outcome."""
-    return f"{call_id}:{attempt}:{finish_reason}"
 
 
 def durable_name(shard: TrackerShard) -> str:

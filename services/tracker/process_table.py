@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TypeVar
 
 import msgspec
 
@@ -21,6 +22,8 @@ from autellix.policy.program_account import ProgramAccount
 from autellix.proto import REJECTED, CallCompleted, CallDispatched, FinishReason, ProgramService, ProgramSummary
 from autellix.proto.limits import MAX_PERSISTED_CALL_PATHS
 from autellix.proto.messages import same_figure
+
+V = TypeVar("V")
 
 
 @dataclass(slots=True)
@@ -39,6 +42,9 @@ class ProgramEntry:
     active_engine: dict[str, str] = field(default_factory=dict)
     #: service of calls handed back by a draining engine, added when the call completes elsewhere
     partial_service_s: dict[str, float] = field(default_factory=dict)
+    #: call id -> bit mask of the attempts whose events were counted, kept only where it is not just
+    #: attempt 0 (absent: attempt 0 if the call completed, none otherwise); see :func:`attempt_mask`
+    attempt_masks: dict[str, int] = field(default_factory=dict)
     #: the authenticated user whose call started the program ("" without auth): only it may end it
     owner: str = ""
     #: the tenant its first call was accounted to (a gateway's API-key tenant, or the owner)
@@ -82,12 +88,14 @@ class ProgramRecord(msgspec.Struct, frozen=True, kw_only=True):
     door_wait_s: float = 0.0
     tenant: str = ""
     program_wait_s: float = 0.0
+    #: call id -> bit mask of its attempts counted (only calls with more than attempt 0)
+    attempt_masks: dict[str, int] = {}
 
     def __post_init__(self) -> None:
         same_figure(self, "program_wait_s", "waiting_s")
 
 
-def _newest(d: dict[str, float], n: int) -> dict[str, float]:
+def _newest(d: dict[str, V], n: int) -> dict[str, V]:
     """The ``n`` newest items of ``d`` in order, in O(n) (a long program's dict can be large)."""
     if len(d) <= n:
         return dict(d)
@@ -113,6 +121,7 @@ def to_record(entry: ProgramEntry) -> ProgramRecord:
         owner=entry.owner,
         door_wait_s=entry.door_wait_s,
         tenant=entry.tenant,
+        attempt_masks=_newest(entry.attempt_masks, MAX_PERSISTED_CALL_PATHS),
     )
 
 
@@ -135,7 +144,13 @@ def from_record(r: ProgramRecord, now: float) -> ProgramEntry:
         partial_service_s=dict(r.partial_service_s),
         owner=r.owner,
         tenant=r.tenant,
+        attempt_masks=dict(r.attempt_masks),
     )
+
+
+def attempt_bit(attempt: int | None) -> int:
+    """The bit of an attempt in a call's mask (attempts past 62 share the last bit)."""
+    return 1 << min(max(attempt or 0, 0), 62)
 
 
 #: ended program ids remembered against trailing completions
@@ -205,11 +220,23 @@ class ProcessTable:
                 rejected.last_activity_at = now
             return None
         entry = self._entry(event.program_id, now)
-        if event.call_id and event.call_id in entry.account.call_path_s:
-            return None  # counted already (a completion redelivered after a restart): count it once
+        completed = bool(event.call_id) and event.call_id in entry.account.call_path_s
+        if event.call_id:
+            # Every attempt's service counts once. A call's attempts can each end on an engine: a
+            # handback and its resumption, or an attempt replaced by the caller's resubmission (after
+            # lost replies) that ends as an abort, in either order with the newer one's completion.
+            mask = entry.attempt_masks.get(event.call_id, 1 if completed else 0)
+            bit = attempt_bit(event.attempt)
+            if mask & bit:
+                return None  # counted already (an event redelivered after a restart): count it once
+            if mask | bit != 1:
+                entry.attempt_masks[event.call_id] = mask | bit
         entry.engines.add(event.engine_id)
         entry.program_wait_s += event.queue_wait_s
         entry.last_activity_at = now
+        if completed:  # another attempt of a call counted already: its service adds, the call stays one
+            path = entry.account.add_service(event.call_id, event.service_s)
+            return self._service(entry, now, call_id=event.call_id, call_path_s=path)
         if event.finish_reason == FinishReason.HANDBACK:
             entry.partial_service_s[event.call_id] = entry.partial_service_s.get(event.call_id, 0.0) + event.service_s
             return None
