@@ -400,6 +400,10 @@ async def _run_one(
     subjects = Subjects(root)
     profile = f"{args.profile}.{label}.{'txt' if args.profile_raw else 'svg'}" if args.profile else ""
     shards = shards if args.service == "tracker" else 1
+    # without completed events nothing leaves the scheduler's per-tenant bounds: they would refuse all
+    # but the first 4,096 calls
+    unbounded = {"AUTELLIX_MAX_CALLS_PER_TENANT": "0", "AUTELLIX_MAX_TOKENS_PER_TENANT": "0"}
+    env = unbounded if args.service == "scheduler" and args.no_feedback else {}
     services = [
         _Service(
             args.service,
@@ -411,6 +415,7 @@ async def _run_one(
             profile=profile if i == 0 else "",
             shards=shards,
             shard_index=i,
+            env=env,
         )
         for i in range(shards)
     ]

@@ -3,16 +3,19 @@ streams through NATS, CPU per call in each service.
 
     python -m autellix.bench.mesh_costs --json bench/out/mesh_costs.json [--only stamps,ttft,stream,cpu]
 
-- **stamps**: one scheduler's calls per second, three ways: (a) :class:`SchedulerCore` alone (parse,
-  stamp, route) on pre-encoded submissions; (b) the service's own submit path
-  (``SchedulerService._on_submit``: core, then the stamped call, the dispatched event and the
-  ``accepted`` reply published to a real nats-server); (c) end to end through NATS: a client connection
-  publishes submissions, the scheduler service takes them from its subscription, and a third
-  connection counts the stamped calls arriving on the engines' subjects. Four engines are made live
-  with synthetic heartbeats; the tracker has published figures for every program.
+- **stamps**: one scheduler's calls per second, and its CPU per call (user + system CPU of this
+  process over the path, per call: steadier than a rate on a shared machine), three ways:
+  (a) :class:`SchedulerCore` alone (parse, stamp, route) on pre-encoded submissions; (b) the
+  service's own submit path (``SchedulerService._on_submit``: core, then the stamped call and the
+  dispatched event published to a real nats-server; the engine sends ``accepted``); (c) end to end
+  through NATS: a client connection publishes submissions, the scheduler service takes them from its
+  subscription, and a third connection counts the stamped calls arriving on the engines' subjects
+  (this process's CPU then includes those two connections). Four engines are made live with
+  synthetic heartbeats; the tracker has published figures for every program; the per-tenant bounds
+  are off (no call completes here, so the calls in flight grow to N).
 - **ttft**: one call at a time (256-token prompt), the ``sim`` backend at ``time_scale`` 1 (a modelled
-  prefill of ~17 ms): in process (``EngineCore.step``, the engine service's own loop
-  minus NATS), then through the mesh (client -> scheduler -> engine -> client over a real
+  prefill of ~17 ms): in process (the prompt's tokenisation and ``EngineCore.step``, the engine
+  service's own loop minus NATS), then through the mesh (client -> scheduler -> engine -> client over a real
   nats-server, streamed) two ways: every service in this process on one event loop (as
   ``autellix bench`` runs them), and tracker, scheduler and engine as separate ``autellix``
   processes (as deployed). Added = mesh - in-process, at p50 and p99.
@@ -31,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -67,6 +71,13 @@ def _prompt() -> str:
 class _Msg:
     data: bytes
     reply: str = ""
+    subject: str = ""
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _heartbeat(engine_id: str) -> EngineHeartbeat:
@@ -111,11 +122,16 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
                 )
             )
 
+    def config(root: str) -> SchedulerConfig:  # no per-tenant bounds: nothing completes here
+        return SchedulerConfig(
+            nats=NatsConfig.at(url, root), policy=policy, max_calls_per_tenant=0, max_tokens_per_tenant=0
+        )
+
     # (a) the core alone
     core = SchedulerCore(policy=policy)
     prime(core)
     data = _submissions(n, programs, "_INBOX.x")
-    t0 = time.perf_counter()
+    cpu0, t0 = _cpu_s(), time.perf_counter()
     for d in data:
         req = core.parse(d, "")
         stamped = core.stamp(req, req.reply_to, time.time())
@@ -124,26 +140,30 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
         core.on_routed(stamped, engine)
         encode(stamped)
     out["core_calls_per_s"] = n / (time.perf_counter() - t0)
+    out["core_cpu_us_per_call"] = (_cpu_s() - cpu0) / n * 1e6
 
     # (b) the service's submit path, publishing to a real nats-server
     root = f"mc{uuid.uuid4().hex[:6]}"
-    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
+    service = SchedulerService(config(root))
     await service.start()
     try:
         prime(service.core)
-        t0 = time.perf_counter()
+        submit = service.subjects.call_submit
+        cpu0, t0 = _cpu_s(), time.perf_counter()
         for d in data:
-            await service._on_submit(_Msg(d))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+            await service._on_submit(_Msg(d, "", submit))  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
         assert service._nc is not None
         await service._nc.flush()
         out["service_path_calls_per_s"] = n / (time.perf_counter() - t0)
+        out["service_path_cpu_us_per_call"] = (_cpu_s() - cpu0) / n * 1e6
+        out["service_path_routed"] = sum(map(len, service.core.routed.values()))
     finally:
         await service.stop()
 
     # (c) end to end through NATS: submissions in on the subject, stamped calls out to the engines
     root = f"mc{uuid.uuid4().hex[:6]}"
     subjects = Subjects(root)
-    service = SchedulerService(SchedulerConfig(nats=NatsConfig.at(url, root), policy=policy))
+    service = SchedulerService(config(root))
     await service.start()
     pub, sink = NATS(), NATS()
     await pub.connect(url, pending_size=256 * 1024 * 1024)
@@ -162,7 +182,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
         await sink.subscribe(f"{root}.engine.*.calls", cb=count)
         await sink.flush()
         data = _submissions(n, programs, "_INBOX.void")
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_s(), time.perf_counter()
         for i, d in enumerate(data):
             await pub.publish(subjects.call_submit, d)
             if i % 500 == 499:
@@ -170,6 +190,7 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
         await pub.flush()
         await asyncio.wait_for(done.wait(), timeout=120)
         out["through_nats_calls_per_s"] = n / (time.perf_counter() - t0)
+        out["through_nats_cpu_us_per_call"] = (_cpu_s() - cpu0) / n * 1e6
     finally:
         await pub.close()
         await sink.close()
@@ -181,11 +202,12 @@ async def measure_stamps(url: str, n: int, policy: str) -> dict[str, Any]:
 def ttft_in_process(n: int, time_scale: float) -> list[float]:
     backend = SimBackend(time_scale=time_scale)
     core = EngineCore(backend, CoreConfig(max_batch=256, max_batched_tokens=8192, kv_capacity_tokens=400_000))
-    ids = backend.encode_prompt(_prompt())
+    prompt = _prompt()
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        core.add(CoreCall(f"c{i}", f"p{i}", list(ids), 2, ignore_eos=True), time.time())
+        ids = backend.encode_prompt(prompt)  # as the engine service does on each call it accepts
+        core.add(CoreCall(f"c{i}", f"p{i}", ids, 2, ignore_eos=True), time.time())
         first = None
         while not core.idle:
             outcome = core.step(time.time)
@@ -216,12 +238,13 @@ async def ttft_through_mesh(url: str, n: int, time_scale: float) -> list[float]:
     return out
 
 
-async def ttft_through_processes(url: str, n: int, time_scale: float) -> list[float]:
-    """As :func:`ttft_through_mesh`, with tracker, scheduler and engine as separate processes."""
+async def ttft_through_processes(url: str, n: int, time_scale: float, pythonpath: str = "") -> list[float]:
+    """As :func:`ttft_through_mesh`, with tracker, scheduler and engine as separate processes (run
+    from the package copy at ``pythonpath`` when given)."""
     from autellix.services.client import Client
 
     root = f"ttft{uuid.uuid4().hex[:6]}"
-    procs = _process_mesh(url, root, time_scale)
+    procs = _process_mesh(url, root, time_scale, pythonpath)
     out = []
     try:
         client = await Client.connect(url, root=root, timeout_s=60)
@@ -239,6 +262,40 @@ async def ttft_through_processes(url: str, n: int, time_scale: float) -> list[fl
     return out
 
 
+async def measure_ttft(url: str, n: int, rounds: int, baseline: str) -> dict[str, Any]:
+    """``rounds`` rounds, each: in process, the one-process mesh, the process mesh (and the process
+    mesh from ``baseline``, a package copy, when given), ``n`` calls each; the figures pool the rounds."""
+    runs: dict[str, list[list[float]]] = {}
+
+    def take(kind: str, values: list[float]) -> None:
+        runs.setdefault(kind, []).append(values)
+        p50 = _pct(values, 50) * 1000
+        print(time.strftime("%H:%M:%S"), kind, f"p50 {p50:.2f} ms", f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+
+    for _ in range(rounds):
+        take("in_process", ttft_in_process(n, 1.0))
+        take("mesh_one_process", await ttft_through_mesh(url, n, 1.0))
+        if baseline:
+            take("mesh_processes_baseline", await ttft_through_processes(url, n, 1.0, baseline))
+        take("mesh_processes", await ttft_through_processes(url, n, 1.0))
+    out: dict[str, Any] = {"time_scale": 1.0, "prompt_tokens": PROMPT_WORDS, "rounds": rounds, "baseline": baseline}
+    local = _summary([v for r in runs["in_process"] for v in r])
+    out["in_process_s"] = local
+    for kind, per_round in runs.items():
+        if kind == "in_process":
+            continue
+        pooled = _summary([v for r in per_round for v in r])
+        name = kind.removeprefix("mesh_")
+        out[f"mesh_{name}_s"] = pooled
+        out[f"added_{name}_p50_ms"] = (pooled["p50"] - local["p50"]) * 1000
+        out[f"added_{name}_p99_ms"] = (pooled["p99"] - local["p99"]) * 1000
+        # each round against its own in-process run: the spread says how much the machine moved
+        out[f"added_{name}_p50_ms_by_round"] = [
+            (_pct(r, 50) - _pct(base, 50)) * 1000 for r, base in zip(per_round, runs["in_process"], strict=True)
+        ]
+    return out
+
+
 # -- subprocess helpers ---------------------------------------------------------------------------
 def _autellix(*args: str) -> subprocess.Popen[str]:
     full_env = dict(os.environ, AUTELLIX_LOG_LEVEL="warning")
@@ -248,14 +305,16 @@ def _autellix(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _process_mesh(url: str, root: str, time_scale: float) -> dict[str, subprocess.Popen[str]]:
-    """Tracker, scheduler and one ``sim`` engine as separate ``autellix`` processes on ``url``/``root``."""
+def _process_mesh(url: str, root: str, time_scale: float, pythonpath: str = "") -> dict[str, subprocess.Popen[str]]:
+    """Tracker, scheduler and one ``sim`` engine as separate ``autellix`` processes on ``url``/``root``
+    (``pythonpath``: from that package copy instead of the installed one)."""
     nats = NatsConfig.at(url, root)
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
     return {
-        "tracker": spawn_service("tracker", nats),
-        "scheduler": spawn_service("scheduler", nats),
+        "tracker": spawn_service("tracker", nats, env=env),
+        "scheduler": spawn_service("scheduler", nats, env=env),
         "engine": spawn_service("engine", nats, "--backend", "sim", "--sim-time-scale", f"{time_scale:g}",
-                                "--max-batch", "256", "--kv-tokens", "400000"),
+                                "--max-batch", "256", "--kv-tokens", "400000", env=env),
     }
 
 
@@ -349,17 +408,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 print(json.dumps(out["stamps"], indent=1), file=sys.stderr)
             if "ttft" in only:
-                local = ttft_in_process(args.ttft_calls, 1.0)
-                mesh = await ttft_through_mesh(broker.url, args.ttft_calls, 1.0)
-                procs = await ttft_through_processes(broker.url, args.ttft_calls, 1.0)
-                ls, ms, ps = _summary(local), _summary(mesh), _summary(procs)
-                out["ttft"] = {
-                    "time_scale": 1.0, "prompt_tokens": PROMPT_WORDS, "in_process_s": ls,
-                    "mesh_one_process_s": ms, "mesh_processes_s": ps,
-                    "added_p50_ms": (ms["p50"] - ls["p50"]) * 1000, "added_p99_ms": (ms["p99"] - ls["p99"]) * 1000,
-                    "added_processes_p50_ms": (ps["p50"] - ls["p50"]) * 1000,
-                    "added_processes_p99_ms": (ps["p99"] - ls["p99"]) * 1000,
-                }
+                out["ttft"] = await measure_ttft(broker.url, args.ttft_calls, args.rounds, args.baseline)
                 print(json.dumps(out["ttft"], indent=1), file=sys.stderr)
     if "stream" in only:
         out["stream"] = [await measure_stream(c, args.stream_tokens, c * 2) for c in (16, 64)]
@@ -379,7 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-tokens", type=int, default=1000)
     p.add_argument("--cpu-calls", type=int, default=1000)
     p.add_argument("--date", default=None)
+    p.add_argument("--rounds", type=int, default=1, help="ttft: rounds of every variant in turn, pooled")
+    p.add_argument(
+        "--baseline", default="",
+        help="ttft: also run the process mesh from this package copy (`git archive` of an earlier commit), interleaved",
+    )
     args = p.parse_args(argv)
+    args.json = os.path.abspath(args.json)
+    if args.baseline:
+        # services start with ``python -m``, which puts the working directory first on the path: from
+        # a checkout, its package would win over the baseline's PYTHONPATH (and the installed one)
+        args.baseline = os.path.abspath(args.baseline)
+        os.chdir("/")
     from autellix.services.logs import configure_logging
 
     configure_logging("warning", json=True)

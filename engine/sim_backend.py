@@ -45,6 +45,7 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
+from typing import cast
 
 from .backend import CacheStats, StepBatch, StepOutput, SwapStats
 from .cost_model import CostModel, llama31_8b_h100
@@ -58,6 +59,22 @@ _GENERATED = 50_000
 
 def _word_id(word: str) -> int:
     return zlib.crc32(word.encode()) % _GENERATED
+
+
+#: word -> its token id, for the words seen lately: a CRC per word was most of tokenising a prompt
+_WORD_IDS: dict[str, int] = {}
+_MAX_WORD_IDS = 1 << 16
+
+
+def _word_ids(words: list[str]) -> list[int]:
+    ids = list(map(_WORD_IDS.get, words))
+    if None in ids:
+        if len(_WORD_IDS) > _MAX_WORD_IDS:
+            _WORD_IDS.clear()
+        for i, word in enumerate(words):
+            if ids[i] is None:
+                ids[i] = _WORD_IDS[word] = _word_id(word)
+    return cast(list[int], ids)  # every None was filled in
 
 
 #: what a generated token is as prompt text (it decodes to " tok")
@@ -133,7 +150,7 @@ class SimBackend:
 
     # -- text ------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
-        return [_word_id(w) for w in prompt.split()]
+        return _word_ids(prompt.split())
 
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         ids: list[int] = []

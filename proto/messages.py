@@ -6,6 +6,7 @@ Unix epoch seconds (``*_at``), durations end in ``_s``. IDs are strings.
 
 from __future__ import annotations
 
+import operator
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -223,9 +224,13 @@ class StampedCall(CallParams, frozen=True, kw_only=True):
     @classmethod
     def stamp(cls, request: CallParams, **stamp: Any) -> StampedCall:
         """The request's call fields (:class:`CallParams`), with ``stamp`` set over them."""
-        fields = {name: getattr(request, name) for name in CallParams.__struct_fields__}
+        fields = dict(zip(CallParams.__struct_fields__, _call_params(request), strict=True))
         fields.update(stamp)
         return cls(**fields)
+
+
+#: the :class:`CallParams` fields of a call, as a tuple (one C call, not a getattr per field)
+_call_params = operator.attrgetter(*CallParams.__struct_fields__)
 
 
 class CallAbort(msgspec.Struct, frozen=True, kw_only=True):

@@ -76,7 +76,7 @@ class EngineView:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Routed:
     """A call this scheduler routed, until its engine reports it completed."""
 
@@ -93,13 +93,18 @@ class Routed:
 
 def estimate_prompt_tokens(call: CallParams) -> int:
     """A cheap estimate (about 4 characters a token) for routing; engines count exactly."""
-    chars = len(call.prompt or "") + sum(len(m.content) + 8 for m in call.messages)
+    chars = len(call.prompt or "")
+    if call.messages:
+        chars += sum(len(m.content) + 8 for m in call.messages)
     return max(1, chars // 4 + len(call.resume_token_ids))
 
 
-def call_tokens(call: CallParams) -> int:
-    """What a call may hold of an engine's KV: its estimated prompt and all it may generate."""
-    return estimate_prompt_tokens(call) + max(0, call.max_tokens)
+def call_tokens(call: CallParams, prompt_tokens: int | None = None) -> int:
+    """What a call may hold of an engine's KV: its estimated prompt and all it may generate.
+    ``prompt_tokens``: :func:`estimate_prompt_tokens` of the call, when already known."""
+    if prompt_tokens is None:
+        prompt_tokens = estimate_prompt_tokens(call)
+    return prompt_tokens + max(0, call.max_tokens)
 
 
 class SchedulerCore:
@@ -130,6 +135,8 @@ class SchedulerCore:
         self.balancer = make_balancer(balancer)
         #: engine id -> call id -> the call, for calls routed here and not completed yet
         self.routed: dict[str, dict[str, Routed]] = {}
+        #: how many calls ``routed`` holds, over all engines
+        self._in_flight = 0
         if call_deadline_s <= 0:
             raise ValueError(f"the call deadline must be > 0 seconds, got {call_deadline_s}")
         self.call_deadline_s = call_deadline_s
@@ -249,14 +256,21 @@ class SchedulerCore:
             view.received_at = now
         self._live = self._candidates = None
 
-    def on_routed(self, call: StampedCall, engine_id: str) -> None:
-        previous = self.routed.setdefault(engine_id, {}).get(call.call_id)
-        tokens = previous.tokens if previous is not None else call_tokens(call)
-        routed = Routed(
+    def on_routed(self, call: StampedCall, engine_id: str, tokens: int | None = None) -> None:
+        """``tokens``: :func:`call_tokens` of the call, when already known."""
+        calls = self.routed.get(engine_id)
+        if calls is None:
+            calls = self.routed[engine_id] = {}
+        previous = calls.get(call.call_id)
+        if previous is not None:
+            tokens = previous.tokens
+        elif tokens is None:
+            tokens = call_tokens(call)
+        calls[call.call_id] = Routed(
             call.call_id, call.program_id, call.reply_to, call.attempt, call.deadline_at, call.tenant, tokens
         )
-        self.routed[engine_id][call.call_id] = routed
         if previous is None:
+            self._in_flight += 1
             self.active_by_program[call.program_id] = self.active_by_program.get(call.program_id, 0) + 1
             self.tenant_limits.add(call.tenant, tokens)
         if call.deadline_at:
@@ -271,6 +285,7 @@ class SchedulerCore:
             if routed is None or routed.deadline_at != deadline:
                 continue  # completed, or routed again since
             del self.routed[engine_id][call_id]
+            self._in_flight -= 1
             self._release(routed)
             out.append((engine_id, routed))
         return out
@@ -281,13 +296,14 @@ class SchedulerCore:
         routed = calls.get(call_id) if calls is not None else None
         if calls is not None and routed is not None and (attempt is None or routed.attempt <= attempt):
             del calls[call_id]
+            self._in_flight -= 1
             self._release(routed)
         self._compact_deadlines()
 
     def _compact_deadlines(self) -> None:
         """Entries of completed calls wait for their deadline to be skipped: drop them in bulk (all of
         them once nothing is in flight), so the heap returns to its size after a burst."""
-        in_flight = sum(map(len, self.routed.values()))
+        in_flight = self._in_flight
         if not in_flight:
             self._deadlines.clear()
         elif len(self._deadlines) > 64 and len(self._deadlines) > 4 * in_flight:
@@ -308,12 +324,12 @@ class SchedulerCore:
     def tenant_of(self, request: CallRequest, owner: str) -> str:
         return self.tenant_limits.tenant_of(owner, request.tenant)
 
-    def tenant_refusal(self, request: CallRequest, tenant: str) -> str | None:
+    def tenant_refusal(self, request: CallRequest, tenant: str, tokens: int | None = None) -> str | None:
         """Why the call would break its tenant's bounds (a new call only: a resubmission continues
-        admitted work); None when it fits."""
+        admitted work); None when it fits. ``tokens``: :func:`call_tokens` of the call, when known."""
         if request.attempt:
             return None
-        return self.tenant_limits.refusal(tenant, call_tokens(request))
+        return self.tenant_limits.refusal(tenant, call_tokens(request) if tokens is None else tokens)
 
     def hold(self, call_id: str, tenant: str, tokens: int) -> None:
         """A call waits here for a live engine: it counts in its tenant's bounds meanwhile."""
@@ -327,6 +343,7 @@ class SchedulerCore:
 
     def _forget_engine(self, engine_id: str) -> list[Routed]:
         orphans = list(self.routed.pop(engine_id, {}).values())
+        self._in_flight -= len(orphans)
         for routed in orphans:
             self._release(routed)
         self._compact_deadlines()
@@ -441,16 +458,18 @@ class SchedulerCore:
             return request.deadline_s
         return self.call_deadline_s
 
-    def route(self, call: CallParams, now: float, prefer: str = "") -> str | None:
+    def route(self, call: CallParams, now: float, prefer: str = "", prompt_tokens: int | None = None) -> str | None:
         """A live engine for the call by the balancer (load in KV tokens held and queued, counting
         what this scheduler routed since each engine's last heartbeat); None when none is live.
-        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live with room."""
+        ``prefer``: the engine that ran the call's previous attempt, chosen while it is live with room.
+        ``prompt_tokens``: :func:`estimate_prompt_tokens` of the call, when already known."""
         live = self._live_views(now)
         if not live:
             return None
+        tokens = estimate_prompt_tokens(call) if prompt_tokens is None else prompt_tokens
         if prefer and prefer in self._live_at and not self.engines[prefer].full():
             view = self.engines[prefer]
-            view.pending_tokens += estimate_prompt_tokens(call) + call.max_tokens
+            view.pending_tokens += tokens + call.max_tokens
             view.pending_calls += 1
             self._candidates = None  # its load changed: the candidates are chosen again
             return prefer
@@ -461,7 +480,6 @@ class SchedulerCore:
             self._all_full = not room
             loads = self._candidates = [v.as_load() for v in room or live]
             self._candidate_at = {load.engine_id: i for i, load in enumerate(loads)}
-        tokens = estimate_prompt_tokens(call)
         engine_id = self.balancer.choose(call.program_id, tokens, loads)
         view = self.engines[engine_id]
         view.pending_tokens += tokens + call.max_tokens

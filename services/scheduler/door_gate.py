@@ -109,6 +109,10 @@ class DoorGate:
     def waiting_programs(self) -> int:
         return len(self._waiting)
 
+    def holds(self, program_id: str) -> bool:
+        """Whether the program waits at the door."""
+        return program_id in self._waiting
+
     def submit(self, request: CallRequest, reply_to: str, now: float, owner: str = "") -> bool:
         """True: route the call now. False: it waits at the door (:meth:`release` lets it out).
         Raises :class:`DoorFull` when a new program finds the door's queue full."""

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from autellix.services.metrics import MetricsEndpoint, name
+
+
+class _RouteCounts(Collector):
+    """``scheduler_stamps`` and ``scheduler_routes`` (by engine): a dict increment per routed call,
+    read when scraped (a prometheus_client ``Counter`` takes a lock and checks its labels per bump,
+    on the path of every stamp)."""
+
+    def __init__(self) -> None:
+        #: engine id -> calls routed there
+        self.by_engine: dict[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = dict(self.by_engine)  # one C-level copy: the event loop may route meanwhile
+        stamps = sum(counts.values())
+        yield CounterMetricFamily(name("scheduler_stamps"), "calls stamped with a priority and routed", stamps)
+        routes = CounterMetricFamily(name("scheduler_routes"), "calls routed, by engine", labels=["engine_id"])
+        for engine_id, calls in counts.items():
+            routes.add_metric([engine_id], calls)
+        yield routes
 
 
 class SchedulerMetrics:
     def __init__(self, port: int | None, waiting: Callable[[], int]) -> None:
         self.endpoint = MetricsEndpoint(port)
         r = self.endpoint.registry
-        self.stamps = Counter(name("scheduler_stamps"), "calls stamped with a priority and routed", registry=r)
-        self.routes = Counter(name("scheduler_routes"), "calls routed, by engine", ["engine_id"], registry=r)
+        self._routes = _RouteCounts()
+        r.register(self._routes)
         self.errors = Counter(name("scheduler_errors"), "calls refused, by error code", ["code"], registry=r)
         self.engines = Gauge(name("scheduler_engines_live"), "engines live in this scheduler's view", registry=r)
         waiting_gauge = Gauge(
             name("scheduler_calls_waiting_for_engine"), "calls held until an engine is live", registry=r
         )
         waiting_gauge.set_function(waiting)
-        #: engine id -> its child of ``routes`` (``labels()`` takes a lock and builds a key per call)
-        self._routes_by_engine: dict[str, Counter] = {}
         # "programs at the door" (admission control) does not exist yet; its gauge belongs here when it does.
 
     def on_routed(self, engine_id: str) -> None:
-        self.stamps.inc()
-        child = self._routes_by_engine.get(engine_id)
-        if child is None:
-            child = self._routes_by_engine[engine_id] = self.routes.labels(engine_id)
-        child.inc()
+        counts = self._routes.by_engine
+        counts[engine_id] = counts.get(engine_id, 0) + 1

@@ -40,7 +40,7 @@ from autellix.services.nats_config import config_for_log
 from autellix.services.nats_conn import connect
 
 from .config import SchedulerConfig
-from .core import RejectedCall, SchedulerCore, call_tokens
+from .core import RejectedCall, SchedulerCore, call_tokens, estimate_prompt_tokens
 from .door_gate import DoorFull, DoorGate
 from .metrics import SchedulerMetrics
 
@@ -71,6 +71,8 @@ class SchedulerService:
             ) if config.door else None
         )
         self._nc: NATS | None = None
+        #: engine id -> the subject its calls go to (built and checked once per engine)
+        self._engine_subjects: dict[str, str] = {}
         self._engine_seen = asyncio.Event()
         self._waiting: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
@@ -183,7 +185,9 @@ class SchedulerService:
             if msg.reply.startswith(inbox_prefix(owner) + "."):
                 await self._reject(error, msg.reply)
             return
-        refusal = self.core.tenant_refusal(request, self.core.tenant_of(request, owner))
+        prompt_tokens = estimate_prompt_tokens(request)
+        tenant = self.core.tenant_of(request, owner)
+        refusal = self.core.tenant_refusal(request, tenant, call_tokens(request, prompt_tokens))
         if refusal is not None:
             error = CallError(
                 call_id=request.call_id, program_id=request.program_id, code=ErrorCode.RATE_LIMITED, message=refusal
@@ -192,7 +196,9 @@ class SchedulerService:
             return
         if self.door is not None and not await self._through_door(request, reply_to, now, owner):
             return
-        await self._dispatch_or_wait(request, reply_to, now, owner)
+        if await self._dispatch(request, reply_to, now, owner, prompt_tokens=prompt_tokens):
+            return
+        await self._wait_for_engine(request, reply_to, now, owner)
 
     async def _through_door(self, request: CallRequest, reply_to: str, now: float, owner: str) -> bool:
         """True when the call may be routed now; else it waits at the door (or was refused)."""
@@ -206,11 +212,13 @@ class SchedulerService:
             )
             await self._reject(error, reply_to)
             return False
-        if request.ack:  # taken: it waits at the door (no engine yet), so the caller does not resubmit
+        await self._open_door()
+        if request.ack and self.door.holds(request.program_id):
+            # taken: it waits at the door (no engine yet), so the caller does not resubmit (one let in at
+            # once was routed: its engine says so, and the caller is not woken before the engine works)
             accepted = CallAccepted(call_id=request.call_id, engine_id="", attempt=request.attempt)
             await self._nc.publish(reply_to, encode(accepted))
-        self.log.debug("call waits at the door", call_id=request.call_id, program_id=request.program_id)
-        await self._open_door()
+            self.log.debug("call waits at the door", call_id=request.call_id, program_id=request.program_id)
         return False
 
     async def _open_door(self) -> None:
@@ -228,8 +236,13 @@ class SchedulerService:
     async def _dispatch_or_wait(
         self, request: CallRequest, reply_to: str, now: float, owner: str, door_wait_s: float = 0.0
     ) -> None:
-        if await self._dispatch(request, reply_to, now, owner, door_wait_s):
-            return
+        if not await self._dispatch(request, reply_to, now, owner, door_wait_s):
+            await self._wait_for_engine(request, reply_to, now, owner, door_wait_s)
+
+    async def _wait_for_engine(
+        self, request: CallRequest, reply_to: str, now: float, owner: str, door_wait_s: float = 0.0
+    ) -> None:
+        """No engine is live: the call waits for one (``no_engine`` after a while)."""
         self.log.info("no live engine: call waits", call_id=request.call_id, program_id=request.program_id)
         error = CallError(
             call_id=request.call_id,
@@ -263,26 +276,42 @@ class SchedulerService:
             await self._nc.publish(reply_to, encode(error))
 
     async def _dispatch(
-        self, request: CallRequest, reply_to: str, submitted: float, owner: str = "", door_wait_s: float = 0.0
+        self,
+        request: CallRequest,
+        reply_to: str,
+        submitted: float,
+        owner: str = "",
+        door_wait_s: float = 0.0,
+        prompt_tokens: int | None = None,
     ) -> bool:
         # the engine acknowledges the call (when the request asked) once it has it: a stamped call
         # lost on the way (the engine was reconnecting) then goes unacknowledged, and is resubmitted
         stamped = self.core.stamp(request, reply_to, submitted, owner)
         prefer = request.prefer_engine if request.attempt else ""
-        return await self._send(stamped, door_wait_s, prefer) is not None
+        return await self._send(stamped, door_wait_s, prefer, prompt_tokens) is not None
 
-    async def _send(self, stamped: StampedCall, door_wait_s: float = 0.0, prefer: str = "") -> str | None:
-        """Route a stamped call to a live engine and announce it; None when no engine is live."""
+    async def _send(
+        self, stamped: StampedCall, door_wait_s: float = 0.0, prefer: str = "", prompt_tokens: int | None = None
+    ) -> str | None:
+        """Route a stamped call to a live engine and announce it; None when no engine is live.
+        ``prompt_tokens``: :func:`estimate_prompt_tokens` of the call, when already known."""
         assert self._nc is not None
         now = time.time()
-        engine_id = self.core.route(stamped, now, prefer)
+        if prompt_tokens is None:
+            prompt_tokens = estimate_prompt_tokens(stamped)
+        engine_id = self.core.route(stamped, now, prefer, prompt_tokens)
         if engine_id is None:
             return None
-        self.core.on_routed(stamped, engine_id)
+        self.core.on_routed(stamped, engine_id, call_tokens(stamped, prompt_tokens))
         self.metrics.on_routed(engine_id)
         if self.door is not None:
             self.door.started(stamped.program_id)
-        await self._nc.publish(self.subjects.engine_calls(engine_id), encode(stamped))
+        subject = self._engine_subjects.get(engine_id)
+        if subject is None:
+            if len(self._engine_subjects) >= 4096:  # engines come and go: keep the live ones' at most
+                self._engine_subjects.clear()
+            subject = self._engine_subjects[engine_id] = self.subjects.engine_calls(engine_id)
+        await self._nc.publish(subject, encode(stamped))
         await self._nc.publish(
             self.subjects.call_dispatched_for(stamped.program_id),  # the program's slot: its tracker shard
             encode(
