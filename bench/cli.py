@@ -14,8 +14,9 @@ Modes:
   the first policy (and to the first balancer); with several ``--rates`` and FCFS among the policies,
   the simulator's analysis (highest sustainable rate under each latency target, per balancer, at the
   same absolute targets, and each balancer's rate over round-robin's). ``--memory lru,tier`` runs each
-  point once per engine KV memory variant (``lru``: LRU prefix cache; ``retain``: program-aware
-  eviction order; ``tier``: that plus a CPU tier of 4x the KV capacity), with ratios to the first.
+  point once per KV memory variant (``lru``: LRU prefix cache; ``retain``: program-aware
+  eviction order; ``tier``: that plus a CPU tier of 4x the KV capacity; ``door``: LRU behind the
+  schedulers' working-set door; ``all``: tier and door, as deployed), with ratios to the first.
 
 ``--with-sim`` also runs ``autellix sim`` on the same programs, policy, rate and engines and prints
 live / sim per figure.
@@ -76,7 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory",
         default="lru",
-        help="comma list of the in-process engines' KV memory variants, lru|retain|tier, each on its own mesh "
+        help="comma list of KV memory variants, lru|retain|tier|door|all (the simulator's names: door = the "
+        "schedulers' working-set door, all = tier + door, as deployed), each on its own mesh "
         "(default %(default)s)",
     )
     p.add_argument(

@@ -57,13 +57,17 @@ from autellix.sim.workload import ProgramSpec, scaled_arrivals
 
 FILLER = "www"
 
-#: the engines' KV memory per variant (the simulator's ``--memory`` names): retention order and CPU tier
-#: size in multiples of the KV capacity. ``lru`` is LRU with no tier; ``retain`` the program-aware order
-#: (contained, ended programs', LRU); ``tier`` that plus a CPU tier of 4x the budget.
-MEMORY_VARIANTS: dict[str, tuple[str, float]] = {
-    "lru": ("lru", 0.0),
-    "retain": ("program", 0.0),
-    "tier": ("program", 4.0),
+#: KV memory per variant (the simulator's ``--memory`` names): the engines' retention order, their CPU tier
+#: size in multiples of the KV capacity, and whether the schedulers' door admits new programs by working set
+#: (with its spill gate, as deployed). ``lru`` is LRU with no tier and no door (the old behaviour); ``retain``
+#: the program-aware order (contained, ended programs', LRU); ``tier`` that plus a CPU tier of 4x the budget;
+#: ``door`` LRU behind the door; ``all`` the tier and the door: what ``autellix up`` runs.
+MEMORY_VARIANTS: dict[str, tuple[str, float, bool]] = {
+    "lru": ("lru", 0.0, False),
+    "retain": ("program", 0.0, False),
+    "tier": ("program", 4.0, False),
+    "door": ("lru", 0.0, True),
+    "all": ("program", 4.0, True),
 }
 
 
@@ -375,7 +379,7 @@ async def start_local_mesh(
     memory one of :data:`MEMORY_VARIANTS`."""
     if memory not in MEMORY_VARIANTS:
         raise ValueError(f"unknown memory variant {memory!r}; expected one of {', '.join(MEMORY_VARIANTS)}")
-    retention, tier_scale = MEMORY_VARIANTS[memory]
+    retention, tier_scale, door = MEMORY_VARIANTS[memory]
     cost = cost or llama31_8b_h100()
     nats = NatsConfig.at(url, root or f"bench{uuid.uuid4().hex[:8]}")
     tier_tokens = int(tier_scale * cost.kv_capacity_tokens)
@@ -392,7 +396,9 @@ async def start_local_mesh(
     )
     local = LocalMesh.of(
         tracker=TrackerConfig(nats=nats, gc_interval_s=1.0, persist=False),
-        scheduler=SchedulerConfig(nats=nats, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context),
+        scheduler=SchedulerConfig(
+            nats=nats, policy=policy, balancer=balancer, max_tokens_ceiling=cost.max_context, door=door
+        ),
         engines=[
             EngineConfig(nats=nats, engine_id=f"engine-{i}-{nats.root}", backend=spec, core=core, heartbeat_s=0.25)
             for i in range(engines)

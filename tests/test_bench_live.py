@@ -127,14 +127,38 @@ def test_bench_compares_engine_memory_variants(tmp_path: Path, nats_url: str) ->
     out = tmp_path / "out.json"
     code = autellix_main([
         "bench", "--nats", nats_url, "--workload", str(trace), "--rate", "2", "--compare", "fcfs",
-        "--memory", "lru,tier", "--sim-time-scale", "0.02", "--json", str(out), "--no-progress",
+        "--memory", "lru,all", "--sim-time-scale", "0.02", "--json", str(out), "--no-progress",
         "--warmup", "0", "--drain", "0",
     ])
     assert code == 0
     report = json.loads(out.read_text())
-    assert [p["memory"] for p in report["points"]] == ["lru", "tier"]
+    assert [p["memory"] for p in report["points"]] == ["lru", "all"]
     assert all(p["errors"] == 0 and p["programs_completed"] == 3 for p in report["points"])
-    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("tier", "lru")]
+    assert [(r["memory"], r["over"]) for r in report["ratios"]] == [("all", "lru")]
+
+
+@pytest.mark.parametrize(
+    ("memory", "retention", "tier", "door"),
+    [
+        ("lru", "lru", False, False),
+        ("tier", "program", True, False),
+        ("door", "lru", False, True),
+        ("all", "program", True, True),
+    ],
+)
+async def test_each_memory_variant_sets_the_engines_and_the_door(
+    nats_url: str, memory: str, retention: str, tier: bool, door: bool
+) -> None:
+    """The simulator's variants, live: ``lru`` is the old behaviour (the door is on by default in a deployed
+    scheduler, so the baseline turns it off), ``all`` what ``autellix up`` runs."""
+    from autellix.bench.live import start_local_mesh
+
+    mesh = await start_local_mesh(nats_url, "fcfs", 1, 0.02, memory=memory)
+    try:
+        spec = mesh.engines[0].config.backend
+        assert (spec.retention, spec.kv_tier_tokens > 0, mesh.scheduler.config.door) == (retention, tier, door)
+    finally:
+        await mesh.stop()
 
 
 def test_bench_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

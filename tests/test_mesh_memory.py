@@ -41,7 +41,7 @@ async def test_heartbeats_report_retained_kv_and_hits_and_end_reaches_the_engine
 
 async def test_door_holds_a_new_program_while_the_working_set_does_not_fit(nats_url: str, root: str) -> None:
     # no CPU tier: the working-set rule applies at once (with a tier the spill gate would keep the
-    # door open while swapping back in costs under 2% of busy time)
+    # door open while swapping back in costs under 10% of busy time)
     spec = BackendSpec(name="sim", sim_time_scale=0.05, kv_capacity_tokens=300, max_batch=8, kv_tier_tokens=0)
     m = await start_mesh(nats_url, root, backend=spec, door=True)
     try:
