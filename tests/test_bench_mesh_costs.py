@@ -1,11 +1,14 @@
-"""bench/mesh_costs.py's stamping paths run against a real nats-server and route every call (the
-service path once broke quietly: its stand-in message lacked a subject, and the tenant bounds refused
-all calls past 4,096), and the ``sim`` backend's memoised tokenizer gives the ids it always gave."""
+"""bench/nats_hop.py measures a hop between two processes; bench/mesh_costs.py's stamping paths run
+against a real nats-server and route every call (the service path once broke quietly: its stand-in
+message lacked a subject, and the tenant bounds refused all calls past 4,096); the ``sim`` backend's
+memoised tokenizer gives the ids it always gave."""
 
 from __future__ import annotations
 
+import json
 import zlib
 
+from autellix.bench import nats_hop
 from autellix.bench.mesh_costs import measure_stamps
 from autellix.engine import sim_backend
 from autellix.engine.sim_backend import SimBackend
@@ -27,3 +30,9 @@ def test_sim_tokenizer_memo_gives_the_crc_ids_and_stays_bounded(monkeypatch) -> 
         assert backend.encode_prompt(text) == expected
         assert backend.encode_prompt(text) == expected  # from the memo
         assert len(sim_backend._WORD_IDS) <= 8 + len(text.split())
+
+
+def test_nats_hop_reports_one_hop_between_two_processes(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert nats_hop.main(["--messages", "10", "--gap-s", "0.001"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < summary["p50_ms"] <= summary["p90_ms"]
