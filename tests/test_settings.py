@@ -31,8 +31,9 @@ from autellix.services.settings import (
 from autellix.services.tracker.config import TrackerConfig
 
 REPO = Path(__file__).resolve().parents[1]
-#: AUTELLIX_* names that are not settings: a JetStream stream's prefix, the compose test's own switches
-NOT_SETTINGS = {"AUTELLIX_COMPLETED_", "AUTELLIX_COMPOSE_LOCAL", "AUTELLIX_WHEELS"}
+#: AUTELLIX_* names that are not settings: a JetStream stream's prefix, the compose test's own switches, and
+#: the address compose publishes ports on (a compose interpolation, compose/README.md "Ports")
+NOT_SETTINGS = {"AUTELLIX_COMPLETED_", "AUTELLIX_COMPOSE_LOCAL", "AUTELLIX_WHEELS", "AUTELLIX_PUBLISH_ADDR"}
 
 
 def _sample(cls: type, s: Setting) -> tuple[str, Any]:

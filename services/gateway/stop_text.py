@@ -46,7 +46,10 @@ class StopText:
         """What was held back, once the text has ended, up to a stop string found in it."""
         out, self._buf = ("" if self.done else self._buf), ""
         cut = _first_match(out, self._stops)
-        return out[:cut] if cut >= 0 else out
+        if cut < 0:
+            return out
+        self.done = True  # a stop found only in the held text still ends the answer with "stop"
+        return out[:cut]
 
 
 def _first_match(text: str, stops: Sequence[str]) -> int:
