@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from autellix.proto import CallCompleted
 from autellix.services.client import CallFailed, Client
 from autellix.services.embedded_nats import EmbeddedNatsCluster
 from autellix.services.engine.config import EngineConfig
+from autellix.services.engine.service import EngineService
 from autellix.services.local_mesh import LocalMesh
 from autellix.services.logs import configure_logging
 from autellix.services.nats_config import NatsConfig
@@ -77,17 +79,7 @@ async def one_round(index: int, programs: int, calls: int, kill_after_s: float, 
             ],
         )  # fmt: skip
         await mesh.start()
-        reported: dict[tuple[str, str, int], float] = {}
-        for engine in mesh.engines:
-            outbox = engine._outbox
-            assert outbox is not None
-            send = outbox.send
-
-            async def record(event: CallCompleted, send: Any = send) -> None:
-                reported[(event.program_id, event.call_id, event.attempt or 0)] = event.service_s
-                await send(event)
-
-            outbox.send = record  # type: ignore[method-assign]
+        reported = record_completions(mesh.engines)
         client = await Client.connect(cluster.url, root=root, timeout_s=60)
         spans: list[tuple[float, float]] = []
         killed_at = 0.0
@@ -143,6 +135,23 @@ async def one_round(index: int, programs: int, calls: int, kill_after_s: float, 
             await mesh.stop()
     out.wall_s = time.monotonic() - started
     return out
+
+
+def record_completions(engines: Sequence[EngineService]) -> dict[tuple[str, str, int], float]:
+    """What every engine reports, whatever reaches the tracker: (program, call, attempt) -> service
+    seconds, filled as the engines' outboxes send their completed events (engines already started)."""
+    reported: dict[tuple[str, str, int], float] = {}
+    for engine in engines:
+        outbox = engine._outbox
+        assert outbox is not None, "record_completions needs started engines"
+        send = outbox.send
+
+        async def record(event: CallCompleted, send: Callable[[CallCompleted], Awaitable[None]] = send) -> None:
+            reported[(event.program_id, event.call_id, event.attempt or 0)] = event.service_s
+            await send(event)
+
+        outbox.send = record  # type: ignore[method-assign]
+    return reported
 
 
 def _seconds(x: float | None) -> str:

@@ -7,15 +7,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
 import pytest
 from meshkit import start_mesh, stop_mesh
 
+from autellix.bench.nats_node_loss import record_completions
 from autellix.engine.factory import BackendSpec
-from autellix.proto import CallCompleted
 from autellix.services.embedded_nats import EmbeddedNatsCluster
 
 
@@ -31,17 +30,7 @@ async def test_a_node_dies_under_load_and_nothing_is_lost() -> None:
             cluster.url, "clu", engines=2, backend=BackendSpec(name="sim", sim_time_scale=1.0), kv_replicas=3
         )
         finals: dict[str, list[float]] = {}
-        reported: dict[tuple[str, str, int], float] = {}  # (program, call, attempt) -> engine time
-        for engine in mesh.engines:  # what every engine reports, whatever reaches the tracker
-            outbox = engine._outbox
-            assert outbox is not None
-            send = outbox.send
-
-            async def record(event: CallCompleted, send: Callable[[CallCompleted], Awaitable[None]] = send) -> None:
-                reported[(event.program_id, event.call_id, event.attempt or 0)] = event.service_s
-                await send(event)
-
-            outbox.send = record  # type: ignore[method-assign]
+        reported = record_completions(mesh.engines)  # (program, call, attempt) -> engine time
         latencies: list[float] = []
         finished_at: list[float] = []
 

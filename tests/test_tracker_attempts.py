@@ -11,6 +11,7 @@ import itertools
 
 import msgspec
 import pytest
+from eventkit import completed
 
 from autellix.proto import CallCompleted, FinishReason
 from autellix.proto.messages import completed_message_id
@@ -18,10 +19,7 @@ from autellix.services.tracker.process_table import ProcessTable, ProgramRecord,
 
 
 def _done(attempt: int, reason: str, service_s: float, engine: str = "e0", call_id: str = "c1") -> CallCompleted:
-    return CallCompleted(
-        call_id=call_id, program_id="p", engine_id=engine, service_s=service_s, queue_wait_s=0.0,
-        prompt_tokens=4, output_tokens=2, finish_reason=reason, attempt=attempt,
-    )  # fmt: skip
+    return completed("p", call_id, service_s, engine_id=engine, finish_reason=reason, attempt=attempt)
 
 
 ATTEMPTS = [

@@ -7,6 +7,7 @@ import time
 import zlib
 from collections.abc import Callable
 
+import eventkit
 import nats
 import pytest
 
@@ -79,16 +80,7 @@ async def test_two_shards_count_each_program_once_by_its_owner(nats_url: str, ro
             for pid in programs:
                 call_id = f"{pid}-c{n}"
                 dispatched = CallDispatched(call_id=call_id, program_id=pid, engine_id="e0", priority=0.0)
-                completed = CallCompleted(
-                    call_id=call_id,
-                    program_id=pid,
-                    engine_id="e0",
-                    service_s=0.25,
-                    queue_wait_s=0.0,
-                    prompt_tokens=10,
-                    output_tokens=5,
-                    finish_reason="stop",
-                )
+                completed = _completed(pid, call_id, 0.25)
                 headers = {"Nats-Msg-Id": completed_message_id(completed)}
                 if n == 2 and pid in programs[:10]:  # an older publisher: the unslotted subjects
                     await nc.publish(s.call_dispatched, encode(dispatched))
@@ -136,18 +128,9 @@ async def test_two_shards_count_each_program_once_by_its_owner(nats_url: str, ro
         await stop_all(trackers)
 
 
-def _completed(pid: str, call_id: str) -> CallCompleted:
-    """A finished call of 0.5 s service, as an engine publishes it."""
-    return CallCompleted(
-        call_id=call_id,
-        program_id=pid,
-        engine_id="e0",
-        service_s=0.5,
-        queue_wait_s=0.0,
-        prompt_tokens=10,
-        output_tokens=5,
-        finish_reason="stop",
-    )
+def _completed(pid: str, call_id: str, service_s: float = 0.5) -> CallCompleted:
+    """A finished call, as engine e0 publishes it."""
+    return eventkit.completed(pid, call_id, service_s, engine_id="e0", prompt_tokens=10, output_tokens=5)
 
 
 async def test_a_restarted_shard_restores_only_its_programs(nats_url: str, root: str) -> None:
